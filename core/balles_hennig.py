@@ -1,0 +1,323 @@
+"""Balles & Hennig, "Dissecting Adam": momentum SGD, M-SSD, SVAG, M-SVAG, ADAM* and the mini-batch
+variants M-SVAG-mb and ADAM*-mb (spec section 3).
+
+All EMAs share one constant ``mu`` and are bias-corrected by ``1 - mu^t`` (spec 3.3: "we do not use
+different moving average constants"). The relative variance of the momentum is estimated as
+``w * max(v - m^2, 0) / m^2`` with ``w = kappa(mu, t)`` (Eq. 19, the seed's Alg. 2 and 4) or, for
+(M-)SVAG with ``variance_unbiasing=True`` (default), the published/authors' ``rho/(1-rho)``
+(spec 3.9). Divisions use closed forms that never divide by m.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._backend import HOST
+from .directions import sign
+from .factors import adam_star_direction, erf_factor, kappa, svag_direction, svag_factor, unbiasing_weight
+from .moments import bias_correction, centered_variance, ema, ema_sum
+from .spec import ElementwiseSpec, Hyper, beta_hyper, lr_hyper, wd_hyper
+
+__all__ = [
+    "sgd_direction",
+    "mssd_direction",
+    "svag_rule_direction",
+    "msvag_direction",
+    "adam_star_rule_direction",
+    "msvag_mb_direction",
+    "adam_star_mb_direction",
+    "SGD",
+    "MSSD",
+    "SVAG",
+    "MSVAG",
+    "ADAM_STAR",
+    "MSVAG_MB",
+    "ADAM_STAR_MB",
+]
+
+_MU = beta_hyper("mu", 0.9, "momentum / EMA constant shared by both moments (paper default 0.9)")
+_LR_TUNED = lr_hyper(1e-3)  # the papers tune alpha; 1e-3 is our placeholder default [I]
+_WD = wd_hyper(0.0, "decoupled decay p(1 - lr wd) before the step (not in the paper; 0 by default) [I]")
+
+
+# ----------------------------------------------------------------------------------------------
+# Momentum SGD (torch.optim.SGD convention) and M-SSD
+# ----------------------------------------------------------------------------------------------
+
+
+def sgd_direction(xp: Any, g: Any, buf: Any, momentum: Any, gscale: Any, *, nesterov: bool = False) -> tuple:
+    """Heavy-ball momentum SGD, torch.optim.SGD convention.
+
+    ``buf <- momentum buf + gscale g`` with ``gscale = 1`` at t = 1 (torch seeds the buffer with the
+    gradient) and ``1 - dampening`` after; ``d = g + momentum buf`` (Nesterov) or ``buf``. With
+    ``dampening = 0`` this is Balles & Hennig's M-SGD ``r_t = mu r_{t-1} + g_t``.
+
+    References:
+        Polyak 1964; Sutskever et al. 2013; torch.optim.SGD; spec 3.4 (M-SGD).
+    """
+    buf = momentum * buf + gscale * g
+    d = g + momentum * buf if nesterov else buf
+    return d, buf
+
+
+def _sgd_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
+    return (hp["momentum"], ops.where(t == 1, 1.0, 1.0 - hp["dampening"]))
+
+
+def _sgd_check(hp: dict) -> None:
+    if hp["nesterov"]:
+        try:
+            bad = float(hp["momentum"]) <= 0 or float(hp["dampening"]) != 0
+        except Exception:
+            return
+        if bad:
+            raise ValueError(
+                f"SGD: nesterov=True is invalid with momentum={hp['momentum']!r}, dampening={hp['dampening']!r}: "
+                "Nesterov momentum needs momentum > 0 and dampening = 0"
+            )
+
+
+SGD = ElementwiseSpec(
+    name="sgd",
+    title="SGD",
+    hyperparams=(
+        lr_hyper(1e-3),
+        beta_hyper("momentum", 0.9, "heavy-ball momentum (sum form, no (1 - mu))"),
+        Hyper("dampening", 0.0, "beta", "dampening of the gradient after the first step (torch)"),
+        wd_hyper(0.0, "coupled L2 decay: g <- g + wd p (torch.optim.SGD)"),
+        Hyper("nesterov", False, "bool", "Nesterov momentum d = g + momentum buf"),
+    ),
+    state=("momentum_buffer",),
+    scalars=_sgd_scalars,
+    direction=sgd_direction,
+    weight_decay="coupled",
+    conventions="sum-form momentum seeded with g at t = 1; no bias correction; coupled L2 decay (torch.optim.SGD)",
+    source="torch.optim.SGD; Balles & Hennig M-SGD (dampening 0)",
+    check=_sgd_check,
+)
+
+
+def mssd_direction(xp: Any, g: Any, m: Any, mu: Any) -> tuple:
+    """M-SSD, momentum stochastic sign descent (Alg. 1): ``m <- mu m + g``; ``d = sign(m)``.
+
+    ``sign(0) = 0``, so a zero momentum does not move.
+
+    References:
+        Balles & Hennig, Dissecting Adam, Alg. 1; spec 3.2.
+    """
+    m = ema_sum(xp, m, g, mu)
+    return sign(xp, m), m
+
+
+MSSD = ElementwiseSpec(
+    name="mssd",
+    title="MSSD",
+    hyperparams=(_LR_TUNED, _MU, _WD),
+    state=("momentum",),
+    scalars=lambda hp, t, ops=HOST: (hp["mu"],),
+    direction=mssd_direction,
+    conventions="sum-form momentum m = mu m + g; sign(0) = 0; no eps",
+    source="Balles & Hennig, Alg. 1",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# SVAG, M-SVAG, ADAM* (EMA variants)
+# ----------------------------------------------------------------------------------------------
+
+
+def _moments(xp: Any, g: Any, m: Any, v: Any, mu: Any, bc: Any) -> tuple:
+    m = ema(xp, m, g, mu)
+    v = ema(xp, v, g * g, mu)
+    m_hat = m / bc
+    return m, v, m_hat, centered_variance(xp, m_hat, v / bc)
+
+
+def svag_rule_direction(xp: Any, g: Any, m: Any, v: Any, mu: Any, bc: Any, weight: Any) -> tuple:
+    """SVAG: ``d = gamma g``, ``gamma = m^2 / (m^2 + w max(v - m^2, 0))`` on bias-corrected EMAs.
+
+    ``w = 1/(1 - rho)`` (authors' code, the unbiased variance of one gradient) or 1 (the seed's
+    ``eta^2 = (v - m^2)/m^2``). ``gamma`` lies in [0, 1] and is 0 where ``m = 0``.
+
+    References:
+        Balles & Hennig, Dissecting Adam, section 3.2; lballes/msvag ``SVAGOptimizer``; spec 3.3.
+    """
+    m, v, m_hat, var = _moments(xp, g, m, v, mu, bc)
+    return svag_factor(xp, m_hat, weight * var) * g, m, v
+
+
+def msvag_direction(xp: Any, g: Any, m: Any, v: Any, mu: Any, bc: Any, weight: Any) -> tuple:
+    """M-SVAG (Alg. 2): ``d = m^3 / (m^2 + w max(v - m^2, 0))`` on bias-corrected EMAs.
+
+    ``w = kappa(mu, t)`` (seed Alg. 2) or ``rho/(1 - rho)`` (published; default). ``m = 0`` gives 0,
+    also when ``v = 0`` (0/0 := 0). At t = 1 the step is ``g``.
+
+    References:
+        Balles & Hennig, Dissecting Adam, Alg. 2; arXiv 1705.07774; lballes/msvag; spec 3.4, 3.9.
+    """
+    m, v, m_hat, var = _moments(xp, g, m, v, mu, bc)
+    return svag_direction(xp, m_hat, weight * var), m, v
+
+
+def adam_star_rule_direction(xp: Any, g: Any, m: Any, v: Any, mu: Any, bc: Any, weight: Any, *, adaptation: str = "adam") -> tuple:
+    """ADAM* (Alg. 4): ``d = gamma sign(m)`` with ``eta^2 = kappa (v - m^2)/m^2``.
+
+    ``adaptation="adam"``: ``gamma = (1 + eta^2)^(-1/2)``, i.e. ``d = m / sqrt(m^2 + kappa (v - m^2))``;
+    ``adaptation="erf"``: ``gamma = erf(|m| / sqrt(2 kappa (v - m^2)))`` (sign-optimal, spec 3.7).
+    "ADAM with beta1 = beta2 = mu, eps = 0, except for kappa."
+
+    References:
+        Balles & Hennig, Dissecting Adam, Alg. 4, Eq. 8, 15; spec 3.5, 3.7.
+    """
+    m, v, m_hat, var = _moments(xp, g, m, v, mu, bc)
+    s = weight * var
+    if adaptation == "erf":
+        return erf_factor(xp, m_hat, s) * sign(xp, m_hat), m, v
+    return adam_star_direction(xp, m_hat, s), m, v
+
+
+def _svag_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
+    mu = hp["mu"]
+    if hp.get("variance_unbiasing", False):
+        weight = 1 / (1 - ops.minimum(kappa(mu, t), 0.9999))
+    else:
+        weight = 1.0 + 0 * mu
+    return (mu, bias_correction(mu, t), weight)
+
+
+def _msvag_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
+    mu = hp["mu"]
+    weight = unbiasing_weight(mu, t, ops) if hp.get("variance_unbiasing", False) else kappa(mu, t)
+    return (mu, bias_correction(mu, t), weight)
+
+
+def _mu_check(title: str):
+    def check(hp: dict) -> None:
+        try:
+            zero = float(hp["mu"]) == 0.0
+        except Exception:
+            return
+        if zero:
+            raise ValueError(
+                f"{title}: mu=0.0 is invalid: with mu = 0 the moment estimates equal g and g^2, the variance "
+                "estimate v - m^2 is identically 0 and kappa is undefined (0/0 at t >= 2); expected 0 < mu < 1"
+            )
+
+    return check
+
+
+_UNBIAS = Hyper(
+    "variance_unbiasing",
+    True,
+    "bool",
+    "True: published/authors' rho/(1-rho) weighting (lballes/msvag); False: the seed's literal Alg. 2 (kappa)",
+)
+
+SVAG = ElementwiseSpec(
+    name="svag",
+    title="SVAG",
+    hyperparams=(_LR_TUNED, _MU, _WD, _UNBIAS),
+    state=("exp_avg", "exp_avg_sq"),
+    scalars=_svag_scalars,
+    direction=svag_rule_direction,
+    conventions="gamma = m^2/(m^2 + s), s = (v - m^2)/(1 - rho) (code) or v - m^2 (paper); bias-corrected EMAs; no eps; 0/0 := 0",
+    source="Balles & Hennig section 3.2; lballes/msvag SVAGOptimizer",
+    check=_mu_check("SVAG"),
+)
+
+MSVAG = ElementwiseSpec(
+    name="msvag",
+    title="MSVAG",
+    hyperparams=(_LR_TUNED, _MU, _WD, _UNBIAS),
+    state=("exp_avg", "exp_avg_sq"),
+    scalars=_msvag_scalars,
+    direction=msvag_direction,
+    conventions="d = m^3/(m^2 + w (v - m^2)), w = rho/(1-rho) (published, default) or kappa (seed Alg. 2); bias-corrected EMAs; no eps; 0/0 := 0",
+    source="Balles & Hennig Alg. 2; arXiv 1705.07774; lballes/msvag",
+    check=_mu_check("MSVAG"),
+)
+
+_ADAPT = Hyper(
+    "adaptation",
+    "adam",
+    "choice",
+    "variance factor on sign(m): 'adam' (1+eta^2)^-1/2 or 'erf' erf(1/(sqrt(2) eta))",
+    ("adam", "erf"),
+)
+
+ADAM_STAR = ElementwiseSpec(
+    name="adam_star",
+    title="AdamStar",
+    hyperparams=(_LR_TUNED, _MU, _WD, _ADAPT),
+    state=("exp_avg", "exp_avg_sq"),
+    scalars=lambda hp, t, ops=HOST: (hp["mu"], bias_correction(hp["mu"], t), kappa(hp["mu"], t)),
+    direction=adam_star_rule_direction,
+    conventions="d = m/sqrt(m^2 + kappa (v - m^2)) (Adam with beta1 = beta2 = mu, eps = 0, plus kappa); erf option; 0/0 := 0",
+    source="Balles & Hennig Alg. 4, section 3.1",
+    check=_mu_check("AdamStar"),
+    fusable=lambda hp: hp["adaptation"] != "erf",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mini-batch variance variants (Algs 3 and 5)
+# ----------------------------------------------------------------------------------------------
+
+
+def msvag_mb_direction(xp: Any, g: Any, s_hat: Any, m: Any, s_bar: Any, mu: Any) -> tuple:
+    """M-SVAG-mb (Alg. 3): ``m <- mu m + g``, ``s_bar <- mu^2 s_bar + s_hat`` (Eq. 48),
+    ``d = m^3 / (m^2 + s_bar)``.
+
+    Args:
+        xp: array namespace.
+        g: mini-batch mean gradient.
+        s_hat: its per-example variance estimate (Eq. 44, unbiased; see
+            ``core.moments.minibatch_variance``).
+        m, s_bar: sum-form momentum and the aggregated variance of m.
+        mu: momentum constant.
+
+    References:
+        Balles & Hennig, Dissecting Adam, App. C.2/D, Alg. 3, Eq. 44, 48; spec 3.6.
+    """
+    m = ema_sum(xp, m, g, mu)
+    s_bar = ema_sum(xp, s_bar, s_hat, mu * mu)
+    return svag_direction(xp, m, s_bar), m, s_bar
+
+
+def adam_star_mb_direction(xp: Any, g: Any, s_hat: Any, m: Any, s_bar: Any, mu: Any, *, adaptation: str = "adam") -> tuple:
+    """ADAM*-mb (Alg. 5): as M-SVAG-mb with ``d = m / sqrt(m^2 + s_bar)`` (or the erf factor).
+
+    References:
+        Balles & Hennig, Dissecting Adam, Alg. 5, Eq. 48; spec 3.6.
+    """
+    m = ema_sum(xp, m, g, mu)
+    s_bar = ema_sum(xp, s_bar, s_hat, mu * mu)
+    if adaptation == "erf":
+        return erf_factor(xp, m, s_bar) * sign(xp, m), m, s_bar
+    return adam_star_direction(xp, m, s_bar), m, s_bar
+
+
+MSVAG_MB = ElementwiseSpec(
+    name="msvag_mb",
+    title="MSVAGMB",
+    hyperparams=(_LR_TUNED, _MU, _WD),
+    state=("momentum", "momentum_var"),
+    extras=("grad_variance",),
+    scalars=lambda hp, t, ops=HOST: (hp["mu"],),
+    direction=msvag_mb_direction,
+    conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat (unbiased Eq. 44); d = m^3/(m^2 + s_bar); no bias correction; 0/0 := 0",
+    source="Balles & Hennig Alg. 3 (Eq. 44 in its unbiased form, Eq. 48)",
+)
+
+ADAM_STAR_MB = ElementwiseSpec(
+    name="adam_star_mb",
+    title="AdamStarMB",
+    hyperparams=(_LR_TUNED, _MU, _WD, _ADAPT),
+    state=("momentum", "momentum_var"),
+    extras=("grad_variance",),
+    scalars=lambda hp, t, ops=HOST: (hp["mu"],),
+    direction=adam_star_mb_direction,
+    conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat; d = m/sqrt(m^2 + s_bar); erf option; 0/0 := 0",
+    source="Balles & Hennig Alg. 5 (Eq. 44 in its unbiased form, Eq. 48)",
+    fusable=lambda hp: hp["adaptation"] != "erf",
+)

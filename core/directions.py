@@ -1,0 +1,190 @@
+"""Direction maps: identity, elementwise sign and spectral orthogonalisation (Newton-Schulz).
+
+Also the shape scales that the matrix rules multiply their orthogonalised direction by. Spec
+references are to ``shared/spec/algorithms.md`` sections 0, 5 and 7.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "sign",
+    "newton_schulz",
+    "NS_COEFFICIENTS",
+    "NS_PRENORMS",
+    "SHAPE_SCALES",
+    "shape_scale",
+    "resolve_ns_coefficients",
+]
+
+
+def sign(xp: Any, x: Any) -> Any:
+    """Elementwise sign with ``sign(0) = 0`` (spec section 0; Balles & Hennig footnote 3)."""
+    return xp.sign(x)
+
+
+#: Named Newton-Schulz coefficient presets. ``"quintic"`` is Keller Jordan's (a, b, c), used by
+#: KellerJordan/Muon, torch.optim.Muon, optax.contrib.muon (default) and the DeVA repo.
+NS_COEFFICIENTS: dict[str, tuple[float, float, float]] = {
+    "quintic": (3.4445, -4.7750, 2.0315),
+    # The classical cubic Newton-Schulz iteration X <- 1.5 X - 0.5 X X^T X (converges to the polar
+    # factor, slowly from small singular values).
+    "cubic": (1.5, -0.5, 0.0),
+}
+
+#: Pre-normalisations: ``"frobenius"`` divides by ``max(||X||_F, eps)`` (torch.optim.Muon);
+#: ``"frobenius_add"`` by ``||X||_F + eps`` (KellerJordan/Muon, optax); ``"schatten8"`` by
+#: ``sqrt(||X||_F^2 + eps)`` and, in the first iteration, by the Schatten-8 norm
+#: ``||(X X^T)^2||_F^(1/4)`` (DeVA repo ``msign``).
+NS_PRENORMS = ("frobenius", "frobenius_add", "schatten8")
+
+
+def resolve_ns_coefficients(
+    coefficients: str | Sequence[float] | Sequence[Sequence[float]], steps: int
+) -> tuple[tuple[float, float, float], ...]:
+    """Expand a preset name, a single (a, b, c) triple or a per-step table into ``steps`` triples.
+
+    Args:
+        coefficients: a key of ``NS_COEFFICIENTS``, one triple, or a table of ``steps`` triples.
+        steps: number of iterations (>= 1).
+
+    Returns:
+        A tuple of ``steps`` (a, b, c) triples.
+
+    Raises:
+        ValueError: for an unknown preset, a malformed triple or a table of the wrong length.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"ns_steps={steps!r} is invalid: expected an integer >= 1")
+    if isinstance(coefficients, str):
+        if coefficients not in NS_COEFFICIENTS:
+            raise ValueError(
+                f"ns_coefficients={coefficients!r} is invalid: expected one of {sorted(NS_COEFFICIENTS)}, "
+                "an (a, b, c) triple or a per-step table of triples"
+            )
+        return (NS_COEFFICIENTS[coefficients],) * steps
+    coeffs = tuple(coefficients)
+    if len(coeffs) == 3 and all(isinstance(c, (int, float)) for c in coeffs):
+        return (tuple(float(c) for c in coeffs),) * steps  # type: ignore[return-value]
+    table = tuple(tuple(float(c) for c in row) for row in coeffs)
+    if any(len(row) != 3 for row in table) or len(table) != steps:
+        raise ValueError(
+            f"ns_coefficients={coefficients!r} is invalid: a per-step table needs exactly ns_steps={steps} "
+            "rows of three numbers (a, b, c)"
+        )
+    return table  # type: ignore[return-value]
+
+
+def _sum_sq(xp: Any, x: Any) -> Any:
+    return xp.sum(x * x, axis=(-2, -1), keepdims=True)
+
+
+def newton_schulz(
+    xp: Any,
+    x: Any,
+    *,
+    steps: int = 5,
+    coefficients: str | Sequence[float] | Sequence[Sequence[float]] = "quintic",
+    prenorm: str = "frobenius",
+    eps: float = 1e-7,
+    compute_dtype: Any = None,
+    transpose_if_tall: bool = True,
+) -> Any:
+    """Approximate the orthogonal polar factor ``msign(X) = U V^T`` by Newton-Schulz iteration.
+
+    With ``A = X X^T`` each step is ``X <- a X + (b A + c A^2) X``; on singular values it applies
+    ``phi(s) = a s + b s^3 + c s^5``. With the quintic coefficients and 5 steps, normalised singular
+    values >= 0.01 land in [0.68, 1.13] rather than exactly 1 (spec 5.1). ``NS(X^T) = NS(X)^T`` and
+    ``NS(0) = 0``. Works on one matrix or a stack (leading axes are batch axes).
+
+    Args:
+        xp: array namespace.
+        x: array of shape ``(..., n, m)``.
+        steps: number of iterations.
+        coefficients: preset name, one (a, b, c) triple, or a table with one triple per step.
+        prenorm: ``"frobenius"``, ``"frobenius_add"`` or ``"schatten8"`` (see ``NS_PRENORMS``).
+        eps: the guard of the pre-normalisation.
+        compute_dtype: dtype to iterate in (e.g. bfloat16 on torch/JAX); ``None`` keeps ``x.dtype``.
+            The result is cast back to ``x.dtype``.
+        transpose_if_tall: iterate on ``X^T`` when ``n > m`` so the Gram matrix is the smaller one.
+
+    Returns:
+        The orthogonalised array, same shape and dtype as ``x``.
+
+    References:
+        K. Jordan et al., Muon (KellerJordan/Muon); torch.optim.Muon; DeVA repo ``msign`` (spec 5.1-5.3).
+    """
+    if prenorm not in NS_PRENORMS:
+        raise ValueError(f"ns_prenorm={prenorm!r} is invalid: expected one of {NS_PRENORMS}")
+    if x.ndim < 2:
+        raise ValueError(f"newton_schulz needs an array with at least 2 dimensions, got shape {tuple(x.shape)}")
+    table = resolve_ns_coefficients(coefficients, steps)
+    out_dtype = x.dtype
+    if compute_dtype is not None and compute_dtype != x.dtype:
+        x = xp.astype(x, compute_dtype)
+    tall = transpose_if_tall and x.shape[-2] > x.shape[-1]
+    if tall:
+        x = xp.matrix_transpose(x)
+
+    if prenorm == "frobenius":
+        norm = xp.sqrt(_sum_sq(xp, x))
+        x = x / xp.maximum(norm, eps + 0 * norm)
+    elif prenorm == "frobenius_add":
+        x = x / (xp.sqrt(_sum_sq(xp, x)) + eps)
+    else:  # schatten8
+        x = x / xp.sqrt(_sum_sq(xp, x) + eps)
+
+    for i, (a, b, c) in enumerate(table):
+        gram = xp.matmul(x, xp.matrix_transpose(x))
+        gram2 = xp.matmul(gram, gram)
+        if i == 0 and prenorm == "schatten8":
+            # Schatten-8 norm ||X||_S8 = ||(X X^T)^2||_F^(1/4); rescale X, A and A^2 consistently.
+            s8 = xp.sqrt(xp.sqrt(xp.sqrt(_sum_sq(xp, gram2))))
+            s8 = xp.where(s8 > 0, s8, 1 + 0 * s8)
+            x = x / s8
+            gram = gram / (s8 * s8)
+            gram2 = gram2 / (s8 * s8 * s8 * s8)
+        x = a * x + xp.matmul(b * gram + c * gram2, x)
+
+    if tall:
+        x = xp.matrix_transpose(x)
+    if x.dtype != out_dtype:
+        x = xp.astype(x, out_dtype)
+    return x
+
+
+#: Shape scales for the matrix rules, in fan terms (spec 5.3). ``fan_out`` is the output dimension
+#: (rows of a torch ``Linear.weight``, columns of a flax kernel), ``fan_in`` the reduction dimension.
+SHAPE_SCALES = ("original", "match_rms_adamw", "deva_muon", "none")
+
+
+def shape_scale(kind: str, fan_in: int, fan_out: int) -> float:
+    """Scale a matrix rule multiplies its orthogonalised direction by.
+
+    * ``"original"``: ``sqrt(max(1, fan_out / fan_in))`` (KellerJordan/Muon, torch.optim.Muon default,
+      optax width scaling);
+    * ``"match_rms_adamw"``: ``0.2 sqrt(max(fan_in, fan_out))`` (Moonshot; torch ``match_rms_adamw``,
+      optax ``consistent_rms=0.2``, DeVA_Sinf's ``rms_align_factor``);
+    * ``"deva_muon"``: ``sqrt(max(fan_in, fan_out))`` (the DeVA repo's Muon);
+    * ``"none"``: 1.
+
+    Args:
+        kind: one of ``SHAPE_SCALES``.
+        fan_in: size of the reduction (input) axis.
+        fan_out: size of the output axis.
+
+    Returns:
+        The scale as a Python float.
+    """
+    if kind == "original":
+        return math.sqrt(max(1.0, fan_out / fan_in))
+    if kind == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(fan_in, fan_out))
+    if kind == "deva_muon":
+        return math.sqrt(max(fan_in, fan_out))
+    if kind == "none":
+        return 1.0
+    raise ValueError(f"shape_scale={kind!r} is invalid: expected one of {SHAPE_SCALES}")

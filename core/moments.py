@@ -1,0 +1,149 @@
+"""Moment estimators: EMAs, bias corrections and variance estimates.
+
+Every function here is elementwise (fusable): arrays in, arrays out, hyperparameters as Python floats
+or 0-D arrays, no array creation and no branching on array values. Spec references are to
+``shared/spec/algorithms.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ema",
+    "ema_sum",
+    "bias_correction",
+    "centered_variance",
+    "residual_variance_update",
+    "minibatch_variance",
+    "minibatch_variance_from_moments",
+]
+
+
+def ema(xp: Any, state: Any, x: Any, beta: Any) -> Any:
+    """Exponential moving average ``s <- beta * s + (1 - beta) * x`` (spec section 0).
+
+    Written as ``s + (1 - beta) * (x - s)``, the form of ``torch.lerp`` for weights below 0.5,
+    so that Adam's first moment rounds like torch.optim's.
+
+    Args:
+        xp: array namespace.
+        state: the previous average ``s``.
+        x: the new observation.
+        beta: decay in [0, 1).
+
+    Returns:
+        The updated average.
+    """
+    return state + (1 - beta) * (x - state)
+
+
+def ema_sum(xp: Any, state: Any, x: Any, beta: Any) -> Any:
+    """Sum-form momentum ``m <- beta * m + x`` (M-SSD, Alg. 1; the mini-batch aggregators, Eq. 48).
+
+    Args:
+        xp: array namespace.
+        state: the previous accumulator.
+        x: the new term.
+        beta: decay.
+
+    Returns:
+        The updated accumulator.
+    """
+    return beta * state + x
+
+
+def bias_correction(beta: Any, t: Any) -> Any:
+    """Bias-correction denominator ``1 - beta**t`` (spec section 0).
+
+    Step-derived scalar: call it on the host with Python numbers (float64) or inside a traced graph
+    with 0-D float arrays, never in bf16/fp16 (``bf16(0.999) == 1``).
+
+    Args:
+        beta: decay of the average.
+        t: step count, ``t >= 1``.
+
+    Returns:
+        ``1 - beta**t``.
+    """
+    return 1 - beta**t
+
+
+def centered_variance(xp: Any, m: Any, v: Any) -> Any:
+    """Variance estimate ``max(v - m**2, 0)`` from first and second moments (spec 3.4, 3.9).
+
+    The clamp removes negative round-off, which would otherwise push the SVAG factor above 1.
+
+    Args:
+        xp: array namespace.
+        m: (bias-corrected) mean estimate.
+        v: (bias-corrected) second-moment estimate.
+
+    Returns:
+        The clamped variance estimate.
+    """
+    return xp.maximum(v - m * m, 0 * v)
+
+
+def residual_variance_update(xp: Any, s: Any, g: Any, mean: Any, beta: Any, eps_s: Any) -> Any:
+    """AdaBelief / MVN-Grad variance proxy ``s <- beta s + (1-beta) (g - mean)^2 + eps_s``.
+
+    Spec 1.2 (AdaBelief, ``mean = m_t``, ``eps_s = eps``) and 2.3 step 3 (MVN-Grad, ``mean`` is
+    ``m_t`` by default or ``m_{t-1}`` with ``residual="m_prev"``).
+
+    Args:
+        xp: array namespace.
+        s: previous variance proxy.
+        g: gradient.
+        mean: the mean the residual is taken against.
+        beta: decay.
+        eps_s: variance floor added every step (>= 0).
+
+    Returns:
+        The updated proxy.
+    """
+    r = g - mean
+    return beta * s + (1 - beta) * (r * r) + eps_s
+
+
+def minibatch_variance(xp: Any, per_example_grads: Any, axis: int = 0) -> Any:
+    """Unbiased variance of the mini-batch mean gradient (Balles & Hennig Eq. 44, unbiased form).
+
+    ``s_hat = 1/|B| * 1/(|B|-1) * sum_k (grad_k - g)^2`` with ``g`` the batch mean. The formula
+    printed in the paper, ``1/|B| [1/(|B|-1) sum_k grad_k^2 - g^2]``, is not unbiased although the
+    text says so; we implement the unbiased form (spec 3.6).
+
+    Args:
+        xp: array namespace.
+        per_example_grads: per-example gradients stacked along ``axis``.
+        axis: the batch axis.
+
+    Returns:
+        ``s_hat`` with the batch axis removed.
+
+    References:
+        Balles & Hennig, Dissecting Adam, App. C.2, Eq. 44.
+    """
+    b = per_example_grads.shape[axis]
+    mean = xp.mean(per_example_grads, axis=axis, keepdims=True)
+    dev = per_example_grads - mean
+    return xp.sum(dev * dev, axis=axis) / (b * (b - 1))
+
+
+def minibatch_variance_from_moments(xp: Any, mean_grad: Any, mean_sq_grad: Any, batch_size: int) -> Any:
+    """Eq. 44 (unbiased) from the batch mean ``g`` and the mean of squared per-example gradients.
+
+    ``sum_k (grad_k - g)^2 = |B| (mean_sq - g^2)``, so ``s_hat = max(mean_sq - g^2, 0)/(|B| - 1)``.
+
+    Args:
+        xp: array namespace.
+        mean_grad: ``g = 1/|B| sum_k grad_k``.
+        mean_sq_grad: ``1/|B| sum_k grad_k^2``.
+        batch_size: ``|B| >= 2``.
+
+    Returns:
+        ``s_hat``.
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: the unbiased mini-batch variance needs batch_size >= 2")
+    return centered_variance(xp, mean_grad, mean_sq_grad) / (batch_size - 1)

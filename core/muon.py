@@ -1,0 +1,92 @@
+"""Muon: Newton-Schulz orthogonalised momentum for matrix parameters (spec section 5).
+
+Convention (torch.optim.Muon, which follows KellerJordan/Muon): EMA momentum without bias correction
+``B <- mu B + (1 - mu) g``; Nesterov input ``N = (1 - mu) g + mu B`` (default on); ``O = NS5(N)``;
+``p <- p (1 - lr wd) - lr * scale * O`` with the decay using the *unadjusted* lr and the shape scale
+``sqrt(max(1, fan_out/fan_in))`` by default. Non-matrix parameters (biases, norms, embeddings, the
+output head: the adapters' routing helpers decide) go to an elementwise fallback rule, AdamW by
+default with KellerJordan/Muon's auxiliary-Adam settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .directions import NS_PRENORMS, SHAPE_SCALES, newton_schulz
+from .moments import ema
+from .spec import Hyper, MatrixSpec, beta_hyper, lr_hyper, wd_hyper
+
+__all__ = ["muon_direction", "muon_apply", "MUON", "NS_HYPERS"]
+
+
+def muon_direction(
+    xp: Any,
+    g: Any,
+    buf: Any,
+    momentum: Any,
+    *,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coefficients: Any = "quintic",
+    ns_prenorm: str = "frobenius",
+    ns_eps: float = 1e-7,
+    ns_dtype: Any = None,
+) -> tuple:
+    """Muon's orthogonalised momentum for one matrix or a stack ``(..., n, m)``.
+
+    ``B <- B + (1 - mu)(g - B)`` (torch ``lerp``); ``N = g + mu (B - g)`` if Nesterov else ``B``;
+    returns ``(NS(N), B)``.
+
+    Args:
+        xp: array namespace.
+        g: gradient, shape ``(..., n, m)``.
+        buf: momentum buffer ``B``.
+        momentum: ``mu``.
+        nesterov: use the Nesterov input.
+        ns_steps, ns_coefficients, ns_prenorm, ns_eps, ns_dtype: Newton-Schulz options
+            (see ``core.directions.newton_schulz``).
+
+    Returns:
+        ``(O, B)``.
+
+    References:
+        K. Jordan et al., Muon (2024), KellerJordan/Muon; torch.optim.Muon; spec 5.1-5.2.
+    """
+    buf = ema(xp, buf, g, momentum)
+    n = ema(xp, g, buf, momentum) if nesterov else buf
+    o = newton_schulz(
+        xp, n, steps=ns_steps, coefficients=ns_coefficients, prenorm=ns_prenorm, eps=ns_eps, compute_dtype=ns_dtype
+    )
+    return o, buf
+
+
+def muon_apply(xp: Any, p: Any, o: Any, lr: Any, weight_decay: Any, scale: float) -> Any:
+    """``p (1 - lr wd) - lr * scale * O``: decoupled decay with the unadjusted lr, then the step."""
+    return p * (1 - lr * weight_decay) - (lr * scale) * o
+
+
+#: Newton-Schulz hyperparameters shared by the matrix rules.
+NS_HYPERS = (
+    Hyper("ns_steps", 5, "int_pos", "Newton-Schulz iterations"),
+    Hyper("ns_coefficients", "quintic", "any", "'quintic', 'cubic', an (a, b, c) triple or a per-step table"),
+    Hyper("ns_dtype", None, "any", "dtype the iteration runs in (e.g. torch.bfloat16); None keeps the parameter dtype"),
+)
+
+MUON = MatrixSpec(
+    name="muon",
+    title="Muon",
+    hyperparams=(
+        lr_hyper(1e-3),
+        wd_hyper(0.1, "decoupled decay p(1 - lr wd) before the step, unadjusted lr (torch.optim.Muon default 0.1)"),
+        beta_hyper("momentum", 0.95, "EMA momentum (no bias correction)"),
+        Hyper("nesterov", True, "bool", "Nesterov input (1 - mu) g + mu B"),
+        *NS_HYPERS,
+        Hyper("ns_prenorm", "frobenius", "choice", "pre-normalisation of Newton-Schulz", NS_PRENORMS),
+        Hyper("ns_eps", 1e-7, "nonneg", "guard of the pre-normalisation (max(||X||_F, eps) for 'frobenius')"),
+        Hyper("shape_scale", "original", "choice", "scale of the orthogonalised update, in fan terms", SHAPE_SCALES),
+    ),
+    fallback="adamw",
+    fallback_defaults={"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
+    conventions="EMA momentum, no bias correction, Nesterov on; NS5 quintic, X/max(||X||_F, 1e-7); scale sqrt(max(1, fan_out/fan_in)); decoupled decay before with the unadjusted lr (torch.optim.Muon)",
+    source="KellerJordan/Muon; torch.optim.Muon",
+)
