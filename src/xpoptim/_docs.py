@@ -1,0 +1,32 @@
+"""Generate the README's conventions table from the core specs (so the docs cannot drift).
+
+Run ``python -m xpoptim._docs`` to print it; ``tests/test_readme.py`` checks the README holds exactly
+this table between the ``<!-- conventions:begin -->`` and ``<!-- conventions:end -->`` markers.
+"""
+
+from __future__ import annotations
+
+from xpoptim.core import SPECS
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def conventions_table() -> str:
+    """Markdown table: optimizer, defaults, conventions (eps, bias correction, weight decay), source."""
+    lines = [
+        "| optimizer | defaults | conventions (eps, bias correction, weight decay) | source |",
+        "| --- | --- | --- | --- |",
+    ]
+    for spec in SPECS.values():
+        defaults = ", ".join(f"{h.name}={_fmt(h.default)}" for h in spec.hyperparams)
+        extra = f"; non-matrix params: {spec.fallback}" if spec.kind == "matrix" else ""
+        lines.append(f"| `{spec.title}` | {defaults} | {spec.conventions}{extra} | {spec.source} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(conventions_table())
