@@ -60,7 +60,6 @@ def deva_linf_direction(
     *,
     nesterov: bool = False,
     second_moment_of: str = "momentum",
-    bias_correction: bool = False,
 ) -> tuple:
     """DeVA_linf (``DeVAEuclideanNorm``): ``d = Gamma * sign(N)``.
 
@@ -71,7 +70,7 @@ def deva_linf_direction(
        as released, ``bias_correction=True`` divides m by ``1 - b1^t`` and v by ``1 - b2^t``)
     4. ``N = (1-b1) g + b1 m`` (Nesterov) or ``m``; ``d = Gamma sign(N)``.
 
-    ``bias_correction`` is static here only through the scalars (``bc1 = bc2 = 1`` when off).
+    The ``bias_correction`` switch acts only through the scalars: ``bc1 = bc2 = 1`` when off.
 
     References:
         arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVAEuclideanNorm``; spec 4.1.

@@ -53,7 +53,7 @@ def muon_direction(
         K. Jordan et al., Muon (2024), KellerJordan/Muon; torch.optim.Muon; spec 5.1-5.2.
     """
     buf = ema(xp, buf, g, momentum)
-    n = ema(xp, g, buf, momentum) if nesterov else buf
+    n = g + momentum * (buf - g) if nesterov else buf  # torch: grad.lerp(buf, momentum)
     o = newton_schulz(
         xp, n, steps=ns_steps, coefficients=ns_coefficients, prenorm=ns_prenorm, eps=ns_eps, compute_dtype=ns_dtype
     )
