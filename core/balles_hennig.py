@@ -61,7 +61,9 @@ def sgd_direction(xp: Any, g: Any, buf: Any, momentum: Any, gscale: Any, *, nest
 
 
 def _sgd_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
-    return (hp["momentum"], ops.where(t == 1, 1.0, 1.0 - hp["dampening"]))
+    # torch.optim.SGD keeps no buffer without momentum, so dampening has no effect there.
+    gscale = ops.where(t == 1, 1.0, 1.0 - hp["dampening"])
+    return (hp["momentum"], ops.where(hp["momentum"] == 0, 1.0, gscale))
 
 
 def _sgd_check(hp: dict) -> None:

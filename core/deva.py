@@ -14,7 +14,7 @@ from typing import Any
 from ._backend import HOST
 from .directions import SHAPE_SCALES, newton_schulz, sign
 from .moments import bias_correction, ema
-from .muon import NS_HYPERS
+from .muon import NS_HYPERS, ns_check
 from .spec import ElementwiseSpec, Hyper, MatrixSpec, beta_hyper, eps_hyper, lr_hyper, wd_hyper
 
 __all__ = [
@@ -344,9 +344,16 @@ def resolve_shampoo_beta(hp: dict) -> Any:
 
 
 def _deva_sinf_check(hp: dict) -> None:
+    ns_check("DeVASinf", hp)
+    raw = hp["shampoo_beta"]
+    if raw is None or isinstance(raw, (bool, str, bytes)):
+        raise ValueError(
+            f"DeVASinf: shampoo_beta={raw!r} is invalid: expected a number in [0, 1), or a negative number meaning "
+            "'use beta2'"
+        )
     try:
-        sb = float(hp["shampoo_beta"])
-    except Exception:
+        sb = float(raw)
+    except Exception:  # a traced value: checked when concrete
         return
     if not (sb < 0 or 0 <= sb < 1):
         raise ValueError(

@@ -10,13 +10,14 @@ default with KellerJordan/Muon's auxiliary-Adam settings.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from .directions import NS_PRENORMS, SHAPE_SCALES, newton_schulz
+from .directions import NS_COEFFICIENTS, NS_PRENORMS, SHAPE_SCALES, newton_schulz, resolve_ns_coefficients
 from .moments import ema
 from .spec import Hyper, MatrixSpec, beta_hyper, lr_hyper, wd_hyper
 
-__all__ = ["muon_direction", "muon_apply", "MUON", "NS_HYPERS"]
+__all__ = ["muon_direction", "muon_apply", "MUON", "NS_HYPERS", "ns_check"]
 
 
 def muon_direction(
@@ -65,6 +66,24 @@ def muon_apply(xp: Any, p: Any, o: Any, lr: Any, weight_decay: Any, scale: float
     return p * (1 - lr * weight_decay) - (lr * scale) * o
 
 
+def ns_check(title: str, hp: dict) -> None:
+    """Validate ``ns_coefficients`` against ``ns_steps`` when the hyperparameters are validated (not at the
+    first step), with a message naming the argument and its value."""
+    try:
+        table = resolve_ns_coefficients(hp["ns_coefficients"], hp["ns_steps"])
+        raw = hp["ns_coefficients"]
+        rows = [] if isinstance(raw, str) else [row if isinstance(row, (tuple, list)) else [row] for row in raw]
+        flat = [c for row in rows for c in row]
+        if any(isinstance(c, bool) for c in flat) or not all(math.isfinite(c) for row in table for c in row):
+            raise ValueError("coefficients must be finite real numbers")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{title}: ns_coefficients={hp['ns_coefficients']!r} is invalid with ns_steps={hp['ns_steps']!r}: "
+            f"expected one of {sorted(NS_COEFFICIENTS)}, an (a, b, c) triple of numbers or a table of ns_steps "
+            f"such triples ({exc})"
+        ) from None
+
+
 #: Newton-Schulz hyperparameters shared by the matrix rules.
 NS_HYPERS = (
     Hyper("ns_steps", 5, "int_pos", "Newton-Schulz iterations"),
@@ -87,6 +106,7 @@ MUON = MatrixSpec(
     ),
     fallback="adamw",
     fallback_defaults={"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
+    check=lambda hp: ns_check("Muon", hp),
     conventions="EMA momentum, no bias correction, Nesterov on; NS5 quintic, X/max(||X||_F, 1e-7); scale sqrt(max(1, fan_out/fan_in)); decoupled decay before with the unadjusted lr (torch.optim.Muon)",
     source="KellerJordan/Muon; torch.optim.Muon",
 )

@@ -96,11 +96,9 @@ class Hyper:
             return
         if self.kind == "any":
             return
-        if isinstance(value, bool) or value is None:
+        if isinstance(value, (bool, str, bytes, tuple, list, dict)) or value is None:
             raise ValueError(f"{where}: expected a real number")
         if not is_concrete_number(value):
-            if isinstance(value, (str, bytes, tuple, list, dict)):
-                raise ValueError(f"{where}: expected a real number")
             return  # a traced array (optax.inject_hyperparams): checked when concrete
         x = float(value)
         if math.isnan(x):
