@@ -1,0 +1,150 @@
+"""Shared plumbing for the experiment scripts: output folder, claim bookkeeping, Markdown summary."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+#: Default output folder (``benchmarks/results/experiments``).
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "experiments"
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """Common command line: ``--quick`` (tiny sizes for smoke tests) and ``--out DIR``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the smoke tests")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS})")
+    return p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Claim:
+    """One checked claim: ``strict`` claims fail the run, the others are reported only."""
+
+    name: str
+    passed: bool
+    detail: str
+    strict: bool = True
+    source: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.strict:
+            return "PASS" if self.passed else "FAIL"
+        return "REPORT (holds)" if self.passed else "REPORT (does not hold)"
+
+
+class Report:
+    """Collects claims, notes and figures of one experiment and writes its Markdown summary.
+
+    Args:
+        name: the experiment's module name (file stem of the summary).
+        title: heading of the summary.
+        out: output folder.
+        quick: whether this is a ``--quick`` run (written into the summary).
+    """
+
+    def __init__(self, name: str, title: str, out: Path | None, quick: bool) -> None:
+        self.name, self.title, self.quick = name, title, quick
+        self.out = Path(out) if out is not None else RESULTS
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.claims: list[Claim] = []
+        self.sections: list[str] = []
+        self.figures: list[tuple[str, str]] = []
+        self.t0 = time.perf_counter()
+
+    def note(self, text: str) -> None:
+        """A paragraph for the summary (also printed)."""
+        print(text)
+        self.sections.append(text)
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        """A Markdown table for the summary (also printed)."""
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in rows:
+            lines.append("| " + " | ".join(_cell(_fmt(x)) for x in r) + " |")
+        text = "\n".join(lines)
+        print(text)
+        self.sections.append(text)
+
+    def check(self, name: str, passed: bool, detail: str, *, strict: bool = True, source: str = "") -> bool:
+        """Record a claim and print ``PASS/FAIL`` (or ``REPORT``) with the numbers behind it."""
+        c = Claim(name, bool(passed), detail, strict, source)
+        self.claims.append(c)
+        print(f"[{c.status}] {name}: {detail}" + (f"  ({source})" if source else ""))
+        return c.passed
+
+    def savefig(self, fig: Any, stem: str, caption: str) -> Path:
+        """Save a matplotlib figure as ``<out>/<stem>.png`` and list it in the summary."""
+        path = self.out / f"{stem}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        self.figures.append((path.name, caption))
+        print(f"wrote {path}")
+        return path
+
+    @property
+    def failed(self) -> list[Claim]:
+        return [c for c in self.claims if c.strict and not c.passed]
+
+    def finish(self) -> int:
+        """Write ``<out>/<name>.md`` and return the exit code (1 if a strict claim failed)."""
+        elapsed = time.perf_counter() - self.t0
+        lines = [f"# {self.title}", ""]
+        lines.append(
+            f"Run: `python -m benchmarks.experiments.{self.name}{' --quick' if self.quick else ''}` "
+            f"in {elapsed:.1f} s on {platform.machine()} ({os.cpu_count()} logical CPUs), Python "
+            f"{platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+        )
+        if self.quick:
+            lines.append("")
+            lines.append("**Quick mode** (tiny sizes for the smoke tests): the numbers are not the experiment's.")
+        lines += ["", "## Claims", "", "| claim | status | numbers | source |", "|---|---|---|---|"]
+        for c in self.claims:
+            lines.append(f"| {_cell(c.name)} | {c.status} | {_cell(c.detail)} | {_cell(c.source)} |")
+        lines += [
+            "",
+            "PASS/FAIL: a claim of the paper (or an exact identity) that fails the run when it does not hold. "
+            "REPORT: an expectation that rests on our own reconstruction of a protocol ([I]/[3P] in the spec); "
+            "reported, never failed.",
+        ]
+        for s in self.sections:
+            lines += ["", s]
+        if self.figures:
+            lines += ["", "## Figures"]
+            for fname, cap in self.figures:
+                lines += ["", f"![{cap}]({fname})", "", f"*{cap}*"]
+        path = self.out / f"{self.name}.md"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"wrote {path}  ({elapsed:.1f} s)")
+        n_fail = len(self.failed)
+        print(f"{self.name}: {sum(c.passed for c in self.claims)}/{len(self.claims)} claims hold; {n_fail} strict failure(s)")
+        return 1 if n_fail else 0
+
+
+def _cell(text: str) -> str:
+    """Escape the pipes of a Markdown table cell."""
+    return str(text).replace("|", "\\|")
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def run_main(main: Any) -> None:
+    """``sys.exit(main())`` for ``python -m``."""
+    sys.exit(main())

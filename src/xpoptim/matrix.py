@@ -1,0 +1,871 @@
+"""The cross-backend equivalence verifier: ``python -m xpoptim.matrix`` (console script ``xpoptim-matrix``).
+
+It runs every optimizer on every array backend installed here (NumPy always; array-api-strict, torch
+CPU/CUDA, JAX CPU/GPU, CuPy when usable), in float64 and float32, for ``--steps`` steps on three fixed
+problems (``xpoptim._problems``: a noisy quadratic, a small tanh MLP with hand-written backprop, a
+matrix least-squares problem for the spectral rules), and compares each parameter trajectory with the
+float64 NumPy run of the same core rule (``xpoptim.core.functional``) on the same inputs (for a
+float32 candidate the reference starts from the float32-rounded initial point and data, so the check
+measures the candidate's arithmetic, not the rounding of its inputs). It also drives the adapters
+through their shared ``create`` interfaces (torch.optim, optax, the NumPy/CuPy array adapter) on the
+same problems, so the numbers users get through a framework are checked, not only the core.
+
+**The error of a cell.** For each problem and parameter, with ``R_t`` the reference trajectory
+(``t = 0..N``) and ``A_t`` the candidate's,
+
+    err = max_t max_i |A_t,i - R_t,i| / max_t max_i |R_t,i - R_0,i|,
+
+the largest deviation relative to the distance the reference travelled (a per-element relative error
+would be dominated by elements crossing zero; relative to the parameter's size it would hide bugs
+when the optimizer moves little). A cell's error is the maximum over problems and parameters; it passes
+when ``err <= tolerance(optimizer, dtype, steps)`` (:data:`TOLERANCES`, each bound with its reason;
+measured at 20 steps, scaled by ``20/steps`` for shorter runs, see :func:`tolerance`).
+
+Every candidate computes its own gradients on its own trajectory (closed loop), so the check covers the
+whole training loop, not one step.
+
+The verifier pins matmul precision (JAX ``default_matmul_precision="float32"``, torch TF32 off) and
+enables JAX x64 while it runs, restoring the previous settings at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _backends
+from ._backends import Backend, to_numpy
+from ._problems import PROBLEMS, Problem, get_problem
+from .core import SPECS, get_spec
+from .core import functional as F
+from .core.spec import ElementwiseSpec, MatrixSpec
+
+__all__ = [
+    "Config",
+    "CONFIGS",
+    "Tolerance",
+    "TOLERANCES",
+    "tolerance",
+    "Trajectory",
+    "run_core",
+    "trajectory_error",
+    "perturbed",
+    "run",
+    "Report",
+    "main",
+]
+
+DTYPES = ("float64", "float32")
+
+
+# ----------------------------------------------------------------------------------------------
+# What is run: one configuration per optimizer (plus a few non-default switches)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One optimizer configuration of the matrix.
+
+    Attributes:
+        label: row label (the optimizer name, or ``name[variant]``).
+        optimizer: registry name in ``xpoptim.core.SPECS``.
+        hp: hyperparameters passed to the core and to every adapter's ``create``.
+    """
+
+    label: str
+    optimizer: str
+    hp: Mapping[str, Any]
+
+
+# Learning rates are chosen so every parameter travels a visible distance in 20 steps without the
+# problem reaching its noise floor (where sign-based rules oscillate); weight decay is non-zero so
+# the decay path is checked.
+#
+# DeVA_Sinf runs with max_precond_dim=8, so every factored side has full rank (up to one null direction)
+# after the seed. With both sides of a non-square matrix factored (the default), the seed factor
+# G^T G of an (n, m) gradient, n < m, has an (m - n)-dimensional zero eigenspace: eigh returns an
+# arbitrary basis of it, the rule is not invariant to that choice, and backends then legitimately
+# disagree (measured 3-4e-2 in float64 between NumPy and torch/JAX LAPACK). That is a property of the
+# released rule, not of a backend, so the verifier uses a configuration where the trajectory is defined.
+_BASE: dict[str, dict] = {
+    "adam": {"lr": 1e-2, "weight_decay": 1e-2},
+    "adamw": {"lr": 1e-2, "weight_decay": 1e-2},
+    "adabelief": {"lr": 1e-2, "weight_decay": 1e-2},
+    "laprop": {"lr": 1e-2, "weight_decay": 1e-2},
+    "mvngrad": {"lr": 1e-2, "weight_decay": 1e-2},
+    "sgd": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
+    "mssd": {"lr": 1e-2, "weight_decay": 1e-2},
+    "svag": {"lr": 2e-2, "weight_decay": 1e-2},
+    "msvag": {"lr": 2e-2, "weight_decay": 1e-2},
+    "adam_star": {"lr": 1e-2, "weight_decay": 1e-2},
+    "msvag_mb": {"lr": 2e-3, "weight_decay": 1e-2},
+    "adam_star_mb": {"lr": 1e-2, "weight_decay": 1e-2},
+    "deva_linf": {"lr": 1e-2, "weight_decay": 1e-2},
+    "deva_sinf": {"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4, "max_precond_dim": 8},
+    "muon": {"lr": 2e-2, "weight_decay": 0.1},
+}
+
+_VARIANTS: tuple[tuple[str, str, dict], ...] = (
+    ("sgd[nesterov]", "sgd", {**_BASE["sgd"], "nesterov": True}),
+    ("mvngrad[m_prev]", "mvngrad", {**_BASE["mvngrad"], "residual": "m_prev", "eps_s": 1e-12}),
+    ("msvag[kappa]", "msvag", {**_BASE["msvag"], "variance_unbiasing": False}),
+    ("adam_star[erf]", "adam_star", {**_BASE["adam_star"], "adaptation": "erf"}),
+    ("adam_star_mb[erf]", "adam_star_mb", {**_BASE["adam_star_mb"], "adaptation": "erf"}),
+    (
+        "deva_linf[nesterov,bc,g2]",
+        "deva_linf",
+        {**_BASE["deva_linf"], "nesterov": True, "bias_correction": True, "second_moment_of": "gradient"},
+    ),
+    (
+        "muon[rms,plain]",
+        "muon",
+        {**_BASE["muon"], "nesterov": False, "shape_scale": "match_rms_adamw", "ns_prenorm": "frobenius_add"},
+    ),
+)
+
+#: The matrix's rows: every optimizer at the verifier's settings, then the variants.
+CONFIGS: tuple[Config, ...] = (
+    *(Config(name, name, _BASE[name]) for name in SPECS),
+    *(Config(label, name, hp) for label, name, hp in _VARIANTS),
+)
+
+
+def select_configs(names: Iterable[str] | None, variants: bool = True) -> list[Config]:
+    """Configurations for ``names`` (optimizer names or config labels; ``None``: all).
+
+    Raises:
+        ValueError: for a name that is neither an optimizer nor a configuration label.
+    """
+    if names is None:
+        return [c for c in CONFIGS if variants or c.label == c.optimizer]
+    out: list[Config] = []
+    known = {c.label for c in CONFIGS}
+    for name in names:
+        if name in SPECS:
+            out.extend(c for c in CONFIGS if c.optimizer == name and (variants or c.label == name) and c not in out)
+        elif name in known:
+            out.extend(c for c in CONFIGS if c.label == name and c not in out)
+        else:
+            raise ValueError(
+                f"optimizers={name!r} is unknown: expected one of {sorted(SPECS)} or a configuration label {sorted(known - set(SPECS))}"
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tolerance policy
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """A bound on a cell's error (see the module docstring) and why it is what it is."""
+
+    bound: float
+    reason: str
+
+
+_F64 = Tolerance(
+    1e-12,
+    "float64: every backend runs the same operations in IEEE double; differences are reassociation in BLAS and "
+    "reductions, in-graph step scalars under jit (~1e-16 per op), carried through the closed loop. Measured "
+    "<= 5e-14 (CPU backends and adapters, 20 steps).",
+)
+_F64_CANCEL = Tolerance(
+    1e-11,
+    "float64, variance estimate v - m^2 (SVAG, M-SVAG): where the gradient noise is small against its mean the "
+    "subtraction cancels, amplifying rounding by v / (v - m^2) (~1e3 on the MLP's biases). Measured 5.4e-13.",
+)
+_F64_EIG = Tolerance(
+    1e-11,
+    "float64 with eigh/QR (DeVA_Sinf's Kronecker eigenbases): LAPACK implementations differ per backend and "
+    "eigenvectors of close eigenvalues carry error ~ eps / eigen-gap (signs are canonicalised). Measured 4.9e-14.",
+)
+
+#: Per (optimizer, dtype): the bound and its reason. Float32 bounds were measured on this machine's CPU
+#: backends (numpy, array-api-strict, torch, jax; ``python -m xpoptim.matrix --measure``) over the three
+#: problems and 20 steps, then set at least 3x above the measured maximum (other BLAS/GPU kernels round
+#: differently) and at least 3x below the error of a rule with a 0.1 % learning-rate error (~1e-3), hence
+#: ~100x below an off-by-one bias correction (5e-2 to 2e-1): ``tests/matrix`` proves both perturbations fail.
+TOLERANCES: dict[tuple[str, str], Tolerance] = {}
+
+
+def _set(names: Sequence[str], dtype: str, tol: Tolerance) -> None:
+    for n in names:
+        TOLERANCES[(n, dtype)] = tol
+
+
+_set(tuple(SPECS), "float64", _F64)
+_set(("svag", "msvag"), "float64", _F64_CANCEL)
+_set(("deva_sinf",), "float64", _F64_EIG)
+_set(
+    ("adam", "adamw", "adabelief", "laprop", "mvngrad", "sgd", "adam_star", "msvag_mb", "adam_star_mb"),
+    "float32",
+    Tolerance(
+        1e-4,
+        "float32, smooth elementwise rules: every step rounds the parameter (~6e-8 |p|, large against a 1e-2 "
+        "step) and the moments, and the gradients are computed in float32 on the float32 trajectory (closed "
+        "loop). Measured <= 1.1e-5.",
+    ),
+)
+_set(
+    ("svag", "msvag"),
+    "float32",
+    Tolerance(
+        3e-4,
+        "float32, variance estimate v - m^2: cancellation where the noise is small against the mean (the MLP "
+        "biases) amplifies float32 rounding ~1e3x. Measured <= 1.0e-4; 3x below a 0.1 % lr error.",
+    ),
+)
+_set(
+    ("mssd", "deva_linf"),
+    "float32",
+    Tolerance(
+        1e-4,
+        "float32, sign-based rules: sign() is exact away from 0 but a flip where the momentum crosses 0 moves an "
+        "element by 2 lr; the problems keep momenta away from 0 over 20 steps. Measured <= 1.0e-5.",
+    ),
+)
+_set(
+    ("muon",),
+    "float32",
+    Tolerance(
+        3e-4,
+        "float32 Newton-Schulz: 5 quintic iterations amplify the rounding of small singular values (phi'(0) = "
+        "3.4 per iteration); matmul precision pinned (no TF32). Measured <= 6.2e-5.",
+    ),
+)
+_set(
+    ("deva_sinf",),
+    "float32",
+    Tolerance(
+        3e-4,
+        "float32 DeVA_Sinf: eigh/QR of the Kronecker factors (eigenvector error ~ 6e-8 / eigen-gap), an "
+        "eigenvalue sort on refresh steps, then Newton-Schulz. Measured <= 3.6e-5.",
+    ),
+)
+
+
+#: The number of steps the bounds were measured at.
+REFERENCE_STEPS = 20
+
+
+def tolerance(optimizer: str, dtype: str, steps: int = REFERENCE_STEPS) -> Tolerance:
+    """The bound for ``optimizer`` (registry name) in ``dtype`` (``"float64"``/``"float32"``) after ``steps`` steps.
+
+    The bounds hold for :data:`REFERENCE_STEPS` steps. Shorter runs travel less while each step still
+    rounds the parameter (``~eps |p|``), so the error relative to the distance travelled grows like
+    ``1/steps``: below 20 steps the bound is multiplied by ``20 / steps``. Longer runs keep the 20-step
+    bound (errors relative to a longer travel do not grow in these problems).
+    """
+    try:
+        tol = TOLERANCES[(optimizer, dtype)]
+    except KeyError:
+        raise ValueError(f"no tolerance for optimizer={optimizer!r}, dtype={dtype!r}: expected dtype in {DTYPES}") from None
+    if steps >= REFERENCE_STEPS:
+        return tol
+    return Tolerance(tol.bound * REFERENCE_STEPS / steps, tol.reason + f" Scaled by {REFERENCE_STEPS}/{steps} for a {steps}-step run.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the core rule on one backend
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """Parameters after each step (``params[0]`` is the initial point) as float64 NumPy arrays."""
+
+    params: list[dict]
+    losses: list[float]
+
+
+def _route(spec: ElementwiseSpec | MatrixSpec, hp: Mapping[str, Any], param: Any) -> tuple:
+    """(spec, validated hp) serving ``param``: matrix rules take ndim >= 2, the rest goes to the fallback."""
+    if isinstance(spec, MatrixSpec) and param.ndim < 2:
+        fb = get_spec(spec.fallback)
+        return fb, fb.validate(**dict(spec.fallback_defaults))
+    return spec, spec.validate(**dict(hp))
+
+
+def run_core(
+    spec: ElementwiseSpec | MatrixSpec,
+    problem: Problem,
+    backend: Backend,
+    dtype: str,
+    hp: Mapping[str, Any],
+    steps: int,
+) -> Trajectory:
+    """Run ``spec`` through ``xpoptim.core.functional`` on ``backend`` for ``steps`` steps.
+
+    Matrix specs serve parameters with ``ndim >= 2`` (layout ``out_in``); other parameters go to the
+    spec's elementwise fallback with its ``fallback_defaults``.
+
+    Args:
+        spec: the rule (may be a deliberately perturbed copy, see :func:`perturbed`).
+        problem: the problem.
+        backend: where to run.
+        dtype: ``"float64"`` or ``"float32"``.
+        hp: hyperparameters of ``spec``.
+        steps: number of steps.
+
+    Returns:
+        The trajectory.
+    """
+    xp, dt, dev = backend.xp, backend.dtypes[dtype], backend.device
+    params = problem.init(xp, dt, dev)
+    routes = {k: _route(spec, hp, p) for k, p in params.items()}
+    states = {k: F.init(routes[k][0], p, routes[k][1]) for k, p in params.items()}
+    traj = Trajectory([{k: to_numpy(p) for k, p in params.items()}], [])
+    for t in range(1, steps + 1):
+        loss, grads, var = problem.gradients(xp, params, t, dt, dev)
+        traj.losses.append(float(to_numpy(loss)))
+        new = {}
+        for k, p in params.items():
+            s, h = routes[k]
+            extras = (var[k],) if isinstance(s, ElementwiseSpec) and s.extras else ()
+            new[k], states[k] = F.step(s, p, grads[k], states[k], h, t, extras=extras)
+        params = new
+        traj.params.append({k: to_numpy(p) for k, p in params.items()})
+    return traj
+
+
+def perturbed(spec: ElementwiseSpec | MatrixSpec, kind: str = "step") -> ElementwiseSpec | MatrixSpec:
+    """A deliberately wrong copy of ``spec``, to prove that the verifier catches real bugs.
+
+    Args:
+        spec: the correct spec.
+        kind: ``"step"``: the step-derived scalars (bias corrections, kappa, rho) use ``t + 1``
+            instead of ``t`` (an off-by-one step count; elementwise specs only, no effect on rules
+            without step-dependent scalars such as M-SSD); ``"lr"``: the learning rate is 0.1 % too
+            large (any spec).
+
+    Returns:
+        The perturbed spec (same name, so the tolerance policy is the correct rule's).
+    """
+    if kind == "step":
+        if not isinstance(spec, ElementwiseSpec):
+            raise ValueError(f"perturbation kind='step' is invalid for the matrix rule {spec.name!r}: use kind='lr'")
+        scalars = spec.scalars
+        return dataclasses.replace(spec, scalars=lambda hp, t, ops=None, _s=scalars: _s(hp, t + 1, *(() if ops is None else (ops,))))
+    if kind == "lr":
+        validate = spec.validate
+
+        class _LrOff(type(spec)):  # type: ignore[misc, valid-type]
+            def validate(self, **hp: Any) -> dict:  # noqa: D102
+                out = validate(**hp)
+                out["lr"] = out["lr"] * 1.001
+                return out
+
+        return _LrOff(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+    raise ValueError(f"perturbation kind={kind!r} is invalid: expected 'step' or 'lr'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing trajectories
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ErrorReport:
+    """The worst deviation of a candidate trajectory from the reference."""
+
+    error: float  # relative to the distance travelled (module docstring)
+    abs_error: float
+    problem: str = ""
+    param: str = ""
+    step: int = 0
+    index: tuple = ()
+
+    def where(self) -> str:
+        if not self.param or self.error == 0:
+            return ""
+        return f"{self.problem}/{self.param} step {self.step} index {list(self.index)}"
+
+
+def trajectory_error(actual: Trajectory, desired: Trajectory, problem: str = "") -> ErrorReport:
+    """The cell error of ``actual`` against the reference ``desired`` (see the module docstring).
+
+    NaN or inf in ``actual`` gives an infinite error.
+    """
+    worst = ErrorReport(0.0, 0.0)
+    for name in desired.params[0]:
+        ref = np.stack([p[name] for p in desired.params])
+        got = np.stack([p[name] for p in actual.params])
+        if got.shape != ref.shape:
+            raise ValueError(f"{problem}/{name}: trajectory shapes differ: {got.shape} vs reference {ref.shape}")
+        travel = float(np.max(np.abs(ref - ref[0]))) if ref.size else 0.0
+        if travel == 0.0:
+            travel = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1.0)
+        diff = np.abs(got - ref)
+        diff = np.where(np.isfinite(got), diff, np.inf)
+        flat = int(np.argmax(diff))
+        idx = np.unravel_index(flat, diff.shape)
+        abs_err = float(diff[idx])
+        err = abs_err / travel
+        if err > worst.error or (err == worst.error and not worst.param):
+            worst = ErrorReport(err, abs_err, problem, name, int(idx[0]), tuple(int(i) for i in idx[1:]))
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates: the core on each backend, and the adapters
+# ----------------------------------------------------------------------------------------------
+
+
+class NotAvailable(Exception):
+    """A candidate that cannot run in this environment (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A way of running an optimizer: ``path`` (``core``, ``torch.optim``, ``optax``, ``array``) on a backend."""
+
+    path: str
+    backend: str
+    runner: Callable[[Config, Problem, str, int], Trajectory] | None
+    dtypes: tuple[str, ...] = DTYPES
+    #: ``joint_runner(config, problems, dtype, steps) -> {problem name: Trajectory}``: runs all problems
+    #: in one optimizer (one pytree), used where per-problem set-up is expensive (optax's jit).
+    joint_runner: Callable[[Config, list, str, int], dict] | None = None
+
+    def run_all(self, config: Config, problems: list, dtype: str, steps: int) -> dict:
+        """Trajectories for every problem, by name."""
+        if self.joint_runner is not None:
+            return self.joint_runner(config, problems, dtype, steps)
+        return {p.name: self.runner(config, p, dtype, steps) for p in problems}
+
+
+def _core_candidate(backend: Backend, override: Mapping[str, Any]) -> Candidate:
+    def runner(config: Config, problem: Problem, dtype: str, steps: int) -> Trajectory:
+        spec = override.get(config.optimizer) or get_spec(config.optimizer)
+        return run_core(spec, problem, backend, dtype, config.hp, steps)
+
+    return Candidate("core", backend.name, runner)
+
+
+def _candidates(backends: list[Backend], override: Mapping[str, Any], adapters: bool, torch_compile: bool = False) -> tuple[list[Candidate], dict]:
+    out = [_core_candidate(b, override) for b in backends]
+    unavailable: dict[str, str] = {}
+    if adapters:
+        from . import _adapter_runs
+
+        cands, missing = _adapter_runs.candidates(backends, torch_compile=torch_compile)
+        out.extend(cands)
+        unavailable.update(missing)
+    return out, unavailable
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    """The verifier's result: one cell per (configuration, path, backend, dtype)."""
+
+    cells: list[dict]
+    meta: dict
+    unavailable: dict
+
+    @property
+    def failed(self) -> list[dict]:
+        return [c for c in self.cells if c["status"] in ("FAIL", "ERROR")]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_json(self) -> dict:
+        used = sorted({(c["optimizer"], c["dtype"]) for c in self.cells})
+        steps = self.meta.get("steps", REFERENCE_STEPS)
+        return {
+            "meta": self.meta,
+            "cells": self.cells,
+            "unavailable": self.unavailable,
+            "tolerances": [
+                {"optimizer": o, "dtype": d, "bound": tolerance(o, d, steps).bound, "reason": tolerance(o, d, steps).reason}
+                for o, d in used
+            ],
+            "summary": {
+                "cells": len(self.cells),
+                "passed": sum(c["status"] == "pass" for c in self.cells),
+                "failed": len(self.failed),
+                "ok": self.ok,
+            },
+        }
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="xpoptim.matrix", unit="cell", file=sys.stderr, leave=False)
+    except ImportError:
+        return _SimpleBar(total)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _SimpleBar:
+    """A minimal text progress bar on stderr (used when tqdm is not installed)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.text, self.t0 = total, 0, "", time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        done = int(30 * self.n / max(self.total, 1))
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total} {time.perf_counter() - self.t0:5.1f}s {self.text[:40]:<40}")
+        sys.stderr.flush()
+
+    def set_postfix_str(self, s: str) -> None:
+        self.text = s
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def run(
+    optimizers: Iterable[str] | None = None,
+    backends: Iterable[str] | str | None = None,
+    dtypes: Sequence[str] = DTYPES,
+    steps: int = 20,
+    problems: Sequence[str] | None = None,
+    *,
+    adapters: bool = True,
+    variants: bool = True,
+    override: Mapping[str, ElementwiseSpec | MatrixSpec] | None = None,
+    progress: bool = False,
+    configs: Sequence[Config] | None = None,
+    torch_compile: bool = False,
+) -> Report:
+    """Run the equivalence matrix and return its report.
+
+    Args:
+        optimizers: optimizer names or configuration labels (default: every configuration).
+        backends: backend names or aliases (``"numpy,torch"``; default: ``$XPOPTIM_BACKENDS`` or all).
+        dtypes: subset of ``("float64", "float32")``.
+        steps: steps per trajectory (>= 1).
+        problems: subset of ``PROBLEMS`` (default: all three).
+        adapters: also check the torch / optax / array adapters.
+        variants: include the non-default configurations when ``optimizers`` names an optimizer.
+        override: registry name -> spec used by the *core candidates* instead of the real one (the
+            reference always uses the real spec); how the tests prove a wrong rule fails.
+        progress: show a progress bar on stderr.
+        configs: explicit configurations (instead of ``optimizers``), e.g. your own hyperparameters.
+        torch_compile: also run the torch adapter with ``compile=True`` (slow: one compile per rule).
+
+    Returns:
+        The :class:`Report`.
+
+    Raises:
+        ValueError: for an unknown optimizer, backend, dtype or problem, or ``steps < 1``.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
+    dtypes = tuple(dtypes)
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise ValueError(f"dtypes={list(dtypes)!r} is invalid: expected a non-empty subset of {list(DTYPES)}")
+    names = list(problems) if problems is not None else list(PROBLEMS)
+    probs = [get_problem(n) for n in names]
+    if configs is None:
+        configs = select_configs(list(optimizers) if optimizers is not None else None, variants=variants)
+    else:
+        configs = list(configs)
+        for c in configs:
+            get_spec(c.optimizer).validate(**dict(c.hp))
+    if isinstance(backends, str):
+        backend_names = _backends.resolve_names(backends)
+    elif backends is None:
+        backend_names = None
+    else:
+        backend_names = _backends.resolve_names(",".join(backends))
+    found, unavailable = _backends.discover(backend_names)
+    numpy_backend = _backends.discover(["numpy"])[0][0]
+    t0 = time.perf_counter()
+    cells: list[dict] = []
+    with _backends.pinned_numerics():
+        cands, missing = _candidates(found, override or {}, adapters, torch_compile)
+        unavailable.update(missing)
+        total = sum(len([d for d in dtypes if d in c.dtypes]) for c in cands) * len(configs)
+        bar = _progress(total, progress)
+        try:
+            for config in configs:
+                ref_spec = get_spec(config.optimizer)
+                refs = {
+                    (p.name, d): run_core(ref_spec, p.rounded(d), numpy_backend, "float64", config.hp, steps) for p in probs for d in dtypes
+                }
+                for cand in cands:
+                    for dtype in dtypes:
+                        if dtype not in cand.dtypes:
+                            continue
+                        bar.set_postfix_str(f"{config.label} {cand.path}/{cand.backend} {dtype}")
+                        cells.append(_cell(config, cand, dtype, probs, refs, steps))
+                        bar.update(1)
+        finally:
+            bar.close()
+    meta = _meta(steps, probs, [b.name for b in found], dtypes, time.perf_counter() - t0)
+    return Report(cells, meta, unavailable)
+
+
+def _cell(config: Config, cand: Candidate, dtype: str, probs: list[Problem], refs: dict, steps: int) -> dict:
+    tol = tolerance(config.optimizer, dtype, steps)
+    cell = {
+        "optimizer": config.optimizer,
+        "config": config.label,
+        "path": cand.path,
+        "backend": cand.backend,
+        "dtype": dtype,
+        "tolerance": tol.bound,
+    }
+    t0 = time.perf_counter()
+    worst = ErrorReport(0.0, 0.0)
+    try:
+        trajs = cand.run_all(config, probs, dtype, steps)
+        for p in probs:
+            e = trajectory_error(trajs[p.name], refs[(p.name, dtype)], p.name)
+            if e.error > worst.error or not worst.param:
+                worst = e
+    except NotAvailable as exc:
+        cell.update(status="n/a", error=None, abs_error=None, where="", message=str(exc))
+        return cell
+    except Exception as exc:  # a crash is a failing cell, with the reason
+        cell.update(status="ERROR", error=None, abs_error=None, where="", message=f"{type(exc).__name__}: {exc}")
+        return cell
+    err = worst.error
+    cell.update(
+        status="pass" if err <= tol.bound else "FAIL",
+        error=err if math.isfinite(err) else "inf",
+        abs_error=worst.abs_error if math.isfinite(worst.abs_error) else "inf",
+        where=worst.where(),
+        message="",
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    return cell
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("array_api_compat", "array_api_strict", "torch", "jax", "optax", "cupy"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+def _meta(steps: int, probs: list[Problem], backends: list[str], dtypes: Sequence[str], seconds: float) -> dict:
+    from . import __version__
+
+    return {
+        "xpoptim": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()})",
+        "versions": _versions(),
+        "steps": steps,
+        "problems": {p.name: p.description for p in probs},
+        "backends": backends,
+        "dtypes": list(dtypes),
+        "seconds": round(seconds, 1),
+        "error": "max_t max_i |A - R| / max_t max_i |R_t - R_0| over problems and parameters; "
+        "R = float64 NumPy run of the core rule on the same inputs (rounded to the candidate's dtype)",
+        "numerics": "JAX x64 on, default_matmul_precision=float32; torch float32_matmul_precision=highest, TF32 off",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt_err(x: Any) -> str:
+    if x is None:
+        return "-"
+    if x == "inf":
+        return "inf"
+    return "0" if x == 0 else f"{x:.1e}"
+
+
+def format_table(report: Report) -> str:
+    """The console table: one line per cell."""
+    rows = [("optimizer", "path", "backend", "dtype", "max rel err", "tol", "status")]
+    for c in report.cells:
+        status = c["status"] if not c.get("message") else f"{c['status']} ({c['message'][:60]})"
+        rows.append((c["config"], c["path"], c["backend"], c["dtype"], _fmt_err(c["error"]), f"{c['tolerance']:.0e}", status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(report: Report) -> str:
+    """The Markdown report: environment, the matrix, failures, the tolerance policy, what was not run."""
+    m = report.meta
+    s = report.to_json()["summary"]
+    out = [
+        "# xpoptim equivalence matrix",
+        "",
+        f"- result: **{'PASS' if report.ok else 'FAIL'}**, {s['passed']} of {s['cells']} cells pass",
+        f"- date: {m['date']}; machine: {m['machine']}; {m['seconds']} s",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+        f"- steps: {m['steps']}; dtypes: {', '.join(m['dtypes'])}; backends: {', '.join(m['backends'])}",
+        f"- problems: {'; '.join(f'`{k}` ({v})' for k, v in m['problems'].items())}",
+        f"- error: {m['error']}",
+        f"- numerics: {m['numerics']}",
+        "",
+        "| optimizer | path | backend | dtype | max rel err | tolerance | status | worst at |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in report.cells:
+        status = c["status"] if not c.get("message") else f"{c['status']}: {c['message']}".replace("|", "\\|")
+        out.append(
+            f"| {c['config']} | {c['path']} | {c['backend']} | {c['dtype']} | {_fmt_err(c['error'])} | "
+            f"{c['tolerance']:.0e} | {status} | {c['where']} |"
+        )
+    if report.unavailable:
+        out += ["", "## Not available here", ""]
+        out += [f"- `{k}`: {v}" for k, v in sorted(report.unavailable.items())]
+    out += ["", "## Tolerance policy", "", "| optimizer | dtype | bound | reason |", "| --- | --- | --- | --- |"]
+    for t in report.to_json()["tolerances"]:
+        out.append(f"| {t['optimizer']} | {t['dtype']} | {t['bound']:.0e} | {t['reason']} |")
+    return "\n".join(out) + "\n"
+
+
+def write_report(report: Report, out: str | Path) -> tuple[Path, Path]:
+    """Write ``matrix.md`` and ``matrix.json`` into ``out`` (created); returns their paths."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    md, js = folder / "matrix.md", folder / "matrix.json"
+    md.write_text(format_markdown(report))
+    js.write_text(json.dumps(report.to_json(), indent=1, sort_keys=False) + "\n")
+    return md, js
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m xpoptim.matrix",
+        description="Verify that every xpoptim optimizer computes the same numbers on every installed backend "
+        "(and through the torch / optax / array adapters) as the float64 NumPy run of its core rule.",
+    )
+    p.add_argument("--optimizers", help="comma-separated optimizer names or configuration labels (default: all)")
+    p.add_argument("--backends", help="comma-separated backends or aliases (numpy, strict, torch, jax, cupy, gpu; default: $XPOPTIM_BACKENDS or all installed)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of float64,float32")
+    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)}")
+    p.add_argument("--steps", type=int, default=20, help="steps per trajectory (default 20)")
+    p.add_argument("--out", help="write matrix.md and matrix.json into this folder")
+    p.add_argument("--no-adapters", action="store_true", help="check the core rules only")
+    p.add_argument("--no-variants", action="store_true", help="only the default configuration of each optimizer")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--torch-compile", action="store_true", help="also check the torch adapter with compile=True (slow)")
+    p.add_argument("--demo", dest="demo", action="store_true", default=True, help="run the torch-vs-JAX demo afterwards (default)")
+    p.add_argument("--no-demo", dest="demo", action="store_false", help="skip the demo")
+    p.add_argument("--measure", action="store_true", help="also print the largest error per (optimizer, dtype) next to its bound")
+    p.add_argument(
+        "--perturb",
+        metavar="OPT[:KIND]",
+        help="self-check: run OPT's core candidates with a deliberately wrong rule (KIND 'step': off-by-one step count "
+        "in the bias corrections, default for elementwise rules; 'lr': lr 0.1%% too large, default for matrix rules); "
+        "the run must then fail",
+    )
+    return p
+
+
+def measured(report: Report) -> str:
+    """Per (optimizer, dtype): the largest error measured in ``report`` next to the current bound.
+
+    How the float32 bounds of :data:`TOLERANCES` were set (``python -m xpoptim.matrix --measure``).
+    """
+    worst: dict[tuple[str, str], float] = {}
+    for c in report.cells:
+        e = c["error"]
+        if e is None:
+            continue
+        e = math.inf if e == "inf" else e
+        key = (c["optimizer"], c["dtype"])
+        worst[key] = max(worst.get(key, 0.0), e)
+    lines = [f"{'optimizer':14s} {'dtype':8s} {'measured':>9s} {'bound':>7s} {'margin':>7s}"]
+    for (o, d), e in sorted(worst.items()):
+        b = tolerance(o, d, report.meta.get("steps", REFERENCE_STEPS)).bound
+        lines.append(f"{o:14s} {d:8s} {e:9.1e} {b:7.0e} {b / e if e else math.inf:7.1f}")
+    return "\n".join(lines)
+
+
+def _split(s: str | None) -> list[str] | None:
+    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0: every cell passes, 1: a cell fails, 2: bad usage)."""
+    args = _parser().parse_args(argv)
+    override = {}
+    try:
+        if args.perturb:
+            name, _, kind = args.perturb.partition(":")
+            spec = get_spec(name)
+            override[spec.name] = perturbed(spec, kind or ("step" if isinstance(spec, ElementwiseSpec) else "lr"))
+        report = run(
+            _split(args.optimizers),
+            args.backends,
+            tuple(_split(args.dtypes) or ()),
+            args.steps,
+            _split(args.problems),
+            adapters=not args.no_adapters,
+            variants=not args.no_variants,
+            override=override,
+            progress=not args.no_progress,
+            torch_compile=args.torch_compile,
+        )
+    except ValueError as exc:
+        print(f"xpoptim.matrix: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    for name, why in sorted(report.unavailable.items()):
+        print(f"not available: {name}: {why}")
+    if args.measure:
+        print(measured(report))
+    if args.out:
+        md, js = write_report(report, args.out)
+        print(f"wrote {md} and {js}")
+    s = report.to_json()["summary"]
+    print(f"{s['passed']}/{s['cells']} cells pass in {report.meta['seconds']} s" + ("" if report.ok else f"; {s['failed']} FAIL"))
+    for c in report.failed:
+        print(f"FAIL {c['config']} {c['path']}/{c['backend']} {c['dtype']}: error {_fmt_err(c['error'])} > {c['tolerance']:.0e} {c['where']} {c.get('message', '')}")
+    if args.demo:
+        from . import demo
+
+        try:
+            demo.run(png=Path(args.out) / "demo_loss.png" if args.out else None)
+        except Exception as exc:  # the demo is part of the main job: a crash fails the run, with the reason
+            print(f"xpoptim.demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

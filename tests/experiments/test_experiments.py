@@ -1,0 +1,101 @@
+"""Smoke tests of the paper experiments (``benchmarks/experiments``) in their ``--quick`` mode.
+
+Each script runs at tiny sizes into a temporary folder; the tests check that its figures and Markdown
+summary are written and that every claim was evaluated. Exact identities that hold at any size
+(factor curves, kappa anchors, the MVN-Grad variance-gap identity, the spike limits) must PASS; the
+paper's qualitative findings need the full sizes and are only required to have been checked.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # ``benchmarks`` lives at the repository root, not in the installed package
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("scipy")
+pytest.importorskip("matplotlib")
+
+
+def _claims(md: Path) -> list[tuple[str, str]]:
+    rows = []
+    for line in md.read_text().splitlines():
+        m = re.match(r"\| (.+?) \| (PASS|FAIL|REPORT \(holds\)|REPORT \(does not hold\)) \|", line)
+        if m:
+            rows.append((m.group(1), m.group(2)))
+    return rows
+
+
+def _run(module: str, tmp_path: Path) -> tuple[int, list]:
+    import importlib
+
+    mod = importlib.import_module(f"benchmarks.experiments.{module}")
+    rc = mod.main(["--quick", "--out", str(tmp_path)])
+    md = tmp_path / f"{module}.md"
+    assert md.exists()
+    return rc, _claims(md)
+
+
+def test_bvn_cdf_matches_scipy():
+    from scipy.stats import multivariate_normal
+
+    from benchmarks.experiments.bh_quadratics import bvn_cdf
+
+    rng = np.random.default_rng(0)
+    h, k, r = rng.normal(size=6) * 2, rng.normal(size=6) * 2, rng.uniform(-0.95, 0.95, 6)
+    h[0] = 0.0  # the nudged zero
+    ref = [multivariate_normal(mean=[0, 0], cov=[[1, ri], [ri, 1]]).cdf([hi, ki]) for hi, ki, ri in zip(h, k, r)]
+    np.testing.assert_allclose(bvn_cdf(h, k, r), ref, atol=1e-7)
+
+
+def test_report_fails_on_strict_claim(tmp_path):
+    from benchmarks.experiments._common import Report
+
+    rep = Report("dummy", "dummy", tmp_path, quick=True)
+    rep.check("reported", False, "x", strict=False)
+    assert rep.finish() == 0
+    rep.check("strict", False, "x")
+    assert rep.finish() == 1
+    assert ("strict", "FAIL") in _claims(tmp_path / "dummy.md")
+
+
+def test_bh_quadratics_quick(tmp_path):
+    rc, claims = _run("bh_quadratics", tmp_path)
+    assert (tmp_path / "bh_quadratics.png").exists()
+    assert len(claims) == 5 and rc in (0, 1)
+    assert claims[0][1] == "PASS"  # noise-free GD >> sign descent holds at any size
+
+
+def test_bh_factors_quick(tmp_path):
+    rc, claims = _run("bh_factors", tmp_path)
+    assert rc == 0 and len(claims) == 8
+    assert all(s == "PASS" for _, s in claims)
+
+
+def test_deva_trace_quick(tmp_path):
+    rc, claims = _run("deva_trace", tmp_path)
+    assert (tmp_path / "deva_trace.png").exists()
+    assert len(claims) == 3 and rc in (0, 1)
+
+
+def test_mvngrad_theory_quick(tmp_path):
+    rc, claims = _run("mvngrad_theory", tmp_path)
+    assert rc == 0, claims
+    assert (tmp_path / "mvngrad_spike.png").exists() and (tmp_path / "mvngrad_lowvar.png").exists()
+    strict = [s for _, s in claims if s in ("PASS", "FAIL")]
+    assert len(strict) == 5 and all(s == "PASS" for s in strict)
+
+
+@pytest.mark.slow
+def test_real_data_quick(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("optax")
+    rc, claims = _run("real_data", tmp_path)
+    assert rc == 0, claims
+    assert (tmp_path / "real_data_digits.png").exists()

@@ -1,0 +1,61 @@
+"""The torch-vs-JAX demo: a smoke test and the agreement it shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xpoptim import demo
+
+
+def test_sparkline():
+    assert demo.sparkline([0, 1, 2, 3]) == "▁▃▆█"
+    assert demo.sparkline([]) == ""
+    assert len(demo.sparkline(np.arange(500), width=60)) == 60
+
+
+def test_demo_runs_and_curves_agree(tmp_path):
+    pytest.importorskip("torch", reason="needs torch for the torch side of the demo")
+    pytest.importorskip("optax", reason="needs jax and optax for the JAX side of the demo")
+    lines = []
+    res = demo.run("adamw", {"lr": 3e-3}, steps=12, png=tmp_path / "demo.png", out=lines.append)
+    assert res["frameworks"] == ["torch", "jax"]
+    assert res["losses"]["torch"].shape == (12,)
+    # float32, two autodiffs, two matmul implementations: agreement to ~1e-6 in the loss
+    assert res["max_abs_diff"] < 1e-4
+    # ... while the optimizer did move the model
+    assert res["losses"]["torch"][-1] < res["losses"]["torch"][0] - 0.05
+    text = "\n".join(lines)
+    assert "max |loss difference| over 12 steps" in text and "test accuracy: torch" in text
+    pytest.importorskip("matplotlib", reason="needs matplotlib for the figure")
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+def test_numpy_side_matches_torch():
+    """The NumPy stand-in (hand-written backprop, array adapter) trains to the torch curve."""
+    pytest.importorskip("torch", reason="needs torch as the reference")
+    x_tr, y_tr, x_te, y_te, _ = demo.load_data()
+    params = demo.init_params(n_in=x_tr.shape[1])
+    idx = demo.batches(len(x_tr), 32, 8)
+    lt, _ = demo.train_torch("mvngrad", {"lr": 1e-2}, (x_tr, y_tr, x_te, y_te), params, idx)
+    ln, _ = demo.train_numpy("mvngrad", {"lr": 1e-2}, (x_tr, y_tr, x_te, y_te), params, idx)
+    np.testing.assert_allclose(ln, lt, rtol=1e-5)
+
+
+@pytest.mark.parametrize("present", [(), ("torch",)])
+def test_demo_without_the_frameworks_says_what_it_would_compare(monkeypatch, present):
+    """Without torch/JAX the NumPy array adapter stands in, and the demo says what it would show."""
+    if "torch" in present:
+        pytest.importorskip("torch", reason="needs torch for the torch side")
+    real = demo._available
+    monkeypatch.setattr(demo, "_available", lambda m: real(m) and any(f"adapters.{p}" in m for p in (*present, "array")))
+    lines = []
+    res = demo.run("adamw", {"lr": 3e-3}, steps=6, out=lines.append)
+    text = "\n".join(lines)
+    if present:
+        assert res["frameworks"] == ["torch", "numpy"] and res["max_abs_diff"] < 1e-4
+        assert "jax not installed: comparing PyTorch (torch.optim adapter) with NumPy (array adapter) instead" in text
+    else:
+        assert res["frameworks"] == ["numpy"] and res["max_abs_diff"] is None
+        assert "torch and jax not installed" in text and "nothing to compare against" in text
+    assert "pip install torch jax optax" in text

@@ -1,0 +1,191 @@
+"""The verifier (``python -m xpoptim.matrix``): report files, exit status, tolerance policy, and that a wrong rule fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from xpoptim import matrix as M
+from xpoptim.core import SPECS, get_spec
+from xpoptim.core.spec import ElementwiseSpec
+
+CELL_KEYS = {"optimizer", "config", "path", "backend", "dtype", "tolerance", "status", "error", "abs_error", "where", "message"}
+
+
+def test_small_run_writes_wellformed_reports(tmp_path):
+    pytest.importorskip("array_api_strict", reason="needs array-api-strict (the second backend of this run)")
+    rc = M.main(
+        ["--optimizers", "adam,muon", "--backends", "numpy,strict", "--steps", "4", "--out", str(tmp_path), "--no-demo", "--no-progress", "--no-variants"]
+    )
+    assert rc == 0
+    data = json.loads((tmp_path / "matrix.json").read_text())
+    assert set(data) == {"meta", "cells", "unavailable", "tolerances", "summary"}
+    cells = data["cells"]
+    # core on numpy, core on strict, the array adapter on both; two dtypes; two optimizers
+    assert {(c["config"], c["path"], c["backend"], c["dtype"]) for c in cells} >= {
+        (o, p, b, d) for o in ("adam", "muon") for p in ("core", "array") for b in ("numpy", "array_api_strict") for d in ("float64", "float32")
+    }
+    for c in cells:
+        assert CELL_KEYS <= set(c), c
+        assert c["status"] == "pass", c
+        assert 0 <= c["error"] <= c["tolerance"]
+    assert data["summary"] == {"cells": len(cells), "passed": len(cells), "failed": 0, "ok": True}
+    assert data["meta"]["steps"] == 4 and set(data["meta"]["problems"]) == {"quadratic", "mlp", "matrix"}
+    assert {(t["optimizer"], t["dtype"]) for t in data["tolerances"]} == {(o, d) for o in ("adam", "muon") for d in ("float64", "float32")}
+    assert all(t["reason"] for t in data["tolerances"])
+    md = (tmp_path / "matrix.md").read_text()
+    assert md.startswith("# xpoptim equivalence matrix")
+    assert "**PASS**" in md
+    rows = [line for line in md.splitlines() if line.startswith("| adam |") or line.startswith("| muon |")]
+    assert len(rows) == len(cells) + 4  # one per cell, plus the four tolerance-policy rows
+    assert "## Tolerance policy" in md
+
+
+def test_cli_entry_point_exit_status(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "xpoptim.matrix", "--optimizers", "sgd", "--backends", "numpy", "--steps", "3", "--no-demo", "--no-adapters", "--no-variants"],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "max rel err" in ok.stdout and "sgd" in ok.stdout
+    assert "2/2 cells pass" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "xpoptim.matrix", "--optimizers", "adam", "--backends", "numpy", "--steps", "3", "--no-demo", "--no-adapters", "--no-variants", "--perturb", "adam"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "FAIL adam core/numpy float32" in bad.stdout and "FAIL adam core/numpy float64" in bad.stdout
+    usage = subprocess.run([sys.executable, "-m", "xpoptim.matrix", "--backends", "nope", "--no-demo"], capture_output=True, text=True)
+    assert usage.returncode == 2
+    assert "'nope' is unknown" in usage.stderr
+
+
+# Rules whose step scalars do not depend on t at the verifier's settings are not affected by this perturbation:
+# SGD (dampening 0), M-SSD, the -mb rules (no bias correction) and DeVA_linf (bias_correction=False, as released).
+_NO_T = ("sgd", "mssd", "msvag_mb", "adam_star_mb", "deva_linf")
+
+
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if isinstance(s, ElementwiseSpec) and n not in _NO_T])
+def test_off_by_one_bias_correction_fails_every_dtype(name):
+    """A wrong bias correction (step-derived scalars at t + 1) fails in float64 *and* float32."""
+    report = M.run([name], backends="numpy", steps=20, adapters=False, variants=False, override={name: M.perturbed(get_spec(name), "step")})
+    assert [c["status"] for c in report.cells] == ["FAIL", "FAIL"], report.cells
+    assert all(c["error"] > 30 * c["tolerance"] for c in report.cells), report.cells
+
+
+def test_a_subtle_lr_error_fails_for_every_optimizer():
+    """lr 0.1 % too large: the float32 bounds are tight enough to catch it, for every optimizer."""
+    override = {n: M.perturbed(s, "lr") for n, s in SPECS.items()}
+    report = M.run(None, backends="numpy", dtypes=["float32"], steps=20, adapters=False, variants=False, override=override)
+    assert len(report.cells) == len(SPECS)
+    passed = [(c["config"], c["error"], c["tolerance"]) for c in report.cells if c["status"] != "FAIL"]
+    assert not passed
+
+
+def test_unperturbed_numpy_float32_passes_at_default_steps():
+    """The counterpart of the two tests above: the correct rules pass the same checks."""
+    report = M.run(None, backends="numpy", dtypes=["float32"], steps=20, adapters=False, variants=False)
+    assert report.ok, [c for c in report.cells if c["status"] != "pass"]
+
+
+def test_perturbation_kinds():
+    with pytest.raises(ValueError, match="kind='step' is invalid for the matrix rule 'muon'"):
+        M.perturbed(get_spec("muon"), "step")
+    with pytest.raises(ValueError, match="kind='x' is invalid"):
+        M.perturbed(get_spec("adam"), "x")
+    spec = M.perturbed(get_spec("muon"), "lr")
+    assert spec.validate(lr=0.5)["lr"] == pytest.approx(0.5005)
+
+
+def test_tolerance_policy_is_complete_and_documented():
+    for name in SPECS:
+        f64, f32 = M.tolerance(name, "float64"), M.tolerance(name, "float32")
+        assert f64.bound <= 1e-11 and len(f64.reason) > 40
+        # at least 3x below a 0.1 % learning-rate error (~1e-3), see the policy's docstring
+        assert f64.bound < f32.bound <= 3.4e-4 and len(f32.reason) > 40
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        M.tolerance("adam", "float16")
+    # measured at 20 steps; shorter runs travel less, so the bound scales by 20 / steps
+    assert M.tolerance("adam", "float32", 5).bound == pytest.approx(4 * M.tolerance("adam", "float32").bound)
+    assert M.tolerance("adam", "float32", 100).bound == M.tolerance("adam", "float32").bound
+
+
+def test_trajectory_error_locates_the_worst_deviation():
+    import numpy as np
+
+    ref = M.Trajectory([{"w": np.zeros((2, 3))}, {"w": np.full((2, 3), 0.5)}, {"w": np.ones((2, 3))}], [0.0, 0.0])
+    got = M.Trajectory([{"w": np.zeros((2, 3))}, {"w": np.full((2, 3), 0.5)}, {"w": np.ones((2, 3))}], [0.0, 0.0])
+    got.params[2]["w"][1, 2] += 1e-3
+    e = M.trajectory_error(got, ref, "toy")
+    assert e.error == pytest.approx(1e-3) and (e.param, e.step, e.index) == ("w", 2, (1, 2))
+    assert e.where() == "toy/w step 2 index [1, 2]"
+    got.params[1]["w"][0, 0] = float("nan")
+    assert M.trajectory_error(got, ref).error == float("inf")
+
+
+def test_bad_arguments_are_refused_with_clear_messages():
+    with pytest.raises(ValueError, match="steps=0 is invalid"):
+        M.run(["adam"], backends="numpy", steps=0)
+    with pytest.raises(ValueError, match="dtypes=.*float16"):
+        M.run(["adam"], backends="numpy", dtypes=["float16"])
+    with pytest.raises(ValueError, match="optimizers='adamx' is unknown"):
+        M.run(["adamx"], backends="numpy")
+    with pytest.raises(ValueError, match="problem='nope' is unknown"):
+        M.run(["adam"], backends="numpy", problems=["nope"])
+    with pytest.raises(ValueError, match="'cuda9' is unknown"):
+        M.run(["adam"], backends="numpy,cuda9")
+
+
+def test_adapters_are_checked_when_installed():
+    pytest.importorskip("torch", reason="needs torch (the torch.optim adapter)")
+    pytest.importorskip("optax", reason="needs jax and optax (the optax adapter)")
+    report = M.run(["muon", "msvag_mb"], backends="numpy,torch,jax", steps=4, problems=["matrix", "quadratic"], variants=False)
+    paths = {(c["config"], c["path"], c["backend"]) for c in report.cells}
+    for opt in ("muon", "msvag_mb"):
+        assert {(opt, "torch.optim", "torch-cpu"), (opt, "optax", "jax-cpu"), (opt, "array", "numpy"), (opt, "array.functional", "jax-cpu")} <= paths
+    assert report.ok, report.failed
+
+
+def test_optax_layout_matters():
+    """Muon on a non-square matrix: handing optax the torch (out, in) layout untransposed changes the shape scale."""
+    pytest.importorskip("optax", reason="needs jax and optax (the optax adapter)")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from xpoptim.adapters import optax as xo
+
+    w = np.random.default_rng(0).normal(size=(6, 10))  # torch layout (out, in)
+    g = np.random.default_rng(1).normal(size=(6, 10))
+    tx = xo.create("muon", lr=0.1, weight_decay=0.0)
+    flax = jnp.asarray(w.T)
+    upd_ok, _ = tx.update(jnp.asarray(g.T), tx.init(flax), flax)
+    upd_wrong, _ = tx.update(jnp.asarray(g), tx.init(jnp.asarray(w)), jnp.asarray(w))
+    # same direction, different shape scale sqrt(max(1, fan_out/fan_in)): 1 for (in=10, out=6) vs sqrt(10/6)
+    ratio = np.linalg.norm(np.asarray(upd_wrong)) / np.linalg.norm(np.asarray(upd_ok))
+    assert ratio == pytest.approx(np.sqrt(10 / 6), rel=1e-6)
+    del jax
+
+
+def test_simple_progress_bar_without_tqdm(capsys):
+    bar = M._SimpleBar(4)
+    bar.set_postfix_str("adam core/numpy float32")
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "[###############...............] 2/4" in err and "adam core/numpy float32" in err and err.endswith("\n")
+
+
+@pytest.mark.slow
+def test_torch_compiled_path_matches():
+    """The torch adapter under torch.compile (compile=True) gives the core's numbers (slow: compiles)."""
+    pytest.importorskip("torch", reason="needs torch")
+    report = M.run(["adamw", "msvag_mb", "adam_star[erf]"], backends="torch", steps=6, problems=["quadratic"], torch_compile=True)
+    assert {c["path"] for c in report.cells} == {"core", "torch.optim", "torch.optim[compile]"}
+    assert report.ok, report.failed
