@@ -29,6 +29,7 @@ __all__ = [
     "resolve_shampoo_beta",
     "DEVA_SINF",
     "EIGH_RIDGE",
+    "NULL_TOL_FACTOR",
 ]
 
 
@@ -165,10 +166,86 @@ def _canonical_signs(xp: Any, q: Any) -> Any:
     return q * xp.where(lead < 0, -1 + 0 * lead, 1 + 0 * lead)
 
 
+#: Relative tolerance factor of the null-space test: an eigenvalue (seed) or estimated eigenvalue
+#: (refresh) ``w_j <= NULL_TOL_FACTOR * n * eps(dtype) * max|w|`` counts as zero. Measured: the null
+#: eigenvalues of ``fl((1-b_s) G G^T)`` stay below ``2.5 eps max|w|`` (float32 and float64, n up to 1024),
+#: and ``diag(Q^T L Q)`` of the null columns after the power step + QR below ``100 eps max`` (float32,
+#: n = 512), so the threshold sits above round-off with margin; an eigenvalue this small has an
+#: eigenvector that round-off alone decides, so replacing it by the canonical one loses nothing.
+NULL_TOL_FACTOR = 4.0
+
+
+def _null_mask(xp: Any, w: Any, shift: float = 0.0) -> Any:
+    """``w_j - shift <= NULL_TOL_FACTOR * n * eps * max_j |w_j|`` along the last axis (``shift``: the ridge).
+
+    With ``shift = EIGH_RIDGE`` the all-zero factor (``w = 1e-30`` everywhere) is all null, so its basis is
+    the canonical one (the identity), the same on every backend.
+    """
+    n = w.shape[-1]
+    eps = xp.finfo(w.dtype).eps
+    tol = (NULL_TOL_FACTOR * n * eps) * xp.max(xp.abs(w), axis=-1, keepdims=True)
+    return (w - shift) <= tol
+
+
+def _canonical_null_basis(xp: Any, q: Any, null: Any) -> Any:
+    """Replace the columns of the orthogonal ``q`` marked by ``null`` with a canonical basis of their span.
+
+    The span of the null columns is fixed by the others (it is their orthogonal complement), but the basis
+    inside it is not: ``eigh`` and ``qr`` return whatever their LAPACK's rounding produced (torch and NumPy
+    differ). We take the eigenvectors of ``P D P`` with ``P = I - Q_r Q_r^T`` the projector onto the
+    complement of the kept columns ``Q_r`` and ``D = diag(sqrt(1 + j/n))`` (fixed, distinct entries in
+    [1, sqrt 2], chosen concave so that pair sums such as ``d_a + d_b`` rarely coincide: the null space of
+    duplicated rows is spanned by ``e_a - e_b``). ``P D P`` has eigenvalue 0 on the kept span and
+    eigenvalues in [1, sqrt 2] on the complement, so ``eigh`` (ascending) lists the ``k`` complement
+    vectors last, by ascending Rayleigh quotient of ``D``; they fill the null positions in column order,
+    each with a canonical sign (``_canonical_signs``). A coordinate direction ``e_i`` inside the null space
+    (a dead row) is itself one of these eigenvectors. Fixed shapes only (a mask, a selection matmul):
+    safe under ``jax.jit``. Cost: one ``eigh`` and four matmuls of ``n x n`` matrices.
+
+    Args:
+        xp: array namespace.
+        q: ``(..., n, n)`` matrix with orthonormal columns.
+        null: ``(..., n)`` boolean mask of the columns to replace (any positions; none or all allowed).
+
+    Returns:
+        ``q`` with the masked columns replaced (the others are untouched).
+    """
+    n = q.shape[-1]
+    dt = q.dtype
+    dev = _device(q)
+    nul = xp.astype(null, dt)
+    kept = q * (1 - nul)[..., None, :]
+    proj = _eye_like(xp, q) - xp.matmul(kept, _mT(xp, kept))
+    j = xp.arange(n, dtype=dt, device=dev)
+    d = xp.sqrt(1 + j / n)
+    a = xp.matmul(proj * d, proj)  # P D P
+    _, c = xp.linalg.eigh((a + _mT(xp, a)) / 2)
+    # The i-th null column (in column order) takes eigh's column n - k + i: a selection matmul.
+    before = xp.astype(j[:, None] <= j[None, :], dt)  # before[i, j] = (i <= j)
+    count = xp.matmul(nul[..., None, :], before)[..., 0, :]  # null columns at positions <= j
+    k = xp.sum(nul, axis=-1, keepdims=True)
+    target = (n - k) + count - 1
+    sel = xp.astype((j[:, None] == target[..., None, :]) & null[..., None, :], dt)
+    fill = _canonical_signs(xp, xp.matmul(c, sel))
+    return xp.where(null[..., None, :], fill, q)
+
+
 def _eigenbasis(xp: Any, factor: Any) -> Any:
-    """Eigenvectors of a PSD factor, columns by descending eigenvalue (spec 4.2, first call)."""
-    _, q = xp.linalg.eigh(factor + EIGH_RIDGE * _eye_like(xp, factor))
-    return _canonical_signs(xp, xp.flip(q, axis=-1))
+    """Eigenvectors of a PSD factor, columns by descending eigenvalue (spec 4.2, first call).
+
+    **Deviation from the release:** the released code keeps whatever basis LAPACK returns inside the null
+    space of the factor. For any non-square gradient one factor is rank-deficient (``G G^T`` has rank
+    ``<= m < n``), and that basis is not deterministic: torch's ``eigh`` and NumPy's differ by O(1) there.
+    The trajectory depends on it, because ``V`` (the EMA of ``r c^T``) and ``Gamma`` are elementwise in the
+    rotated basis, and later gradients are not confined to the first gradient's range. Here the null
+    columns (eigenvalue ``<= 4 n eps max``, see ``NULL_TOL_FACTOR``) are replaced by a canonical basis of
+    the null space (``_canonical_null_basis``), so every backend gets the same basis; in the full-rank
+    case nothing changes.
+    """
+    w, q = xp.linalg.eigh(factor + EIGH_RIDGE * _eye_like(xp, factor))
+    w, q = xp.flip(w, axis=-1), xp.flip(q, axis=-1)
+    q = _canonical_signs(xp, q)
+    return _canonical_null_basis(xp, q, _null_mask(xp, w, EIGH_RIDGE))
 
 
 def _permutation(xp: Any, order: Any, dtype: Any) -> Any:
@@ -179,7 +256,13 @@ def _permutation(xp: Any, order: Any, dtype: Any) -> Any:
 
 
 def _refresh_basis(xp: Any, factor: Any, q: Any, v: Any, axis: int) -> tuple:
-    """SOAP maintenance: sort by estimated eigenvalues, permute Q and V's axis, one power step + QR."""
+    """SOAP maintenance: sort by estimated eigenvalues, permute Q and V's axis, one power step + QR.
+
+    Then the columns whose estimated eigenvalue ``diag(Q^T L Q)`` (after the QR) is round-off,
+    ``<= 4 n eps max`` (``NULL_TOL_FACTOR``), are replaced by the canonical basis of their span
+    (``_canonical_null_basis``; not in the release, which keeps the QR's noise columns). Extra cost per
+    refreshed side: one ``eigh`` and six ``n x n`` matmuls, every ``precondition_frequency`` steps.
+    """
     est = xp.sum(q * xp.matmul(factor, q), axis=-2)  # diag(Q^T L Q)
     order = xp.argsort(-est, axis=-1, stable=True)
     perm = _permutation(xp, order, q.dtype)
@@ -188,7 +271,10 @@ def _refresh_basis(xp: Any, factor: Any, q: Any, v: Any, axis: int) -> tuple:
     q, r = xp.linalg.qr(xp.matmul(factor, q))
     d = xp.linalg.diagonal(r)
     q = q * xp.where(d < 0, -1 + 0 * d, 1 + 0 * d)[..., None, :]
-    return q, v
+    # Columns whose estimated eigenvalue is round-off (QR of a rank-deficient L Q) are LAPACK noise:
+    # replace them with the canonical null basis (deviation from the release, see ``_eigenbasis``).
+    est = xp.sum(q * xp.matmul(factor, q), axis=-2)
+    return _canonical_null_basis(xp, q, _null_mask(xp, est)), v
 
 
 def deva_sinf_init(xp: Any, g: Any, max_precond_dim: int = 10000) -> dict:
@@ -220,7 +306,9 @@ def deva_sinf_init(xp: Any, g: Any, max_precond_dim: int = 10000) -> dict:
 def deva_sinf_seed(xp: Any, state: dict, g: Any, shampoo_beta: Any) -> dict:
     """First call: ``L = (1-b_s) G G^T``, ``R = (1-b_s) G^T G``, eigenbases by descending eigenvalue.
 
-    The parameter does not move on this call (spec 4.2).
+    The parameter does not move on this call (spec 4.2). Inside a factor's null space (one side of any
+    non-square ``G`` is rank-deficient) the basis is the canonical one of ``_canonical_null_basis``, not
+    LAPACK's arbitrary one as in the release, so every backend seeds the same basis (see ``_eigenbasis``).
     """
     out = dict(state)
     if state["L"] is not None:
@@ -261,7 +349,8 @@ def deva_sinf_update(
     9. ``U = 0.2 sqrt(max(n, m)) (O * Gamma)``; 11. ``dW = Q_L U Q_R^T`` (optionally RMS-normalised);
     14. ``L <- b_s L + (1-b_s) G G^T``, same for R; on refresh steps sort by estimated eigenvalue
     (permuting V), one power iteration + QR, and re-express the momentum in the new basis (V is only
-    permuted, SOAP's approximation).
+    permuted, SOAP's approximation). QR columns whose estimated eigenvalue is round-off (a rank-deficient
+    factor) are replaced by the canonical null-space basis (not in the release; see ``_refresh_basis``).
 
     The momentum is carried back and forth between bases only on refresh steps (the released code
     does it every step; without a refresh the round trip is the identity up to round-off).

@@ -3,8 +3,8 @@
 A case runs ``steps`` optimizer steps on a small problem whose gradient is ``h * (theta - theta_star)`` plus
 pre-drawn Gaussian noise (per-example noise for the mini-batch rules), with one "dead" coordinate
 (``h = 0``, no noise) in the elementwise problems so the 0/0 branches (M-SVAG's ``m = 0``, ...) are exercised
-inside real trajectories. Matrix problems have no dead entries: a zero row would make ``G G^T`` singular and
-DeVA_Sinf's eigenbasis arbitrary within the null space (different on every LAPACK).
+inside real trajectories. Matrix problems have no dead entries (rank-deficient Kronecker factors, dead rows and
+non-square matrices are covered by ``test_core_deva_determinism.py``).
 
 The error measure is ``max_t |Delta_core(t) - Delta_ref(t)|_inf / max_t |Delta_ref(t)|_inf`` with
 ``Delta(t) = theta_t - theta_0``: relative to how far the optimizer moved, so a small lr cannot hide an error

@@ -362,6 +362,13 @@ class _DevaSinfMatrix:
     first entry and each R diagonal positive, ``"random"`` flips columns at random. The trajectory is invariant
     to these column signs in exact arithmetic (a flipped basis vector flips the matching row of the rotated
     momentum and of msign's output; row/column norms, V and Gamma do not change).
+
+    Null-space convention (xpoptim's, documented in ``core/deva.py``; the release leaves it to LAPACK): it is
+    *not* invariant to the basis inside a factor's null space (V is elementwise in the rotated basis). After the
+    seed's ``eigh`` and after each refresh's QR, the columns whose eigenvalue (seed, minus the 1e-30 ridge) or
+    Rayleigh quotient ``q^T F q`` (refresh) is ``<= 4 n eps max|.|`` are "null"; they are replaced, in column
+    order, by the eigenvectors of ``N^T D N`` (ascending), ``D = diag(sqrt(1 + j/n))``, mapped back by ``N``,
+    where ``N`` holds the null columns themselves (an orthonormal basis of the complement of the others).
     """
 
     def __init__(self, shape, hp, sign_mode="raw", rng=None):
@@ -384,8 +391,27 @@ class _DevaSinfMatrix:
         return Q
 
     def _eig_desc(self, A):
-        _, Q = np.linalg.eigh(A + 1e-30 * np.eye(A.shape[0]))
-        return self._signs(Q[:, ::-1])
+        w, Q = np.linalg.eigh(A + 1e-30 * np.eye(A.shape[0]))
+        w, Q = w[::-1], Q[:, ::-1]
+        n = A.shape[0]
+        null = [j for j in range(n) if w[j] - 1e-30 <= 4 * n * np.finfo(F64).eps * np.max(np.abs(w))]
+        return self._signs(self._fill_null(Q, null))
+
+    def _fill_null(self, Q, null):
+        """Canonical basis of span(Q[:, null]): eigenvectors of the compression of D = diag(sqrt(1 + j/n))."""
+        if not null:
+            return Q
+        n = Q.shape[0]
+        N = Q[:, null]
+        D = np.diag([math.sqrt(1 + j / n) for j in range(n)])
+        _, W = np.linalg.eigh(N.T @ D @ N)  # ascending
+        B = N @ W
+        Q = Q.copy()
+        for i, j in enumerate(null):
+            col = B[:, i]
+            big = np.argmax(np.abs(col))
+            Q[:, j] = col if col[big] >= 0 else -col  # any sign will do (sign invariance); keep it tidy
+        return Q
 
     def step(self, W, G):
         hp = self.hp
@@ -435,6 +461,10 @@ class _DevaSinfMatrix:
                 self.V = self.V[order, :] if side == "L" else self.V[:, order]
                 Q, Rfac = np.linalg.qr(F @ Q)
                 Q = self._signs(Q, Rfac)
+                n = Q.shape[0]
+                rq = [float(Q[:, j] @ F @ Q[:, j]) for j in range(n)]
+                tol = 4 * n * np.finfo(F64).eps * max(abs(x) for x in rq)
+                Q = self._fill_null(Q, [j for j in range(n) if rq[j] <= tol])
                 if side == "L":
                     self.QL = Q
                 else:

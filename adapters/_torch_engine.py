@@ -1,0 +1,415 @@
+"""Engine of the torch adapter: flat buckets, the (optionally compiled) elementwise step, matrix stacks.
+
+Private module: ``xpoptim.adapters.torch`` is the public face. Nothing here does math of its own: the
+elementwise kernel comes from ``core.make_step_kernel``, the step scalars from ``core.step_scalars`` (float64 on
+the host), and the matrix rules from ``core.muon`` / ``core.deva``. This module only decides where the arrays
+live (one flat buffer per parameter group, dtype, device, state dtype and step count), how gradients reach the
+buffer (views, or one gather pass), and whether the kernel runs eagerly (in cache-sized chunks) or under
+``torch.compile`` (one fused kernel that writes parameters and state in place).
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import array_api_compat.torch as txp
+import torch
+
+from xpoptim.core import HOST, STATE_VERSION, functional, make_step_kernel, step_scalars
+from xpoptim.core.deva import deva_sinf_apply, deva_sinf_seed, deva_sinf_step_factor, deva_sinf_update, resolve_shampoo_beta
+from xpoptim.core.muon import muon_apply, muon_direction
+from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
+
+__all__ = ["Bucket", "run_bucket", "build_bucket", "bucket_is_valid", "matrix_step", "state_dtype_for", "EAGER_CHUNK"]
+
+#: Eager path: elements per chunk on CPU (temporaries stay in cache; each fresh 64 MB temporary costs a page-fault
+#: pass on this class of machine, performance.md). CUDA tensors are not chunked.
+EAGER_CHUNK = 1 << 18
+
+#: ``compile="auto"`` compiles a bucket's kernel when the bucket holds at least this many elements.
+AUTO_COMPILE_MIN_NUMEL = 1 << 20
+
+_is = operator.is_
+
+
+def state_dtype_for(param: torch.Tensor, option: Any) -> torch.dtype:
+    """The dtype of a parameter's floating state: ``option`` if given, float32 for 16-bit floats, else the param's."""
+    if option is not None:
+        return option
+    if param.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return param.dtype
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The in-place step function around the core kernel (eager and compiled share it)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _make_inplace_step(kernel: Callable, compute_dtype: torch.dtype, name: str) -> Callable:
+    """``fn(p, g, extras, states, scalars)``: run ``kernel`` and write ``p`` and the states in place.
+
+    ``p``/``g``/extras are cast to ``compute_dtype`` (the state dtype) first and the new parameter is cast back to
+    the parameter dtype by ``copy_``. Under ``torch.compile`` the casts, the rule and the write-back fuse into one
+    kernel.
+    """
+
+    def inplace_step(p, g, extras, states, scalars):
+        pc = p if p.dtype == compute_dtype else p.to(compute_dtype)
+        gc = g if g.dtype == compute_dtype else g.to(compute_dtype)
+        ex = [x if x.dtype == compute_dtype else x.to(compute_dtype) for x in extras]
+        out = kernel(pc, gc, *ex, *states, *scalars)
+        p.copy_(out[0])
+        for s, o in zip(states, out[1:]):
+            s.copy_(o)
+
+    # A distinct code object per rule, so that torch.compile's per-code cache (and its recompile limit) is per rule.
+    code = inplace_step.__code__.replace(co_name=f"xpoptim_{name}")
+    return types.FunctionType(code, inplace_step.__globals__, code.co_name, None, inplace_step.__closure__)
+
+
+_FN_CACHE: dict[tuple, Callable] = {}
+_COMPILED_CACHE: dict[tuple, Callable] = {}
+_COMPILE_FAILED: dict[tuple, str] = {}
+_LOCK = threading.Lock()
+
+
+def _static_key(static: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in static.items()))
+
+
+def _get_fn(spec: ElementwiseSpec, static: dict, maximize: bool, compute_dtype: torch.dtype) -> tuple[tuple, Callable]:
+    key = (spec.name, _static_key(static), bool(maximize), compute_dtype)
+    with _LOCK:
+        fn = _FN_CACHE.get(key)
+        if fn is None:
+            kernel = make_step_kernel(spec, txp, static, maximize)
+            fn = _make_inplace_step(kernel, compute_dtype, f"{spec.name}_{len(_FN_CACHE)}")
+            _FN_CACHE[key] = fn
+    return key, fn
+
+
+def _get_compiled(key: tuple, fn: Callable) -> Callable | None:
+    if key in _COMPILE_FAILED:
+        return None
+    with _LOCK:
+        cfn = _COMPILED_CACHE.get(key)
+        if cfn is None:
+            cfn = torch.compile(fn, dynamic=True, fullgraph=True)
+            _COMPILED_CACHE[key] = cfn
+    return cfn
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Flat buckets
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class Bucket:
+    """Parameters of one group sharing (device, dtype, state dtype, step count), laid out in flat buffers.
+
+    Each parameter's ``.data`` and each state tensor are views into the bucket's flat buffers, so one kernel call
+    updates them all in place. Gradients are gathered into ``flat_g`` (and ``p.grad`` is re-pointed to the view,
+    so that later backward passes accumulate straight into the buffer while the grads are not set to ``None``);
+    a bucket of one parameter uses the parameter's own gradient and needs no gradient buffer.
+    """
+
+    __slots__ = (
+        "params",
+        "shapes",
+        "offsets",
+        "numel",
+        "flat_p",
+        "flat_g",
+        "flat_state",
+        "flat_extras",
+        "grad_views",
+        "grad_ptrs",
+        "param_ptrs",
+        "state_refs",
+        "step_tensor",
+        "t",
+        "dtype",
+        "state_dtype",
+        "device",
+    )
+
+
+def _view(flat: torch.Tensor, off: int, n: int, shape: torch.Size) -> torch.Tensor:
+    return flat[off : off + n].view(shape)
+
+
+def build_bucket(
+    params: Sequence[torch.Tensor], state: dict, spec: ElementwiseSpec, state_dtype: torch.dtype, t: int
+) -> Bucket:
+    """Lay ``params`` (all with gradients, same dtype/device/state dtype/step) out in flat buffers.
+
+    Existing state is copied into the flat state buffers (then replaced by views); missing state starts at zero.
+    """
+    b = Bucket()
+    b.params = list(params)
+    b.shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    offs, acc = [], 0
+    for n in sizes:
+        offs.append(acc)
+        acc += n
+    b.offsets, b.numel = offs, acc
+    p0 = params[0]
+    b.dtype, b.state_dtype, b.device = p0.dtype, state_dtype, p0.device
+    if len(params) == 1 and p0.is_contiguous():
+        b.flat_p = p0.detach().view(-1)
+    else:
+        b.flat_p = torch.empty(acc, dtype=p0.dtype, device=p0.device)
+        for p, off, n in zip(params, offs, sizes):
+            b.flat_p[off : off + n].copy_(p.detach().reshape(-1))
+        for p, off, n, shape in zip(params, offs, sizes, b.shapes):
+            p.data = _view(b.flat_p, off, n, shape)
+    if len(params) == 1:  # one parameter: its own gradient is the flat gradient (no gather, no extra buffer)
+        b.flat_g, b.grad_views, b.grad_ptrs = None, [], []
+    else:
+        b.flat_g = torch.empty(acc, dtype=p0.dtype, device=p0.device)
+        b.grad_views = [_view(b.flat_g, off, n, shape) for off, n, shape in zip(offs, sizes, b.shapes)]
+        b.grad_ptrs = [v.data_ptr() for v in b.grad_views]
+    b.flat_extras = [torch.empty(acc, dtype=p0.dtype, device=p0.device) for _ in spec.extras]
+    b.flat_state = {}
+    for name in spec.state:
+        flat = torch.zeros(acc, dtype=state_dtype, device=p0.device)
+        for p, off, n in zip(params, offs, sizes):
+            old = state.get(p, {}).get(name) if p in state else None
+            if old is not None:
+                flat[off : off + n].copy_(old.reshape(-1))
+        b.flat_state[name] = flat
+    b.t = t
+    b.step_tensor = torch.tensor(float(t), dtype=torch.float32)
+    b.state_refs = []
+    for p, off, n, shape in zip(params, offs, sizes, b.shapes):
+        st = state[p]
+        for name in spec.state:
+            st[name] = _view(b.flat_state[name], off, n, shape)
+        st["step"] = b.step_tensor
+        st["state_version"] = STATE_VERSION
+        b.state_refs.append(st)
+    b.param_ptrs = [p.data_ptr() for p in params]
+    return b
+
+
+def bucket_is_valid(b: Bucket) -> bool:
+    """True when the bucket's parameters still live in its flat buffer (``.data`` not re-pointed by the user).
+
+    The caller also checks that the set of parameters with gradients and the optimizer's state container are
+    unchanged (state replaced by ``load_state_dict`` or ``__setstate__`` invalidates every bucket).
+    """
+    return [p.data_ptr() for p in b.params] == b.param_ptrs
+
+
+def grads_in_place(b: Bucket, grads: Sequence[torch.Tensor]) -> list[bool]:
+    """Per parameter: is its grad still the bucket's own view (same object, same memory)?
+
+    A one-parameter bucket has no views (it reads the parameter's gradient directly): all False, so the caller
+    validates that gradient every step.
+    """
+    if b.flat_g is None:
+        return [False] * len(grads)
+    same = list(map(_is, grads, b.grad_views))
+    if all(same) and [g.data_ptr() for g in grads] == b.grad_ptrs:
+        return same  # the common case: every grad is still our view
+    return [s and g.data_ptr() == ptr for s, g, ptr in zip(same, grads, b.grad_ptrs)]
+
+
+def _gather_grads(b: Bucket, grads: Sequence[torch.Tensor], ok: Sequence[bool]) -> None:
+    """Copy gradients that are not the bucket's views into the flat buffer (one foreach copy) and re-point
+    ``p.grad`` to the views, so that backward passes accumulate in place while the grads are kept."""
+    if all(ok):
+        return
+    bad = [i for i, fine in enumerate(ok) if not fine]
+    for i in bad:
+        if b.grad_views[i] is grads[i]:  # the view's .data was swapped: make a fresh view of the buffer
+            b.grad_views[i] = _view(b.flat_g, b.offsets[i], b.shapes[i].numel(), b.shapes[i])
+            b.grad_ptrs[i] = b.grad_views[i].data_ptr()
+    views = [b.grad_views[i] for i in bad]
+    torch._foreach_copy_(views, [grads[i] for i in bad])
+    for i, view in zip(bad, views):
+        b.params[i].grad = view
+
+
+def run_bucket(
+    b: Bucket,
+    spec: ElementwiseSpec,
+    hp: dict,
+    static: dict,
+    maximize: bool,
+    compile_opt: Any,
+    extras: Sequence[Sequence[torch.Tensor]] = (),
+    grads: Sequence[torch.Tensor] | None = None,
+    in_place: Sequence[bool] | None = None,
+) -> None:
+    """Take one step of ``spec`` on bucket ``b`` (the bucket's step count advances by one).
+
+    Args:
+        b: the bucket.
+        spec: the elementwise rule.
+        hp: validated hyperparameters with Python-number values.
+        static: ``spec.static(hp)``.
+        maximize: ascend.
+        compile_opt: ``True``, ``False`` or ``"auto"``.
+        extras: per extra input (``grad_variance``), one tensor per parameter of the bucket.
+        grads: the parameters' gradients (read from ``p.grad`` when omitted).
+        in_place: ``grads_in_place(b, grads)`` when the caller already has it.
+    """
+    if grads is None:
+        grads = [p.grad for p in b.params]
+    if b.flat_g is None:
+        flat_g = grads[0].reshape(-1)  # a view when the gradient is contiguous
+    else:
+        _gather_grads(b, grads, grads_in_place(b, grads) if in_place is None else in_place)
+        flat_g = b.flat_g
+    for flat, per_param in zip(b.flat_extras, extras):
+        for x, off, n in zip(per_param, b.offsets, b.shapes):
+            flat[off : off + x.numel()].copy_(x.reshape(-1))
+    t = b.t + 1
+    scalars = step_scalars(spec, hp, t, HOST)
+    key, fn = _get_fn(spec, static, maximize, b.state_dtype)
+    states = [b.flat_state[n] for n in spec.state]
+    use_compile = compile_opt is True or (
+        compile_opt == "auto" and b.numel >= AUTO_COMPILE_MIN_NUMEL and spec.is_fusable(hp)
+    )
+    done = False
+    if use_compile:
+        cfn = _get_compiled(key, fn)
+        if cfn is not None:
+            sc = torch.tensor([float(s) for s in scalars], dtype=torch.float64).to(b.device, non_blocking=True)
+            try:
+                cfn(b.flat_p, flat_g, list(b.flat_extras), states, list(sc.unbind(0)))
+                done = True
+            except Exception as exc:  # a compiler failure must not lose the step: fall back to eager, loudly
+                if compile_opt is True:
+                    raise
+                _COMPILE_FAILED[key] = repr(exc)
+                warnings.warn(
+                    f"xpoptim: torch.compile of the {spec.title} step failed ({exc!r}); using the eager path",
+                    UserWarning,
+                    stacklevel=3,
+                )
+    if not done:
+        _run_eager(fn, b, flat_g, states, [float(s) for s in scalars])
+    b.t = t
+    b.step_tensor.fill_(float(t))
+
+
+def _run_eager(fn: Callable, b: Bucket, flat_g: torch.Tensor, states: list, scalars: list) -> None:
+    n = b.numel
+    chunk = n if b.device.type != "cpu" else EAGER_CHUNK
+    if n <= chunk:
+        fn(b.flat_p, flat_g, b.flat_extras, states, scalars)
+        return
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        fn(b.flat_p[s:e], flat_g[s:e], [x[s:e] for x in b.flat_extras], [x[s:e] for x in states], scalars)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Matrix rules: same-shape matrices stacked through one Newton-Schulz call
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
+    """The matrix a parameter is treated as: 2-D as is, conv weights ``(out, in*kh*kw)``.
+
+    Matrix-rule state (momentum, DeVA's rotated moments) is kept in this 2-D shape."""
+    return (p.shape[0], int(p[0].numel())) if p.ndim > 2 else (p.shape[0], p.shape[1])
+
+
+_DEVA_KEYS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "gamma")
+
+
+def matrix_state_init(spec: MatrixSpec, p: torch.Tensor, hp: dict, state_dtype: torch.dtype) -> dict:
+    shape2 = matrix_shape(p)
+    like = torch.zeros(shape2, dtype=state_dtype, device=p.device)
+    out = dict(functional.init(spec, like, hp))
+    out["step"] = torch.tensor(0.0, dtype=torch.float32)
+    out["state_version"] = STATE_VERSION
+    return out
+
+
+def matrix_step(
+    spec: MatrixSpec, params: Sequence[torch.Tensor], state: dict, hp: dict, maximize: bool, state_dtype_opt: Any
+) -> None:
+    """One step of a matrix rule for ``params`` (all with gradients): stacks of same-shape matrices."""
+    groups: dict[tuple, list] = {}
+    for p in params:
+        sdt = state_dtype_for(p, state_dtype_opt)
+        if len(state[p]) == 0:
+            state[p].update(matrix_state_init(spec, p, hp, sdt))
+        key = (matrix_shape(p), p.dtype, sdt, p.device, int(state[p]["step"].item()))
+        groups.setdefault(key, []).append(p)
+    static = spec.static(hp)
+    for (shape2, _dt, sdt, _dev, t0), ps in groups.items():
+        t = t0 + 1
+        g = torch.stack([p.grad.reshape(shape2) for p in ps]).to(sdt)
+        if maximize:
+            g = -g
+        scale = functional.matrix_scale(spec, hp, shape2, "out_in")
+        sts = [state[p] for p in ps]
+        if spec.name == "muon":
+            buf = torch.stack([st["momentum_buffer"].reshape(shape2) for st in sts])
+            o, buf = muon_direction(
+                txp,
+                g,
+                buf,
+                hp["momentum"],
+                nesterov=static["nesterov"],
+                ns_steps=static["ns_steps"],
+                ns_coefficients=static["ns_coefficients"],
+                ns_prenorm=static["ns_prenorm"],
+                ns_eps=hp["ns_eps"],
+                ns_dtype=static["ns_dtype"],
+            )
+            pw = torch.stack([p.detach().reshape(shape2) for p in ps]).to(sdt)
+            new_p = muon_apply(txp, pw, o, hp["lr"], hp["weight_decay"], scale)
+            new_state = {"momentum_buffer": buf}
+        else:
+            stacked = {
+                k: (None if sts[0][k] is None else torch.stack([st[k] for st in sts]))
+                for k in _DEVA_KEYS
+            }
+            sb = resolve_shampoo_beta(hp)
+            if t == 1:
+                new_state = deva_sinf_seed(txp, stacked, g, sb)
+                new_p = None
+            else:
+                k = t - 1
+                delta, new_state = deva_sinf_update(
+                    txp,
+                    stacked,
+                    g,
+                    deva_sinf_step_factor(hp, k),
+                    beta1=hp["beta1"],
+                    beta2=hp["beta2"],
+                    shampoo_beta=sb,
+                    eps=hp["eps"],
+                    refresh=k % hp["precondition_frequency"] == 0,
+                    nesterov=hp["nesterov"],
+                    normalize_grads=hp["normalize_grads"],
+                    scale=scale,
+                    ns_steps=hp["ns_steps"],
+                    ns_coefficients=hp["ns_coefficients"],
+                    ns_dtype=hp["ns_dtype"],
+                )
+                pw = torch.stack([p.detach().reshape(shape2) for p in ps]).to(sdt)
+                new_p = deva_sinf_apply(txp, pw, delta, hp["lr"], hp["weight_decay"])
+        # Write back only after everything was computed.
+        for i, (p, st) in enumerate(zip(ps, sts)):
+            if new_p is not None:
+                p.detach().copy_(new_p[i].reshape(p.shape))
+            for name, val in new_state.items():
+                if val is None:
+                    continue
+                cur = st[name]
+                cur.copy_(val[i].reshape(cur.shape))
+            st["step"].fill_(float(t))

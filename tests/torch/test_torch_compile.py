@@ -1,0 +1,93 @@
+"""The compiled path (torch.compile of the core kernel over a flat buffer) against the eager path, and
+torch.compile of a training step that calls ``opt.step()``.
+
+Compiled and eager runs are not bitwise equal in general: inductor's generated C++/Triton code may contract
+``a * b + c`` into FMAs and vectorises ``sqrt``/division differently, which changes the last bit of some elements.
+So the comparison is at float32 rounding level over a few steps (relative 1e-6), and exact in the structure
+(state names, dtypes, step counts).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from xpt_support import MATRIX, NAMES, make_params, run_torch, spec_hp
+
+from xpoptim.adapters import torch as xt
+
+
+def _compare(name, dtype=torch.float32, steps=3):
+    pa, pb = make_params(name, dtype), make_params(name, dtype)
+    oa = run_torch(lambda ps: xt.create(name, ps, compile=False, **spec_hp(name)), name, pa, steps)
+    ob = run_torch(lambda ps: xt.create(name, ps, compile=True, **spec_hp(name)), name, pb, steps)
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    for x, y in zip(pa, pb):
+        sa, sb = oa.state[x], ob.state[y]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                assert sa[k].dtype == sb[k].dtype
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_equals_eager_adamw():
+    _compare("adamw")
+
+
+FUSABLE = [n for n in NAMES if n not in MATRIX and n != "adamw"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FUSABLE)
+def test_compiled_equals_eager(name):
+    _compare(name)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_params():
+    _compare("mvngrad", torch.bfloat16)
+
+
+def test_lr_change_does_not_recompile():
+    import torch._dynamo.utils as dutils
+
+    p = torch.ones(1000, requires_grad=True)
+    opt = xt.AdamW([p], compile=True)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    p.grad = torch.ones(1000)
+    opt.step()
+    before = dict(dutils.counters["stats"])
+    for _ in range(3):
+        p.grad = torch.ones(1000)
+        opt.step()
+        sched.step()
+    after = dict(dutils.counters["stats"])
+    assert after.get("unique_graphs", 0) == before.get("unique_graphs", 0)
+
+
+def test_compiled_training_step_calling_opt_step():
+    """torch.compile of a whole training step (forward, backward, opt.step, zero_grad) works and gives the eager
+    numbers (the optimizer step runs outside the graph: it is marked ``torch.compiler.disable``)."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))  # noqa: E731
+    m1 = make()
+    m2 = make()
+    m2.load_state_dict(m1.state_dict())
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    o1, o2 = xt.AdamW(m1.parameters(), lr=1e-2, compile=False), xt.AdamW(m2.parameters(), lr=1e-2, compile=False)
+
+    def train_step(model, opt):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    compiled = torch.compile(train_step)
+    for _ in range(4):
+        l1 = train_step(m1, o1)
+        l2 = compiled(m2, o2)
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,84 @@
+"""DistributedDataParallel with the gloo backend on 2 real CPU processes (torch.multiprocessing, spawn)."""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import gc
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from xpoptim.adapters import torch as xt
+
+STEPS = 3
+
+
+def _data(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str, name: str) -> None:
+    faulthandler.dump_traceback_later(120, exit=False)  # a hung worker prints where it hangs
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt = xt.create(name, model.parameters(), lr=1e-2, compile=False)
+        x, y = _data(rank)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        torch.save([p.detach().clone() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+        # Tear DDP down while the process group is alive (its reducer must not outlive the group).
+        del model, opt
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _spawn(name: str, out_dir: str, limit_s: float = 150.0) -> None:
+    """Start both ranks; fail (and stop our two processes) instead of hanging if they do not finish in time."""
+    store = os.path.join(out_dir, "store")
+    ctx = mp.spawn(_worker, args=(2, store, out_dir, name), nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.terminate()
+            pytest.fail(f"DDP workers did not finish within {limit_s} s")
+
+
+@pytest.mark.parametrize("name", ["adamw", pytest.param("muon", marks=pytest.mark.slow)])
+def test_ddp_gloo_two_processes(tmp_path, name):
+    _spawn(name, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for a, b in zip(r0, r1):
+        assert torch.equal(a, b)  # replicas stay identical
+    # Single-process reference: DDP averages the per-rank gradients = gradient of the loss on both halves.
+    model = _model()
+    opt = xt.create(name, model.parameters(), lr=1e-2, compile=False)
+    (x0, y0), (x1, y1) = _data(0), _data(1)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = 0.5 * (torch.nn.functional.mse_loss(model(x0), y0) + torch.nn.functional.mse_loss(model(x1), y1))
+        loss.backward()
+        opt.step()
+    for a, p in zip(r0, model.parameters()):
+        torch.testing.assert_close(a, p.detach(), rtol=1e-12, atol=1e-13)
