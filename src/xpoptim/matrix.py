@@ -93,12 +93,9 @@ class Config:
 # problem reaching its noise floor (where sign-based rules oscillate); weight decay is non-zero so
 # the decay path is checked.
 #
-# DeVA_Sinf runs with max_precond_dim=8, so every factored side has full rank (up to one null direction)
-# after the seed. With both sides of a non-square matrix factored (the default), the seed factor
-# G^T G of an (n, m) gradient, n < m, has an (m - n)-dimensional zero eigenspace: eigh returns an
-# arbitrary basis of it, the rule is not invariant to that choice, and backends then legitimately
-# disagree (measured 3-4e-2 in float64 between NumPy and torch/JAX LAPACK). That is a property of the
-# released rule, not of a backend, so the verifier uses a configuration where the trajectory is defined.
+# DeVA_Sinf factors both sides of the non-square matrix problem (the default max_precond_dim): one seed
+# factor is rank-deficient, and the core picks a canonical basis of its null space (core.deva), so every
+# backend's LAPACK gives the same trajectory.
 _BASE: dict[str, dict] = {
     "adam": {"lr": 1e-2, "weight_decay": 1e-2},
     "adamw": {"lr": 1e-2, "weight_decay": 1e-2},
@@ -113,7 +110,7 @@ _BASE: dict[str, dict] = {
     "msvag_mb": {"lr": 2e-3, "weight_decay": 1e-2},
     "adam_star_mb": {"lr": 1e-2, "weight_decay": 1e-2},
     "deva_linf": {"lr": 1e-2, "weight_decay": 1e-2},
-    "deva_sinf": {"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4, "max_precond_dim": 8},
+    "deva_sinf": {"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4},
     "muon": {"lr": 2e-2, "weight_decay": 0.1},
 }
 

@@ -25,12 +25,6 @@ def _tol(backend_name: str) -> dict:
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("structure", ["list", "dict"])
 def test_trajectory_matches_core(backend, name: str, structure: str) -> None:
-    if name == "deva_sinf" and backend.name in ("torch", "cupy"):
-        pytest.xfail(
-            "core DeVA_Sinf: the Kronecker factor of the long side of a non-square matrix is rank-deficient, "
-            "its eigenbasis is not unique and another LAPACK picks another one (core.functional.step alone "
-            "differs by ~5e-3 between torch and NumPy on a (2, 6) matrix); waits for a core fix"
-        )
     hp = CONFIGS[name]
     params, grads, var = _data(sum(map(ord, name)))
     ref = reference(name, hp, params, grads, var)
