@@ -34,3 +34,15 @@ def test_conventions_table_is_generated_from_the_specs():
     body = re.search(r"<!-- conventions:begin -->\n(.*?)\n<!-- conventions:end -->", README, re.S)
     assert body is not None
     assert body.group(1) == conventions_table(), "regenerate with: python -m xpoptim._docs"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def test_readme_examples_run():
+    """Every Python example in the README runs as written (torch, optax, NumPy and the verifier)."""
+    blocks = _python_blocks()
+    assert len(blocks) >= 4
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})

@@ -93,9 +93,12 @@ class Config:
 # problem reaching its noise floor (where sign-based rules oscillate); weight decay is non-zero so
 # the decay path is checked.
 #
-# DeVA_Sinf factors both sides of the non-square matrix problem (the default max_precond_dim): one seed
-# factor is rank-deficient, and the core picks a canonical basis of its null space (core.deva), so every
-# backend's LAPACK gives the same trajectory.
+# DeVA_Sinf runs with max_precond_dim=8 on the 6x10 matrix problem, so only the full-rank 6x6 side is
+# factored. With both sides factored (the default), the 10x10 seed factor G^T G is rank-deficient; the core
+# canonicalises its null-space basis, so float64 runs agree across backends (tests/core/
+# test_core_deva_determinism.py), but a float32 run is compared here with the float64 reference, and the
+# EMA'd factor's tiny eigenvalues fall on different sides of the null threshold (4 n eps(dtype) max) in the
+# two dtypes: the bases differ by design (measured 1.3e-2), which says nothing about the backends.
 _BASE: dict[str, dict] = {
     "adam": {"lr": 1e-2, "weight_decay": 1e-2},
     "adamw": {"lr": 1e-2, "weight_decay": 1e-2},
@@ -110,7 +113,7 @@ _BASE: dict[str, dict] = {
     "msvag_mb": {"lr": 2e-3, "weight_decay": 1e-2},
     "adam_star_mb": {"lr": 1e-2, "weight_decay": 1e-2},
     "deva_linf": {"lr": 1e-2, "weight_decay": 1e-2},
-    "deva_sinf": {"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4},
+    "deva_sinf": {"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4, "max_precond_dim": 8},
     "muon": {"lr": 2e-2, "weight_decay": 0.1},
 }
 
