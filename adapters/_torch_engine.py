@@ -21,7 +21,7 @@ import array_api_compat.torch as txp
 import torch
 
 from xpoptim.core import HOST, STATE_VERSION, functional, make_step_kernel, step_scalars
-from xpoptim.core.deva import deva_sinf_apply, deva_sinf_seed, deva_sinf_step_factor, deva_sinf_update, resolve_shampoo_beta
+from xpoptim.core.deva import deva_sinf_apply, deva_sinf_options, deva_sinf_seed, deva_sinf_step_factor, deva_sinf_update, resolve_shampoo_beta
 from xpoptim.core.muon import muon_apply, muon_direction
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
@@ -394,12 +394,8 @@ def matrix_step(
                     shampoo_beta=sb,
                     eps=hp["eps"],
                     refresh=k % hp["precondition_frequency"] == 0,
-                    nesterov=hp["nesterov"],
-                    normalize_grads=hp["normalize_grads"],
                     scale=scale,
-                    ns_steps=hp["ns_steps"],
-                    ns_coefficients=hp["ns_coefficients"],
-                    ns_dtype=hp["ns_dtype"],
+                    **deva_sinf_options(hp),
                 )
                 pw = torch.stack([p.detach().reshape(shape2) for p in ps]).to(sdt)
                 new_p = deva_sinf_apply(txp, pw, delta, hp["lr"], hp["weight_decay"])

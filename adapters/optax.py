@@ -628,12 +628,8 @@ def scale_by_deva_sinf(
                         shampoo_beta=sb,
                         eps=c["eps"],
                         refresh=refresh,
-                        nesterov=hp["nesterov"],
-                        normalize_grads=hp["normalize_grads"],
                         scale=scale,
-                        ns_steps=hp["ns_steps"],
-                        ns_coefficients=hp["ns_coefficients"],
-                        ns_dtype=hp["ns_dtype"],
+                        **_deva.deva_sinf_options(hp),
                     )
                     return delta.astype(sd), _same_types(new, st)
 

@@ -25,6 +25,7 @@ __all__ = [
     "deva_sinf_seed",
     "deva_sinf_update",
     "deva_sinf_apply",
+    "deva_sinf_options",
     "deva_sinf_step_factor",
     "resolve_shampoo_beta",
     "DEVA_SINF",
@@ -409,6 +410,11 @@ def deva_sinf_update(
     out["exp_avg"] = m_rot
     out["exp_avg_sq"] = v
     return step_factor * dw, out
+
+
+def deva_sinf_options(hp: dict) -> dict:
+    """The static switches of ``deva_sinf_update`` taken from validated hyperparameters (one place for every caller)."""
+    return {k: hp[k] for k in ("nesterov", "normalize_grads", "ns_steps", "ns_coefficients", "ns_dtype")}
 
 
 def deva_sinf_apply(xp: Any, p: Any, delta: Any, lr: Any, weight_decay: Any) -> Any:

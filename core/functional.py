@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._backend import HOST, array_namespace
-from .deva import deva_sinf_apply, deva_sinf_init, deva_sinf_seed, deva_sinf_step_factor, deva_sinf_update, resolve_shampoo_beta
+from .deva import deva_sinf_apply, deva_sinf_init, deva_sinf_options, deva_sinf_seed, deva_sinf_step_factor, deva_sinf_update, resolve_shampoo_beta
 from .directions import shape_scale
 from .muon import muon_apply, muon_direction
 from .spec import ElementwiseSpec, MatrixSpec, make_step_kernel, step_scalars
@@ -129,11 +129,7 @@ def step(
         shampoo_beta=sb,
         eps=hp["eps"],
         refresh=k % hp["precondition_frequency"] == 0,
-        nesterov=hp["nesterov"],
-        normalize_grads=hp["normalize_grads"],
         scale=scale,
-        ns_steps=hp["ns_steps"],
-        ns_coefficients=hp["ns_coefficients"],
-        ns_dtype=hp["ns_dtype"],
+        **deva_sinf_options(hp),
     )
     return deva_sinf_apply(xp, param, delta, hp["lr"], hp["weight_decay"]), new_state
