@@ -21,8 +21,8 @@ import array_api_compat.torch as txp
 import torch
 
 from xpoptim.core import HOST, STATE_VERSION, functional, make_step_kernel, step_scalars
-from xpoptim.core.deva import deva_sinf_apply, deva_sinf_options, deva_sinf_seed, deva_sinf_step_factor, deva_sinf_update, resolve_shampoo_beta
-from xpoptim.core.muon import muon_apply, muon_direction
+from xpoptim.core.deva import deva_sinf_apply, deva_sinf_host_step
+from xpoptim.core.muon import muon_apply, muon_direction, muon_options
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 __all__ = ["Bucket", "run_bucket", "build_bucket", "bucket_is_valid", "matrix_step", "state_dtype_for", "EAGER_CHUNK"]
@@ -348,7 +348,6 @@ def matrix_step(
             state[p].update(matrix_state_init(spec, p, hp, sdt))
         key = (matrix_shape(p), p.dtype, sdt, p.device, int(state[p]["step"].item()))
         groups.setdefault(key, []).append(p)
-    static = spec.static(hp)
     for (shape2, _dt, sdt, _dev, t0), ps in groups.items():
         t = t0 + 1
         g = torch.stack([p.grad.reshape(shape2) for p in ps]).to(sdt)
@@ -358,18 +357,7 @@ def matrix_step(
         sts = [state[p] for p in ps]
         if spec.name == "muon":
             buf = torch.stack([st["momentum_buffer"].reshape(shape2) for st in sts])
-            o, buf = muon_direction(
-                txp,
-                g,
-                buf,
-                hp["momentum"],
-                nesterov=static["nesterov"],
-                ns_steps=static["ns_steps"],
-                ns_coefficients=static["ns_coefficients"],
-                ns_prenorm=static["ns_prenorm"],
-                ns_eps=hp["ns_eps"],
-                ns_dtype=static["ns_dtype"],
-            )
+            o, buf = muon_direction(txp, g, buf, hp["momentum"], **muon_options(hp))
             pw = torch.stack([p.detach().reshape(shape2) for p in ps]).to(sdt)
             new_p = muon_apply(txp, pw, o, hp["lr"], hp["weight_decay"], scale)
             new_state = {"momentum_buffer": buf}
@@ -378,25 +366,9 @@ def matrix_step(
                 k: (None if sts[0][k] is None else torch.stack([st[k] for st in sts]))
                 for k in _DEVA_KEYS
             }
-            sb = resolve_shampoo_beta(hp)
-            if t == 1:
-                new_state = deva_sinf_seed(txp, stacked, g, sb)
-                new_p = None
-            else:
-                k = t - 1
-                delta, new_state = deva_sinf_update(
-                    txp,
-                    stacked,
-                    g,
-                    deva_sinf_step_factor(hp, k),
-                    beta1=hp["beta1"],
-                    beta2=hp["beta2"],
-                    shampoo_beta=sb,
-                    eps=hp["eps"],
-                    refresh=k % hp["precondition_frequency"] == 0,
-                    scale=scale,
-                    **deva_sinf_options(hp),
-                )
+            delta, new_state = deva_sinf_host_step(txp, stacked, g, hp, t, scale)
+            new_p = None
+            if delta is not None:
                 pw = torch.stack([p.detach().reshape(shape2) for p in ps]).to(sdt)
                 new_p = deva_sinf_apply(txp, pw, delta, hp["lr"], hp["weight_decay"])
         # Write back only after everything was computed.

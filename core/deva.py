@@ -25,6 +25,7 @@ __all__ = [
     "deva_sinf_seed",
     "deva_sinf_update",
     "deva_sinf_apply",
+    "deva_sinf_host_step",
     "deva_sinf_options",
     "deva_sinf_step_factor",
     "resolve_shampoo_beta",
@@ -415,6 +416,32 @@ def deva_sinf_update(
 def deva_sinf_options(hp: dict) -> dict:
     """The static switches of ``deva_sinf_update`` taken from validated hyperparameters (one place for every caller)."""
     return {k: hp[k] for k in ("nesterov", "normalize_grads", "ns_steps", "ns_coefficients", "ns_dtype")}
+
+
+def deva_sinf_host_step(xp: Any, state: dict, g: Any, hp: dict, t: int, scale: float) -> tuple:
+    """Step ``t`` (a host int, ``t >= 1``) of DeVA_Sinf: the seed at ``t = 1``, then ``deva_sinf_update``.
+
+    Returns:
+        ``(delta, new_state)``; ``delta`` is ``None`` on the seed call (the parameter does not move), else apply
+        it with ``deva_sinf_apply``. Step ``k = t - 1`` refreshes the bases when ``k % precondition_frequency == 0``.
+    """
+    sb = resolve_shampoo_beta(hp)
+    if t == 1:
+        return None, deva_sinf_seed(xp, state, g, sb)
+    k = t - 1
+    return deva_sinf_update(
+        xp,
+        state,
+        g,
+        deva_sinf_step_factor(hp, k),
+        beta1=hp["beta1"],
+        beta2=hp["beta2"],
+        shampoo_beta=sb,
+        eps=hp["eps"],
+        refresh=k % hp["precondition_frequency"] == 0,
+        scale=scale,
+        **deva_sinf_options(hp),
+    )
 
 
 def deva_sinf_apply(xp: Any, p: Any, delta: Any, lr: Any, weight_decay: Any) -> Any:

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._backend import HOST, array_namespace
-from .deva import deva_sinf_apply, deva_sinf_init, deva_sinf_options, deva_sinf_seed, deva_sinf_step_factor, deva_sinf_update, resolve_shampoo_beta
+from .deva import deva_sinf_apply, deva_sinf_host_step, deva_sinf_init
 from .directions import shape_scale
-from .muon import muon_apply, muon_direction
+from .muon import muon_apply, muon_direction, muon_options
 from .spec import ElementwiseSpec, MatrixSpec, make_step_kernel, step_scalars
 
 __all__ = ["init", "step", "matrix_scale"]
@@ -100,36 +100,10 @@ def step(
         return new_p, dict(zip(names, out[1:]))
     scale = matrix_scale(spec, hp, tuple(param.shape), layout)
     if spec.name == "muon":
-        static = spec.static(hp)
-        o, buf = muon_direction(
-            xp,
-            grad,
-            state["momentum_buffer"],
-            hp["momentum"],
-            nesterov=static["nesterov"],
-            ns_steps=static["ns_steps"],
-            ns_coefficients=static["ns_coefficients"],
-            ns_prenorm=static["ns_prenorm"],
-            ns_eps=hp["ns_eps"],
-            ns_dtype=static["ns_dtype"],
-        )
+        o, buf = muon_direction(xp, grad, state["momentum_buffer"], hp["momentum"], **muon_options(hp))
         return muon_apply(xp, param, o, hp["lr"], hp["weight_decay"], scale), {"momentum_buffer": buf}
     # DeVA_Sinf: the first call seeds the preconditioner and leaves the parameter unchanged.
-    sb = resolve_shampoo_beta(hp)
-    if t == 1:
-        return param, deva_sinf_seed(xp, dict(state), grad, sb)
-    k = t - 1
-    delta, new_state = deva_sinf_update(
-        xp,
-        dict(state),
-        grad,
-        deva_sinf_step_factor(hp, k),
-        beta1=hp["beta1"],
-        beta2=hp["beta2"],
-        shampoo_beta=sb,
-        eps=hp["eps"],
-        refresh=k % hp["precondition_frequency"] == 0,
-        scale=scale,
-        **deva_sinf_options(hp),
-    )
+    delta, new_state = deva_sinf_host_step(xp, dict(state), grad, hp, t, scale)
+    if delta is None:
+        return param, new_state
     return deva_sinf_apply(xp, param, delta, hp["lr"], hp["weight_decay"]), new_state

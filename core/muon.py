@@ -17,7 +17,7 @@ from .directions import NS_COEFFICIENTS, NS_PRENORMS, SHAPE_SCALES, newton_schul
 from .moments import ema
 from .spec import Hyper, MatrixSpec, beta_hyper, lr_hyper, wd_hyper
 
-__all__ = ["muon_direction", "muon_apply", "MUON", "NS_HYPERS", "ns_check"]
+__all__ = ["muon_direction", "muon_options", "muon_apply", "MUON", "NS_HYPERS", "ns_check"]
 
 
 def muon_direction(
@@ -59,6 +59,11 @@ def muon_direction(
         xp, n, steps=ns_steps, coefficients=ns_coefficients, prenorm=ns_prenorm, eps=ns_eps, compute_dtype=ns_dtype
     )
     return o, buf
+
+
+def muon_options(hp: dict) -> dict:
+    """Keyword options of ``muon_direction`` from validated hyperparameters (one place for every caller)."""
+    return {k: hp[k] for k in ("nesterov", "ns_steps", "ns_coefficients", "ns_prenorm", "ns_eps", "ns_dtype")}
 
 
 def muon_apply(xp: Any, p: Any, o: Any, lr: Any, weight_decay: Any, scale: float) -> Any:
