@@ -22,7 +22,8 @@ import torch
 
 from xpoptim.core import HOST, STATE_VERSION, functional, make_step_kernel, step_scalars
 from xpoptim.core.deva import deva_sinf_apply, deva_sinf_host_step
-from xpoptim.core.muon import muon_apply, muon_direction, muon_options
+from xpoptim.core.directions import newton_schulz
+from xpoptim.core.muon import muon_apply, muon_momentum, muon_ns_options
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 __all__ = ["Bucket", "run_bucket", "build_bucket", "bucket_is_valid", "matrix_step", "state_dtype_for", "EAGER_CHUNK"]
@@ -337,6 +338,35 @@ def matrix_state_init(spec: MatrixSpec, p: torch.Tensor, hp: dict, state_dtype: 
     return out
 
 
+def _chunked(fn: Callable, inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> None:
+    """``outs[k][...] = fn(*inputs)[k]`` for an elementwise ``fn``, over cache-sized flat chunks on CPU.
+
+    Same-shape tensors, chunked by blocks of rows of their last axis; each chunk's temporaries stay in cache
+    instead of one fresh full-size array per operation (on 4096x1024 float32, Muon's momentum and update took
+    2-3 ms per operation out of cache). Inputs may be strided (a block of rows of a transposed view reads whole
+    cache lines). Writing a chunk of an input that is also an output is safe: a chunk is read before it is written,
+    and chunks are disjoint.
+    """
+    cols = outs[0].shape[-1]
+    rows_in = [x.reshape(-1, cols) for x in inputs]  # a view also for a transposed Newton-Schulz result
+    rows_out = [o.view(-1, cols) for o in outs]
+    n = rows_out[0].shape[0]
+    chunk = n if outs[0].device.type != "cpu" else max(1, EAGER_CHUNK // cols)
+    for s in range(0, n, chunk):
+        res = fn(*[x[s : s + chunk] for x in rows_in])
+        for o, r in zip(rows_out, res):
+            o[s : s + chunk].copy_(r)
+
+
+def _stack(tensors: Sequence[torch.Tensor], shape2: tuple[int, int]) -> torch.Tensor:
+    """``(k, n, m)`` stack of ``tensors`` as matrices; a view (no copy) when there is one contiguous tensor.
+
+    Callers only read the stack: new values are computed out of place and written back after every check."""
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].view(shape2)[None]
+    return torch.stack([x.reshape(shape2) for x in tensors])
+
+
 def matrix_step(
     spec: MatrixSpec, params: Sequence[torch.Tensor], state: dict, hp: dict, maximize: bool, state_dtype_opt: Any
 ) -> None:
@@ -350,17 +380,25 @@ def matrix_step(
         groups.setdefault(key, []).append(p)
     for (shape2, _dt, sdt, _dev, t0), ps in groups.items():
         t = t0 + 1
-        g = torch.stack([p.grad.reshape(shape2) for p in ps]).to(sdt)
+        g = _stack([p.grad for p in ps], shape2).to(sdt)
         if maximize:
             g = -g
         scale = functional.matrix_scale(spec, hp, shape2, "out_in")
         sts = [state[p] for p in ps]
         if spec.name == "muon":
-            buf = torch.stack([st["momentum_buffer"].reshape(shape2) for st in sts])
-            o, buf = muon_direction(txp, g, buf, hp["momentum"], **muon_options(hp))
-            pw = torch.stack([p.detach().reshape(shape2) for p in ps]).to(sdt)
-            new_p = muon_apply(txp, pw, o, hp["lr"], hp["weight_decay"], scale)
-            new_state = {"momentum_buffer": buf}
+            mu, lr, wd = hp["momentum"], hp["lr"], hp["weight_decay"]
+            buf = _stack([st["momentum_buffer"] for st in sts], shape2)
+            n_in, new_buf = torch.empty_like(g), torch.empty_like(buf)
+            _chunked(lambda gc, bc: muon_momentum(txp, gc, bc, mu, nesterov=hp["nesterov"]), (g, buf), (n_in, new_buf))
+            o = newton_schulz(txp, n_in, **muon_ns_options(hp))  # a transposed view for a tall matrix
+            pw = _stack([p.detach() for p in ps], shape2)
+            direct = len(ps) == 1 and pw.dtype == sdt and pw.data_ptr() == ps[0].data_ptr()
+            new_p = pw if direct else torch.empty(pw.shape, dtype=sdt, device=pw.device)
+            # Nothing can fail from here on: the parameter may be written in place (a view of it when direct).
+            _chunked(lambda pc, oc: (muon_apply(txp, pc.to(sdt), oc, lr, wd, scale),), (pw, o), (new_p,))
+            if direct:
+                new_p = None
+            new_state = {"momentum_buffer": new_buf}
         else:
             stacked = {
                 k: (None if sts[0][k] is None else torch.stack([st[k] for st in sts]))
@@ -369,7 +407,7 @@ def matrix_step(
             delta, new_state = deva_sinf_host_step(txp, stacked, g, hp, t, scale)
             new_p = None
             if delta is not None:
-                pw = torch.stack([p.detach().reshape(shape2) for p in ps]).to(sdt)
+                pw = _stack([p.detach() for p in ps], shape2).to(sdt)
                 new_p = deva_sinf_apply(txp, pw, delta, hp["lr"], hp["weight_decay"])
         # Write back only after everything was computed.
         for i, (p, st) in enumerate(zip(ps, sts)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._backend import HOST
+from ._backend import HOST, matmul
 from .directions import SHAPE_SCALES, newton_schulz, sign
 from .moments import bias_correction, ema
 from .muon import NS_HYPERS, ns_check
@@ -140,18 +140,18 @@ def _mT(xp: Any, a: Any) -> Any:
 def _rotate(xp: Any, x: Any, ql: Any, qr: Any) -> Any:
     """``Q_L^T X Q_R`` (a side without a factor keeps the identity)."""
     if ql is not None:
-        x = xp.matmul(_mT(xp, ql), x)
+        x = matmul(xp, _mT(xp, ql), x)
     if qr is not None:
-        x = xp.matmul(x, qr)
+        x = matmul(xp, x, qr)
     return x
 
 
 def _unrotate(xp: Any, x: Any, ql: Any, qr: Any) -> Any:
     """``Q_L X Q_R^T``."""
     if ql is not None:
-        x = xp.matmul(ql, x)
+        x = matmul(xp, ql, x)
     if qr is not None:
-        x = xp.matmul(x, _mT(xp, qr))
+        x = matmul(xp, x, _mT(xp, qr))
     return x
 
 
@@ -217,18 +217,18 @@ def _canonical_null_basis(xp: Any, q: Any, null: Any) -> Any:
     dev = _device(q)
     nul = xp.astype(null, dt)
     kept = q * (1 - nul)[..., None, :]
-    proj = _eye_like(xp, q) - xp.matmul(kept, _mT(xp, kept))
+    proj = _eye_like(xp, q) - matmul(xp, kept, _mT(xp, kept))
     j = xp.arange(n, dtype=dt, device=dev)
     d = xp.sqrt(1 + j / n)
-    a = xp.matmul(proj * d, proj)  # P D P
+    a = matmul(xp, proj * d, proj)  # P D P
     _, c = xp.linalg.eigh((a + _mT(xp, a)) / 2)
     # The i-th null column (in column order) takes eigh's column n - k + i: a selection matmul.
     before = xp.astype(j[:, None] <= j[None, :], dt)  # before[i, j] = (i <= j)
-    count = xp.matmul(nul[..., None, :], before)[..., 0, :]  # null columns at positions <= j
+    count = matmul(xp, nul[..., None, :], before)[..., 0, :]  # null columns at positions <= j
     k = xp.sum(nul, axis=-1, keepdims=True)
     target = (n - k) + count - 1
     sel = xp.astype((j[:, None] == target[..., None, :]) & null[..., None, :], dt)
-    fill = _canonical_signs(xp, xp.matmul(c, sel))
+    fill = _canonical_signs(xp, matmul(xp, c, sel))
     return xp.where(null[..., None, :], fill, q)
 
 
@@ -265,17 +265,17 @@ def _refresh_basis(xp: Any, factor: Any, q: Any, v: Any, axis: int) -> tuple:
     (``_canonical_null_basis``; not in the release, which keeps the QR's noise columns). Extra cost per
     refreshed side: one ``eigh`` and six ``n x n`` matmuls, every ``precondition_frequency`` steps.
     """
-    est = xp.sum(q * xp.matmul(factor, q), axis=-2)  # diag(Q^T L Q)
+    est = xp.sum(q * matmul(xp, factor, q), axis=-2)  # diag(Q^T L Q)
     order = xp.argsort(-est, axis=-1, stable=True)
     perm = _permutation(xp, order, q.dtype)
-    q = xp.matmul(q, perm)
-    v = xp.matmul(_mT(xp, perm), v) if axis == -2 else xp.matmul(v, perm)
-    q, r = xp.linalg.qr(xp.matmul(factor, q))
+    q = matmul(xp, q, perm)
+    v = matmul(xp, _mT(xp, perm), v) if axis == -2 else matmul(xp, v, perm)
+    q, r = xp.linalg.qr(matmul(xp, factor, q))
     d = xp.linalg.diagonal(r)
     q = q * xp.where(d < 0, -1 + 0 * d, 1 + 0 * d)[..., None, :]
     # Columns whose estimated eigenvalue is round-off (QR of a rank-deficient L Q) are LAPACK noise:
     # replace them with the canonical null basis (deviation from the release, see ``_eigenbasis``).
-    est = xp.sum(q * xp.matmul(factor, q), axis=-2)
+    est = xp.sum(q * matmul(xp, factor, q), axis=-2)
     return _canonical_null_basis(xp, q, _null_mask(xp, est)), v
 
 
@@ -314,10 +314,10 @@ def deva_sinf_seed(xp: Any, state: dict, g: Any, shampoo_beta: Any) -> dict:
     """
     out = dict(state)
     if state["L"] is not None:
-        out["L"] = (1 - shampoo_beta) * xp.matmul(g, _mT(xp, g))
+        out["L"] = (1 - shampoo_beta) * matmul(xp, g, _mT(xp, g))
         out["QL"] = _eigenbasis(xp, out["L"])
     if state["R"] is not None:
-        out["R"] = (1 - shampoo_beta) * xp.matmul(_mT(xp, g), g)
+        out["R"] = (1 - shampoo_beta) * matmul(xp, _mT(xp, g), g)
         out["QR"] = _eigenbasis(xp, out["R"])
     out["exp_avg"] = 0 * state["exp_avg"]
     out["exp_avg_sq"] = 0 * state["exp_avg_sq"]
@@ -397,9 +397,9 @@ def deva_sinf_update(
     out = dict(state)
     out["gamma"] = gamma
     if ql is not None:
-        out["L"] = shampoo_beta * state["L"] + (1 - shampoo_beta) * xp.matmul(g, _mT(xp, g))
+        out["L"] = shampoo_beta * state["L"] + (1 - shampoo_beta) * matmul(xp, g, _mT(xp, g))
     if qr is not None:
-        out["R"] = shampoo_beta * state["R"] + (1 - shampoo_beta) * xp.matmul(_mT(xp, g), g)
+        out["R"] = shampoo_beta * state["R"] + (1 - shampoo_beta) * matmul(xp, _mT(xp, g), g)
     if refresh and (ql is not None or qr is not None):
         m_orig = _unrotate(xp, m_rot, ql, qr)
         if ql is not None:

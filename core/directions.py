@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ._backend import matmul, matmul_add
+
 __all__ = [
     "sign",
     "newton_schulz",
@@ -98,7 +100,9 @@ def newton_schulz(
     With ``A = X X^T`` each step is ``X <- a X + (b A + c A^2) X``; on singular values it applies
     ``phi(s) = a s + b s^3 + c s^5``. With the quintic coefficients and 5 steps, normalised singular
     values >= 0.01 land in [0.68, 1.13] rather than exactly 1 (spec 5.1). ``NS(X^T) = NS(X)^T`` and
-    ``NS(0) = 0``. Works on one matrix or a stack (leading axes are batch axes).
+    ``NS(0) = 0``. Works on one matrix or a stack (leading axes are batch axes). Each step is three
+    GEMMs: ``A = X X^T``, ``b A + c A A`` and ``a X + (.) X``, the last two accumulating in the GEMM
+    (``_backend.matmul_add``: ``addmm`` on torch, as torch.optim.Muon does).
 
     Args:
         xp: array namespace.
@@ -138,16 +142,19 @@ def newton_schulz(
         x = x / xp.sqrt(_sum_sq(xp, x) + eps)
 
     for i, (a, b, c) in enumerate(table):
-        gram = xp.matmul(x, xp.matrix_transpose(x))
-        gram2 = xp.matmul(gram, gram)
+        gram = matmul(xp, x, xp.matrix_transpose(x))
         if i == 0 and prenorm == "schatten8":
             # Schatten-8 norm ||X||_S8 = ||(X X^T)^2||_F^(1/4); rescale X, A and A^2 consistently.
+            gram2 = matmul(xp, gram, gram)
             s8 = xp.sqrt(xp.sqrt(xp.sqrt(_sum_sq(xp, gram2))))
             s8 = xp.where(s8 > 0, s8, 1 + 0 * s8)
             x = x / s8
             gram = gram / (s8 * s8)
             gram2 = gram2 / (s8 * s8 * s8 * s8)
-        x = a * x + xp.matmul(b * gram + c * gram2, x)
+            poly = b * gram + c * gram2
+        else:
+            poly = matmul_add(xp, gram, gram, gram, alpha=c, beta=b)  # b A + c A^2, one GEMM
+        x = matmul_add(xp, x, poly, x, alpha=1.0, beta=a)  # a X + (b A + c A^2) X, one GEMM
 
     if tall:
         x = xp.matrix_transpose(x)

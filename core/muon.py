@@ -17,7 +17,30 @@ from .directions import NS_COEFFICIENTS, NS_PRENORMS, SHAPE_SCALES, newton_schul
 from .moments import ema
 from .spec import Hyper, MatrixSpec, beta_hyper, lr_hyper, wd_hyper
 
-__all__ = ["muon_direction", "muon_options", "muon_apply", "MUON", "NS_HYPERS", "ns_check"]
+__all__ = ["muon_momentum", "muon_direction", "muon_options", "muon_ns_options", "muon_apply", "MUON", "NS_HYPERS", "ns_check"]
+
+
+def muon_momentum(xp: Any, g: Any, buf: Any, momentum: Any, *, nesterov: bool = True) -> tuple:
+    """Muon's momentum and Newton-Schulz input (elementwise; spec 5.2).
+
+    ``B <- B + (1 - mu)(g - B)`` (torch ``lerp``); ``N = g + mu (B - g)`` if Nesterov else ``B``.
+
+    Args:
+        xp: array namespace.
+        g: gradient.
+        buf: momentum buffer ``B``.
+        momentum: ``mu``.
+        nesterov: use the Nesterov input.
+
+    Returns:
+        ``(N, B)``.
+
+    References:
+        K. Jordan et al., Muon (2024), KellerJordan/Muon; torch.optim.Muon; spec 5.2.
+    """
+    buf = ema(xp, buf, g, momentum)
+    n = g + momentum * (buf - g) if nesterov else buf  # torch: grad.lerp(buf, momentum)
+    return n, buf
 
 
 def muon_direction(
@@ -35,8 +58,7 @@ def muon_direction(
 ) -> tuple:
     """Muon's orthogonalised momentum for one matrix or a stack ``(..., n, m)``.
 
-    ``B <- B + (1 - mu)(g - B)`` (torch ``lerp``); ``N = g + mu (B - g)`` if Nesterov else ``B``;
-    returns ``(NS(N), B)``.
+    ``(N, B) = muon_momentum(g, B)``; returns ``(NS(N), B)``.
 
     Args:
         xp: array namespace.
@@ -53,8 +75,7 @@ def muon_direction(
     References:
         K. Jordan et al., Muon (2024), KellerJordan/Muon; torch.optim.Muon; spec 5.1-5.2.
     """
-    buf = ema(xp, buf, g, momentum)
-    n = g + momentum * (buf - g) if nesterov else buf  # torch: grad.lerp(buf, momentum)
+    n, buf = muon_momentum(xp, g, buf, momentum, nesterov=nesterov)
     o = newton_schulz(
         xp, n, steps=ns_steps, coefficients=ns_coefficients, prenorm=ns_prenorm, eps=ns_eps, compute_dtype=ns_dtype
     )
@@ -64,6 +85,17 @@ def muon_direction(
 def muon_options(hp: dict) -> dict:
     """Keyword options of ``muon_direction`` from validated hyperparameters (one place for every caller)."""
     return {k: hp[k] for k in ("nesterov", "ns_steps", "ns_coefficients", "ns_prenorm", "ns_eps", "ns_dtype")}
+
+
+def muon_ns_options(hp: dict) -> dict:
+    """Keyword options of ``newton_schulz`` for Muon, from validated hyperparameters."""
+    return {
+        "steps": hp["ns_steps"],
+        "coefficients": hp["ns_coefficients"],
+        "prenorm": hp["ns_prenorm"],
+        "eps": hp["ns_eps"],
+        "compute_dtype": hp["ns_dtype"],
+    }
 
 
 def muon_apply(xp: Any, p: Any, o: Any, lr: Any, weight_decay: Any, scale: float) -> Any:
