@@ -36,6 +36,7 @@ EAGER_CHUNK = 1 << 18
 AUTO_COMPILE_MIN_NUMEL = 1 << 20
 
 _is = operator.is_
+_data_ptr = torch.Tensor.data_ptr
 
 
 def state_dtype_for(param: torch.Tensor, option: Any) -> torch.dtype:
@@ -206,7 +207,7 @@ def bucket_is_valid(b: Bucket) -> bool:
     The caller also checks that the set of parameters with gradients and the optimizer's state container are
     unchanged (state replaced by ``load_state_dict`` or ``__setstate__`` invalidates every bucket).
     """
-    return [p.data_ptr() for p in b.params] == b.param_ptrs
+    return list(map(_data_ptr, b.params)) == b.param_ptrs
 
 
 def grads_in_place(b: Bucket, grads: Sequence[torch.Tensor]) -> list[bool]:
@@ -218,7 +219,7 @@ def grads_in_place(b: Bucket, grads: Sequence[torch.Tensor]) -> list[bool]:
     if b.flat_g is None:
         return [False] * len(grads)
     same = list(map(_is, grads, b.grad_views))
-    if all(same) and [g.data_ptr() for g in grads] == b.grad_ptrs:
+    if all(same) and list(map(_data_ptr, grads)) == b.grad_ptrs:
         return same  # the common case: every grad is still our view
     return [s and g.data_ptr() == ptr for s, g, ptr in zip(same, grads, b.grad_ptrs)]
 

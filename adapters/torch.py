@@ -46,6 +46,7 @@ from __future__ import annotations
 import inspect
 import operator
 from collections.abc import Callable, Iterable, Mapping
+from itertools import repeat
 from typing import Any
 
 import array_api_compat.torch as _txp
@@ -57,6 +58,8 @@ from xpoptim.core.moments import minibatch_variance
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from . import _torch_engine as _eng
+
+_GRAD = operator.attrgetter("grad")
 
 __all__ = [
     "XPOptimizer",
@@ -356,11 +359,14 @@ class XPOptimizer(Optimizer):
             hp = _hp_from_group(gspec, group, spec.title)
             _check_options(group, spec.title)
             params = group["params"]
-            grads = [p.grad for p in params]
-            active = [p for p, g in zip(params, grads) if g is not None]
-            if not active:
-                continue
-            agrads = [g for g in grads if g is not None]
+            grads = list(map(_GRAD, params))
+            if all(map(operator.is_not, grads, repeat(None))):  # the common case: every parameter has a gradient
+                active, agrads = list(params), grads  # a copy: the cache keeps it, the group's list may change
+            else:
+                active = [p for p, g in zip(params, grads) if g is not None]
+                if not active:
+                    continue
+                agrads = [g for g in grads if g is not None]
             cached = cache.get(gi) if isinstance(gspec, ElementwiseSpec) else None
             layout = None  # (buckets, [(bucket grads, in-place flags)]) when the cached layout still holds
             if cached is not None and self._buckets_valid(gi, cached, active):

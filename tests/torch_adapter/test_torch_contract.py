@@ -645,3 +645,23 @@ def test_changing_state_dtype_relayouts_state():
     p.grad = torch.ones(6)
     opt.step()
     assert opt.state[p]["exp_avg"].dtype == torch.float64 and opt.state[p]["step"].item() == 2
+
+
+@pytest.mark.parametrize("name", ["adamw", "mvngrad"])
+def test_parameter_appended_to_a_group_list_joins_the_flat_layout(name):
+    """The flat-bucket layout is cached between steps; a parameter appended to ``group['params']`` by hand must
+    still be stepped (with fresh state) exactly like one given at construction."""
+    params = make_params(name)[:2]
+    extra = torch.tensor(np.linspace(-1.0, 1.0, 5), requires_grad=True)
+    twin = _clone(params) + [extra.detach().clone().requires_grad_()]
+    opt = _opt(name, params)
+    ref = _opt(name, twin[:2])
+    run_torch(None, name, params, 2, opt=opt)
+    run_torch(None, name, twin[:2], 2, opt=ref)
+    opt.param_groups[0]["params"].append(extra)
+    ref.add_param_group({"params": [twin[2]]})
+    run_torch(None, name, params + [extra], 3, start=2, opt=opt)
+    run_torch(None, name, twin, 3, start=2, opt=ref)
+    assert len(opt.state[extra]) > 0
+    for p, q in zip(params + [extra], twin):
+        np.testing.assert_array_equal(p.detach().numpy(), q.detach().numpy())
