@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU checks on a lent device machine (the workplace's `device` tool), which has no network: its image holds
+# torch (CUDA), jax (CUDA), cupy, optax, numpy, scipy and pytest, but not array-api-compat / array-api-strict,
+# which travel as wheels in .whl/ (ignored by git; named in the run's `carry`).
+#
+#   here, once per session:  bash benchmarks/gpu_device.sh prepare     (downloads the wheels into .whl/)
+#   on the device machine:   bash benchmarks/gpu_device.sh tests       (pytest -m "gpu or not slow": CuPy, torch CUDA,
+#                                                                       JAX on GPU; about 5 minutes)
+#                            bash benchmarks/gpu_device.sh matrix      (the equivalence matrix on the GPU backends)
+#                            bash benchmarks/gpu_device.sh bench       (python -m benchmarks --device cuda)
+#
+# Each stage writes its log and a tarball of its results to $OUT (the device tool brings back at most 8 files,
+# 2 folders deep), so a session unpacks them into benchmarks/results/<gpu>/ and commits them. Every stage fits
+# the tool's 10-minute limit per command; run them as separate calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage="${1:-}"
+OUT="${OUT:-/tmp/xpoptim-gpu-out}"
+mkdir -p "$OUT"
+
+prepare() {
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    mkdir -p .whl
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "array-api-compat==1.16.0" "array-api-strict==2.6.1"
+    ls .whl
+}
+
+install() {
+    nvidia-smi -L
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    # xpoptim itself without pip (no build backend needed): the package layout of pyproject.toml's package-dir
+    # (xpoptim -> src/xpoptim, xpoptim.core -> core, xpoptim.adapters -> adapters) as symbolic links.
+    rm -rf /tmp/xp && mkdir -p /tmp/xp/xpoptim
+    ln -s "$PWD"/src/xpoptim/* /tmp/xp/xpoptim/
+    ln -s "$PWD/core" /tmp/xp/xpoptim/core
+    ln -s "$PWD/adapters" /tmp/xp/xpoptim/adapters
+    export PYTHONPATH="/tmp/xp:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    python3 - <<'EOF'
+import cupy, jax, torch, xpoptim
+print("xpoptim", xpoptim.__file__)
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))
+print("jax", jax.__version__, jax.devices())
+print("cupy", cupy.__version__, "cuda", cupy.cuda.is_available())
+EOF
+}
+
+case "$stage" in
+    prepare)
+        prepare
+        ;;
+    tests)
+        install
+        set -o pipefail
+        PYTHONUNBUFFERED=1 python3 -m pytest -m "gpu or not slow" -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+        ;;
+    matrix)
+        install
+        PYTHONUNBUFFERED=1 python3 -m xpoptim.matrix --out /tmp/matrix-gpu 2>&1 | tee "$OUT/matrix.log"
+        tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu
+        ;;
+    bench)
+        install
+        shift
+        PYTHONUNBUFFERED=1 python3 -m benchmarks --device cuda --out /tmp/bench-gpu "$@" 2>&1 | tee "$OUT/bench.log"
+        tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu
+        ;;
+    *)
+        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|matrix|bench [benchmark args]" >&2
+        exit 2
+        ;;
+esac
