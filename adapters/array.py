@@ -378,15 +378,7 @@ class Optimizer:
         self.fallback_spec: ElementwiseSpec | None = None
         self._fallback_base: dict = {}
         if isinstance(self.spec, MatrixSpec):
-            fb = fallback if fallback is not None else self.spec.fallback
-            self.fallback_spec = get_spec(fb)
-            if not isinstance(self.fallback_spec, ElementwiseSpec):
-                raise ValueError(f"fallback={fb!r} is invalid: expected an elementwise optimizer")
-            known = {h.name for h in self.fallback_spec.hyperparams}
-            if self.fallback_spec.name == self.spec.fallback:
-                self._fallback_base = {k: v for k, v in self.spec.fallback_defaults.items() if k in known}
-            self._fallback_base.update(dict(fallback_hyperparams or {}))
-            self.fallback_spec.validate(**self._fallback_base)
+            self.fallback_spec, self._fallback_base = self.spec.resolve_fallback(fallback, fallback_hyperparams)
         elif fallback is not None or fallback_hyperparams is not None:
             raise TypeError(f"{self.spec.title} is elementwise: fallback/fallback_hyperparams apply to Muon and DeVASinf only")
         self.spec.validate(**hyperparams)  # unknown names -> TypeError, bad values -> ValueError
@@ -1110,13 +1102,8 @@ class FunctionalOptimizer:
         self.fallback_spec = None
         self.fallback_hyperparams = None
         if isinstance(self.spec, MatrixSpec):
-            fb = fallback if fallback is not None else self.spec.fallback
-            self.fallback_spec = get_spec(fb)
-            if not isinstance(self.fallback_spec, ElementwiseSpec):
-                raise ValueError(f"fallback={fb!r} is invalid: expected an elementwise optimizer")
-            known = {h.name for h in self.fallback_spec.hyperparams}
-            base = {k: v for k, v in self.spec.fallback_defaults.items() if k in known} if fb == self.spec.fallback else {}
-            self.fallback_hyperparams = self.fallback_spec.validate(**{**base, **dict(fallback_hyperparams or {})})
+            self.fallback_spec, base = self.spec.resolve_fallback(fallback, fallback_hyperparams)
+            self.fallback_hyperparams = self.fallback_spec.validate(**base)
         elif fallback is not None or fallback_hyperparams is not None:
             raise TypeError(f"{self.spec.title} is elementwise: fallback/fallback_hyperparams apply to Muon and DeVASinf only")
 

@@ -385,6 +385,18 @@ def _require_matrix(title: str, leaf: Any, d: Any) -> Any:
     return _layout(tuple(leaf.shape), d)
 
 
+def _map_matrix_leaves(title: str, dimension_numbers: Any, tree: Any, fn: Callable, *states: Any) -> tuple:
+    """``fn(leaf, layout, *state_leaves) -> tuple`` on every matrix leaf of ``tree``; masked leaves pass through.
+
+    ``states`` are pytrees with the structure of ``tree`` (a transformation's state); a masked leaf keeps
+    ``(leaf, *state_leaves)`` as they are. Returns one pytree per entry of ``fn``'s tuple (``1 + len(states)``).
+    """
+    leaves, treedef, dims = _resolve_dims(dimension_numbers, tree)
+    flat = [treedef.flatten_up_to(s) for s in states]
+    results = [(x, *sts) if _is_masked(x) else fn(x, _require_matrix(title, x, d), *sts) for x, d, *sts in zip(leaves, dims, *flat)]
+    return tuple(treedef.unflatten([r[i] for r in results]) for i in range(1 + len(states)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Muon
 # ----------------------------------------------------------------------------------------------
@@ -447,28 +459,17 @@ def scale_by_muon(
     )
 
     def init_fn(params: Any) -> ScaleByMuonState:
-        leaves, treedef, dims = _resolve_dims(dimension_numbers, params)
-        bufs = []
-        for x, d in zip(leaves, dims):
-            if _is_masked(x):
-                bufs.append(x)
-                continue
-            _require_matrix("Muon", x, d)
-            bufs.append(jnp.zeros_like(x, dtype=_default_state_dtype(x.dtype, state_dtype)))
-        return ScaleByMuonState(count=_zero_count(params), momentum_buffer=treedef.unflatten(bufs))
+        def zeros(x: Any, lay: Any) -> tuple:
+            return (jnp.zeros_like(x, dtype=_default_state_dtype(x.dtype, state_dtype)),)
+
+        (bufs,) = _map_matrix_leaves("Muon", dimension_numbers, params, zeros)
+        return ScaleByMuonState(count=_zero_count(params), momentum_buffer=bufs)
 
     def update_fn(updates: Any, state: ScaleByMuonState, params: Any = None, **extra_args: Any) -> tuple:
         del params, extra_args
-        leaves, treedef, dims = _resolve_dims(dimension_numbers, updates)
-        bufs = treedef.flatten_up_to(state.momentum_buffer)
         hpn = _hp_for_scalars(hp)
-        out, new_bufs = [], []
-        for g, d, buf in zip(leaves, dims, bufs):
-            if _is_masked(g):
-                out.append(g)
-                new_bufs.append(buf)
-                continue
-            lay = _require_matrix("Muon", g, d)
+
+        def leaf_update(g: Any, lay: Any, buf: Any) -> tuple:
             sd = buf.dtype
             fi, fo = lay.fans
             o, b = _muon.muon_direction(
@@ -485,10 +486,11 @@ def scale_by_muon(
             )
             scale = matrix_scale(spec, hp, (fi, fo), layout="in_out")
             d = _from_matrix(scale * o, lay)
-            out.append(d.astype(g.dtype) if _leaf_dtype_out else d)
-            new_bufs.append(_from_matrix(b, lay).astype(sd))
+            return (d.astype(g.dtype) if _leaf_dtype_out else d), _from_matrix(b, lay).astype(sd)
+
+        out, bufs = _map_matrix_leaves("Muon", dimension_numbers, updates, leaf_update, state.momentum_buffer)
         count = optax.safe_increment(state.count)
-        return treedef.unflatten(out), ScaleByMuonState(count=count, momentum_buffer=treedef.unflatten(new_bufs))
+        return out, ScaleByMuonState(count=count, momentum_buffer=bufs)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -570,24 +572,18 @@ def scale_by_deva_sinf(
     )
 
     def init_fn(params: Any) -> ScaleByDeVASinfState:
-        leaves, treedef, dims = _resolve_dims(dimension_numbers, params)
-        states = []
-        for x, d in zip(leaves, dims):
-            if _is_masked(x):
-                states.append(x)
-                continue
-            lay = _require_matrix("DeVASinf", x, d)
+        def init_state(x: Any, lay: Any) -> tuple:
             like = jnp.zeros(_to_matrix(x, lay).shape, dtype=_default_state_dtype(x.dtype, state_dtype))
             # Built under jit so that every buffer has the same placement (the core passes device=
             # to its creation calls, which would commit some buffers and not others, and a jitted
             # update would then compile twice).
-            states.append(jax.jit(_deva.deva_sinf_init, static_argnums=(0, 2))(jnp, like, hp["max_precond_dim"]))
-        return ScaleByDeVASinfState(count=_zero_count(params), preconditioner=treedef.unflatten(states))
+            return (jax.jit(_deva.deva_sinf_init, static_argnums=(0, 2))(jnp, like, hp["max_precond_dim"]),)
+
+        (states,) = _map_matrix_leaves("DeVASinf", dimension_numbers, params, init_state)
+        return ScaleByDeVASinfState(count=_zero_count(params), preconditioner=states)
 
     def update_fn(updates: Any, state: ScaleByDeVASinfState, params: Any = None, **extra_args: Any) -> tuple:
         del params, extra_args
-        leaves, treedef, dims = _resolve_dims(dimension_numbers, updates)
-        states = treedef.flatten_up_to(state.preconditioner)
         hpn = _hp_for_scalars(hp)
         count = optax.safe_increment(state.count)
         t = count.astype(_float_dtype())
@@ -598,13 +594,8 @@ def scale_by_deva_sinf(
         if isinstance(hpn["shampoo_beta"], jax.Array):  # injected: "< 0 means beta2" decided in the graph
             sb_raw = jnp.where(hpn["shampoo_beta"] < 0, hpn["beta2"], hpn["shampoo_beta"])
         factor = _deva.deva_sinf_step_factor(hpn, k, jnp)
-        out, new_states = [], []
-        for g, d, st in zip(leaves, dims, states):
-            if _is_masked(g):
-                out.append(g)
-                new_states.append(st)
-                continue
-            lay = _require_matrix("DeVASinf", g, d)
+
+        def leaf_update(g: Any, lay: Any, st: dict) -> tuple:
             sd = st["exp_avg"].dtype
             g3 = _to_matrix(g.astype(sd), lay)
             fi, fo = lay.fans
@@ -637,9 +628,10 @@ def scale_by_deva_sinf(
 
             delta, new = jax.lax.switch(index, [seed, make_update(False), make_update(True)], st)
             d = _from_matrix(delta, lay)
-            out.append(d.astype(g.dtype) if _leaf_dtype_out else d)
-            new_states.append(new)
-        return treedef.unflatten(out), ScaleByDeVASinfState(count=count, preconditioner=treedef.unflatten(new_states))
+            return (d.astype(g.dtype) if _leaf_dtype_out else d), new
+
+        out, states = _map_matrix_leaves("DeVASinf", dimension_numbers, updates, leaf_update, state.preconditioner)
+        return out, ScaleByDeVASinfState(count=count, preconditioner=states)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -694,17 +686,11 @@ def _lr_and_decay_after(learning_rate: ScalarOrSchedule, weight_decay: Any, mask
 
 
 def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any) -> Any:
-    name = fallback or spec.fallback
-    fspec = get_spec(name)
-    if not isinstance(fspec, ElementwiseSpec):
-        raise ValueError(f"{spec.title}: fallback={name!r} is invalid: expected an elementwise optimizer")
-    hp = dict(fspec.defaults)
-    if fspec is get_spec(spec.fallback):  # the spec's own fallback comes with the spec's overrides
-        hp.update(spec.fallback_defaults)
     user = dict(fallback_hyperparams or {})
     if "learning_rate" in user:
         user["lr"] = user.pop("learning_rate")
-    hp.update(user)
+    fspec, given = spec.resolve_fallback(fallback or None, user)
+    hp = {**fspec.defaults, **given}
     lr = hp.pop("lr")
     return _ALIASES[fspec.name](lr, **hp, mask=mask, state_dtype=state_dtype)
 

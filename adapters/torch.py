@@ -199,8 +199,8 @@ class XPOptimizer(Optimizer):
         defaults.update(maximize=maximize, state_dtype=state_dtype, compile=compile, rule=spec.name)
         if isinstance(spec, MatrixSpec):
             fb_name = spec.fallback if fallback is None else fallback
-            fb = self._fallback_spec(fb_name, where)
-            fb_hp = dict(spec.fallback_defaults) if fb_name == spec.fallback else {}
+            self._fallback_spec(fb_name, where)  # torch's own restriction (no rule with extra inputs), then the core's
+            fb, fb_hp = spec.resolve_fallback(fb_name)  # user values in group form (betas=) are checked below
             fb_hp.update(fallback_hyperparams or {})
             _normalize_betas(fb, fb_hp, f"{where} fallback {fb.title}")
             fb_full = {**_to_group_form(fb, fb.defaults), **fb_hp}
@@ -703,9 +703,7 @@ def matrix_param_groups(
     if mat:
         groups.append({"params": mat, "param_names": mat_names, "rule": spec.name, **dict(matrix_hyperparams or {})})
     if other:
-        g = {"params": other, "param_names": other_names, "rule": fb}
-        if fb == spec.fallback:
-            g.update(spec.fallback_defaults)
+        g = {"params": other, "param_names": other_names, "rule": fb, **spec.resolve_fallback(fb)[1]}
         g.update(dict(fallback_hyperparams or {}))
         groups.append(g)
     return groups

@@ -128,13 +128,29 @@ def _validate(name: str, hyperparams: tuple[Hyper, ...], check: Callable | None,
     return out
 
 
+class _HyperparamsMixin:
+    """``validate`` and ``defaults``, the same for every spec (fields ``title``, ``hyperparams``, ``check``)."""
+
+    title: str
+    hyperparams: tuple[Hyper, ...]
+    check: Callable[[dict], None] | None
+
+    def validate(self, **hp: Any) -> dict:
+        """Fill defaults and validate; returns the full hyperparameter dict."""
+        return _validate(self.title, self.hyperparams, self.check, hp)
+
+    @property
+    def defaults(self) -> dict:
+        return {h.name: h.default for h in self.hyperparams}
+
+
 # ----------------------------------------------------------------------------------------------
 # Elementwise specs
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class ElementwiseSpec:
+class ElementwiseSpec(_HyperparamsMixin):
     """Spec of an elementwise optimizer.
 
     Attributes:
@@ -171,14 +187,6 @@ class ElementwiseSpec:
     check: Callable[[dict], None] | None = None
     fusable: Callable[[dict], bool] | bool = True
     kind: str = "elementwise"
-
-    def validate(self, **hp: Any) -> dict:
-        """Fill defaults and validate; returns the full hyperparameter dict."""
-        return _validate(self.title, self.hyperparams, self.check, hp)
-
-    @property
-    def defaults(self) -> dict:
-        return {h.name: h.default for h in self.hyperparams}
 
     def static(self, hp: Mapping[str, Any]) -> dict:
         """The static switches ``direction`` takes as keyword arguments (others only shape scalars)."""
@@ -275,7 +283,7 @@ def make_direction_kernel(spec: ElementwiseSpec, xp: Any, static: Mapping[str, A
 
 
 @dataclasses.dataclass(frozen=True)
-class MatrixSpec:
+class MatrixSpec(_HyperparamsMixin):
     """Spec of a matrix optimizer (Muon, DeVA_Sinf).
 
     Attributes:
@@ -296,15 +304,44 @@ class MatrixSpec:
     check: Callable[[dict], None] | None = None
     kind: str = "matrix"
 
-    def validate(self, **hp: Any) -> dict:
-        return _validate(self.title, self.hyperparams, self.check, hp)
-
-    @property
-    def defaults(self) -> dict:
-        return {h.name: h.default for h in self.hyperparams}
-
     def static(self, hp: Mapping[str, Any]) -> dict:
         return {h.name: hp[h.name] for h in self.hyperparams if h.static}
+
+    def resolve_fallback(self, fallback: str | None = None, hyperparams: Mapping[str, Any] | None = None) -> tuple[ElementwiseSpec, dict]:
+        """The elementwise rule for the non-matrix parameters, and the hyperparameters given for it.
+
+        ``fallback_defaults`` apply only when the rule is the spec's own fallback (by name or title), restricted to
+        the hyperparameters that rule has; ``hyperparams`` go over them.
+
+        Args:
+            fallback: registry name or title of the rule; None: ``self.fallback``.
+            hyperparams: the user's hyperparameters for the rule (spec names).
+
+        Returns:
+            ``(fallback_spec, hp)``. ``hp`` holds the given values only (``fallback_defaults``, then
+            ``hyperparams``), not the rule's own defaults, so adapters can put per-group values over it; it has
+            passed ``fallback_spec.validate`` (``fallback_spec.validate(**hp)`` is the full dict).
+
+        Raises:
+            ValueError: ``fallback`` is unknown or not an elementwise rule; a hyperparameter value is invalid.
+            TypeError: a hyperparameter the rule does not have.
+        """
+        from . import ELEMENTWISE, get_spec  # noqa: PLC0415  (the registry's package imports this module)
+
+        name = self.fallback if fallback is None else fallback
+        try:
+            spec = get_spec(name)
+        except ValueError:
+            spec = None
+        if not isinstance(spec, ElementwiseSpec):
+            raise ValueError(f"{self.title}: fallback={name!r} is invalid: expected an elementwise optimizer, one of {list(ELEMENTWISE)}")
+        hp: dict = {}
+        if spec is get_spec(self.fallback):
+            known = {h.name for h in spec.hyperparams}
+            hp = {k: v for k, v in self.fallback_defaults.items() if k in known}
+        hp.update(hyperparams or {})
+        spec.validate(**hp)
+        return spec, hp
 
 
 # ----------------------------------------------------------------------------------------------

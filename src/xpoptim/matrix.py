@@ -295,8 +295,8 @@ class Trajectory:
 def _route(spec: ElementwiseSpec | MatrixSpec, hp: Mapping[str, Any], param: Any) -> tuple:
     """(spec, validated hp) serving ``param``: matrix rules take ndim >= 2, the rest goes to the fallback."""
     if isinstance(spec, MatrixSpec) and param.ndim < 2:
-        fb = get_spec(spec.fallback)
-        return fb, fb.validate(**dict(spec.fallback_defaults))
+        fb, base = spec.resolve_fallback()
+        return fb, fb.validate(**base)
     return spec, spec.validate(**dict(hp))
 
 
