@@ -374,7 +374,7 @@ class XPOptimizer(Optimizer):
                 per_bucket = []
                 to_check = []
                 for b, idx in zip(buckets, perms):
-                    bg = [agrads[i] for i in idx]
+                    bg = agrads if idx is None else [agrads[i] for i in idx]
                     ok = _eng.grads_in_place(b, bg)
                     per_bucket.append((bg, ok))
                     if not all(ok):  # our own flat-buffer views were checked when they were made
@@ -404,6 +404,8 @@ class XPOptimizer(Optimizer):
                 buckets = self._make_buckets(gspec, active, group["state_dtype"])
                 index = {id(p): i for i, p in enumerate(active)}
                 perms = [[index[id(p)] for p in b.params] for b in buckets]
+                # None: the bucket holds every active parameter in order (one bucket, the common case).
+                perms = [None if idx == list(range(len(active))) else idx for idx in perms]
                 cache[gi] = (active, buckets, group["state_dtype"], perms, state, -1)
                 per_bucket = []
                 for b in buckets:
