@@ -226,6 +226,13 @@ def construct(subject: Subject, on_error: Callable[[BaseException], None] | None
     return time.perf_counter() - t0
 
 
+#: Seconds to wait before a step whose framework differs from the previous step's (outside the timed region).
+#: XLA's CPU thread pool keeps spinning after a JAX step, and on 2 cores the next torch step pays for it: measured
+#: with torch 2.13 / jax 0.10.2, torch.optim.Muon's Newton-Schulz on 1024x1024 took 134 ms right after a jitted JAX
+#: Newton-Schulz, 95 ms after a 50 ms pause and 42 ms after 200 ms (42-46 ms on its own).
+SETTLE_S = 0.25
+
+
 def measure_interleaved(
     subjects: Sequence[Subject],
     *,
@@ -264,7 +271,12 @@ def measure_interleaved(
         if i in alive:
             alive.remove(i)
 
+    last = [None]
+
     def attempt(i: int) -> float | None:
+        if last[0] is not None and last[0] != subjects[i].framework and SETTLE_S > 0:
+            time.sleep(SETTLE_S)
+        last[0] = subjects[i].framework
         try:
             return subjects[i].time_once()
         except Exception as exc:  # a path that breaks is reported, never fatal
