@@ -229,8 +229,16 @@ def construct(subject: Subject, on_error: Callable[[BaseException], None] | None
 #: Seconds to wait before a step whose framework differs from the previous step's (outside the timed region).
 #: XLA's CPU thread pool keeps spinning after a JAX step, and on 2 cores the next torch step pays for it: measured
 #: with torch 2.13 / jax 0.10.2, torch.optim.Muon's Newton-Schulz on 1024x1024 took 134 ms right after a jitted JAX
-#: Newton-Schulz, 95 ms after a 50 ms pause and 42 ms after 200 ms (42-46 ms on its own).
+#: Newton-Schulz, 95 ms after a 50 ms pause and 42 ms after 200 ms (42-46 ms on its own). The wait is a busy loop,
+#: not a sleep: after a 0.25 s sleep an in-place pass over 28 MB took 5.9 ms instead of 0.3 ms (idle cores and
+#: parked thread pools wake slowly), after a 0.25 s busy wait 0.75 ms.
 SETTLE_S = 0.25
+
+
+def _settle(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def measure_interleaved(
@@ -275,7 +283,7 @@ def measure_interleaved(
 
     def attempt(i: int) -> float | None:
         if last[0] is not None and last[0] != subjects[i].framework and SETTLE_S > 0:
-            time.sleep(SETTLE_S)
+            _settle(SETTLE_S)
         last[0] = subjects[i].framework
         try:
             return subjects[i].time_once()
