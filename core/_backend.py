@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -113,6 +114,7 @@ def _numpy_erf(x: Any) -> Any:
 TORCH_CPU_ONEDNN = True
 
 _ONEDNN_BROKEN: list[str] = []
+_ONEDNN_OP: list[bool] = []  # whether this torch build has the op, looked up once
 
 
 def _torch_of(x: Any) -> Any:
@@ -130,7 +132,9 @@ def _use_onednn(torch: Any, a: Any, b: Any) -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if not _ONEDNN_OP:
+        _ONEDNN_OP.append(hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return _ONEDNN_OP[0]
 
 
 def _onednn_matmul(torch: Any, a: Any, b: Any) -> Any:
@@ -163,6 +167,11 @@ def _try_onednn(torch: Any, a: Any, b: Any) -> Any:
         return _onednn_matmul(torch, a, b)
     except (RuntimeError, NotImplementedError, AttributeError) as exc:  # an op this torch build lacks: never again
         _ONEDNN_BROKEN.append(repr(exc))
+        warnings.warn(
+            f"xpoptim: oneDNN float32 matmul failed ({exc!r}); using torch.matmul from now on",
+            UserWarning,
+            stacklevel=3,
+        )
         return None
 
 
