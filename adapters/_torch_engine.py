@@ -37,6 +37,21 @@ AUTO_COMPILE_MIN_NUMEL = 1 << 20
 
 _is = operator.is_
 _data_ptr = torch.Tensor.data_ptr
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _storage_uses(t: torch.Tensor | None) -> int:
+    """How many tensors hold ``t``'s storage (-1 when torch does not expose the count: every check then runs).
+
+    Every parameter (and gradient) view of a bucket holds one reference to the bucket's flat storage. Re-pointing
+    one of them elsewhere (``p.data = x``, ``p.grad.data = x``: what ``Module._apply`` does in ``model.half()``)
+    drops a reference, so an unchanged count lets a step skip the per-tensor pointer checks (one C call instead
+    of two Python passes over thousands of tensors, the dominant cost of a layout-C step). A change in the count
+    (a re-pointed view, or a new alias such as a live autograd graph) runs the full check, which is exact.
+    """
+    if t is None or _STORAGE_USE_COUNT is None:
+        return -1
+    return _STORAGE_USE_COUNT(t.untyped_storage()._cdata)
 
 
 def state_dtype_for(param: torch.Tensor, option: Any) -> torch.dtype:
@@ -132,7 +147,9 @@ class Bucket:
         "flat_extras",
         "grad_views",
         "grad_ptrs",
+        "grad_uses",
         "param_ptrs",
+        "param_uses",
         "state_refs",
         "step_tensor",
         "t",
@@ -198,6 +215,7 @@ def build_bucket(
         st["state_version"] = STATE_VERSION
         b.state_refs.append(st)
     b.param_ptrs = [p.data_ptr() for p in params]
+    b.param_uses = b.grad_uses = -2  # no count seen yet: the first checks are the full ones
     return b
 
 
@@ -206,8 +224,16 @@ def bucket_is_valid(b: Bucket) -> bool:
 
     The caller also checks that the set of parameters with gradients and the optimizer's state container are
     unchanged (state replaced by ``load_state_dict`` or ``__setstate__`` invalidates every bucket).
+
+    The per-parameter pointer check runs only when the number of tensors holding the flat storage changed since
+    the last check that passed (see ``_storage_uses``).
     """
-    return list(map(_data_ptr, b.params)) == b.param_ptrs
+    uses = _storage_uses(b.flat_p)
+    if uses >= 0 and uses == b.param_uses:
+        return True
+    ok = list(map(_data_ptr, b.params)) == b.param_ptrs
+    b.param_uses = uses if ok else -2
+    return ok
 
 
 def grads_in_place(b: Bucket, grads: Sequence[torch.Tensor]) -> list[bool]:
@@ -219,8 +245,14 @@ def grads_in_place(b: Bucket, grads: Sequence[torch.Tensor]) -> list[bool]:
     if b.flat_g is None:
         return [False] * len(grads)
     same = list(map(_is, grads, b.grad_views))
-    if all(same) and list(map(_data_ptr, grads)) == b.grad_ptrs:
-        return same  # the common case: every grad is still our view
+    if all(same):  # the common case: every grad is still our view object; is each still on our memory?
+        uses = _storage_uses(b.flat_g)
+        if uses >= 0 and uses == b.grad_uses:
+            return same
+        if list(map(_data_ptr, grads)) == b.grad_ptrs:
+            b.grad_uses = uses
+            return same
+        b.grad_uses = -2
     return [s and g.data_ptr() == ptr for s, g, ptr in zip(same, grads, b.grad_ptrs)]
 
 

@@ -665,3 +665,63 @@ def test_parameter_appended_to_a_group_list_joins_the_flat_layout(name):
     assert len(opt.state[extra]) > 0
     for p, q in zip(params + [extra], twin):
         np.testing.assert_array_equal(p.detach().numpy(), q.detach().numpy())
+
+
+def _adamw_pair(n=4, size=6):
+    """Our AdamW (one flat bucket of ``n`` parameters) and torch.optim.AdamW (for-loop) on equal copies."""
+    torch.manual_seed(3)
+    ours = [torch.randn(size, requires_grad=True) for _ in range(n)]
+    ref = _clone(ours)
+    return ours, ref, xt.AdamW(ours, lr=0.1, compile=False), torch.optim.AdamW(ref, lr=0.1, foreach=False)
+
+
+def _step_both(ours, ref, oa, ob, k):
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        g = torch.full_like(a, 0.1 * (k + 1) * (i + 1)) + torch.linspace(-1, 1, a.numel())
+        if a.grad is None:
+            a.grad = g.clone()
+        else:
+            a.grad.copy_(g)  # keeps p.grad the bucket's view (the fast path after the first step)
+        b.grad = g.clone()
+    oa.step()
+    ob.step()
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["no-alias", "alias-held"])
+def test_repointed_param_data_is_stepped(alias):
+    """``p.data = x`` (what ``Module._apply`` does in ``model.double()``) after steps re-lays the bucket out:
+    the step updates the new tensor, and the trajectory stays torch.optim.AdamW's. With ``alias-held`` a tensor
+    sharing the flat storage is created in the same interval (a different number of new aliases than re-pointed
+    parameters), so the storage reference count changes and the exact per-parameter check runs."""
+    ours, ref, oa, ob = _adamw_pair()
+    for k in range(2):
+        _step_both(ours, ref, oa, ob, k)
+    keep = [ours[0].detach(), ours[1].detach()] if alias else []  # two new aliases of the flat storage
+    ours[2].data = ours[2].data.clone()  # one parameter leaves the flat buffer
+    ref[2].data = ref[2].data.clone()
+    for k in range(2, 5):
+        _step_both(ours, ref, oa, ob, k)
+    del keep
+    for k in range(5, 7):
+        _step_both(ours, ref, oa, ob, k)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_repointed_grad_view_data_is_read():
+    """``p.grad.data = x`` on the bucket's own gradient view (``Module._apply`` does this to gradients): the step
+    reads ``x``, not the stale buffer."""
+    ours, ref, oa, ob = _adamw_pair()
+    for k in range(2):
+        _step_both(ours, ref, oa, ob, k)
+    for k in range(2, 5):
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            g = torch.linspace(-2, 3, a.numel()) * (k - i)
+            a.grad.data = g.clone() if i == 1 else a.grad.data  # only parameter 1's gradient leaves the buffer
+            if i != 1:
+                a.grad.copy_(g)
+            b.grad = g.clone()
+        oa.step()
+        ob.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
