@@ -15,6 +15,7 @@ import threading
 import types
 import warnings
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from typing import Any
 
 import array_api_compat.torch as txp
@@ -37,6 +38,10 @@ AUTO_COMPILE_MIN_NUMEL = 1 << 20
 
 _is = operator.is_
 _data_ptr = torch.Tensor.data_ptr
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_LAYOUT = operator.attrgetter("layout")
 _STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -150,6 +155,7 @@ class Bucket:
         "grad_uses",
         "param_ptrs",
         "param_uses",
+        "fresh_steps",
         "state_refs",
         "step_tensor",
         "t",
@@ -216,6 +222,7 @@ def build_bucket(
         b.state_refs.append(st)
     b.param_ptrs = [p.data_ptr() for p in params]
     b.param_uses = b.grad_uses = -2  # no count seen yet: the first checks are the full ones
+    b.fresh_steps = 0
     return b
 
 
@@ -256,20 +263,51 @@ def grads_in_place(b: Bucket, grads: Sequence[torch.Tensor]) -> list[bool]:
     return [s and g.data_ptr() == ptr for s, g, ptr in zip(same, grads, b.grad_ptrs)]
 
 
+def grads_match(b: Bucket, grads: Sequence[torch.Tensor], idx: Sequence[int] | None = None) -> bool:
+    """Are ``grads`` (those of parameters ``idx`` of the bucket, all when ``None``) dense tensors of their
+    parameters' shape, dtype and device? Checked in bulk (a few C-level passes instead of a Python loop over
+    thousands of gradients); the caller runs its per-gradient loop only to name the culprit when this is False."""
+    shapes = b.shapes if idx is None else [b.shapes[i] for i in idx]
+    return (
+        all(map(_is, map(_LAYOUT, grads), repeat(torch.strided)))
+        and list(map(_SHAPE, grads)) == shapes
+        and all(map(_is, map(_DTYPE, grads), repeat(b.dtype)))
+        and all(map(operator.eq, map(_DEVICE, grads), repeat(b.device)))
+    )
+
+
+#: After this many consecutive steps in which every gradient was a fresh tensor (``zero_grad(set_to_none=True)``,
+#: torch's default), a bucket stops re-pointing ``p.grad`` to its views (the next ``zero_grad`` would drop them):
+#: one Python assignment per parameter saved. It re-points again every ``REPOINT_EVERY`` steps, so a loop that
+#: switches to ``set_to_none=False`` returns to the no-gather path.
+FRESH_STEPS_BEFORE_NO_REPOINT = 2
+REPOINT_EVERY = 64
+
+
 def _gather_grads(b: Bucket, grads: Sequence[torch.Tensor], ok: Sequence[bool]) -> None:
     """Copy gradients that are not the bucket's views into the flat buffer (one foreach copy) and re-point
     ``p.grad`` to the views, so that backward passes accumulate in place while the grads are kept."""
     if all(ok):
+        b.fresh_steps = 0
         return
-    bad = [i for i, fine in enumerate(ok) if not fine]
+    if not any(ok):
+        bad = range(len(ok))
+        views, new = b.grad_views, list(grads)
+        b.fresh_steps += 1
+    else:
+        bad = [i for i, fine in enumerate(ok) if not fine]
+        views, new = None, [grads[i] for i in bad]
+        b.fresh_steps = 0
     for i in bad:
         if b.grad_views[i] is grads[i]:  # the view's .data was swapped: make a fresh view of the buffer
             b.grad_views[i] = _view(b.flat_g, b.offsets[i], b.shapes[i].numel(), b.shapes[i])
             b.grad_ptrs[i] = b.grad_views[i].data_ptr()
-    views = [b.grad_views[i] for i in bad]
-    torch._foreach_copy_(views, [grads[i] for i in bad])
-    for i, view in zip(bad, views):
-        b.params[i].grad = view
+    if views is None:
+        views = [b.grad_views[i] for i in bad]
+    torch._foreach_copy_(views, new)
+    if b.fresh_steps <= FRESH_STEPS_BEFORE_NO_REPOINT or (b.t + 1) % REPOINT_EVERY == 0:
+        for i, view in zip(bad, views):
+            b.params[i].grad = view
 
 
 def run_bucket(

@@ -377,7 +377,10 @@ class XPOptimizer(Optimizer):
                     bg = agrads if idx is None else [agrads[i] for i in idx]
                     ok = _eng.grads_in_place(b, bg)
                     per_bucket.append((bg, ok))
-                    if not all(ok):  # our own flat-buffer views were checked when they were made
+                    if all(ok):  # our own flat-buffer views were checked when they were made
+                        continue
+                    bad = None if not any(ok) else [i for i, fine in enumerate(ok) if not fine]
+                    if not _eng.grads_match(b, bg if bad is None else [bg[i] for i in bad], bad):
                         to_check.extend((b.params[i], bg[i]) for i, fine in enumerate(ok) if not fine)
                 layout = (buckets, per_bucket)
             else:

@@ -725,3 +725,56 @@ def test_repointed_grad_view_data_is_read():
         ob.step()
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [torch.ones(7), torch.ones(6, dtype=torch.float64), torch.ones(6).to_sparse()],
+    ids=["shape", "dtype", "sparse"],
+)
+def test_bad_fresh_grad_in_a_cached_bucket_is_refused_without_changes(bad):
+    """Fresh gradients of a cached multi-parameter bucket are checked in bulk; one bad gradient among them is
+    named and refused before anything is written."""
+    ours, ref, oa, ob = _adamw_pair()
+    for k in range(3):
+        _step_both(ours, ref, oa, ob, k)
+    for a in ours:
+        a.grad = torch.ones_like(a)  # every gradient fresh (the set_to_none pattern)
+    if bad.layout == torch.strided:
+        ours[2].grad.data = bad  # torch refuses ``p.grad = bad`` itself; ``.data`` gets past its check
+    else:
+        ours[2].grad = bad
+    before = snapshot(oa)
+    with pytest.raises(ValueError, match="sparse gradients|does not match its parameter"):
+        oa.step()
+    assert_same_snapshot(before, snapshot(oa))
+
+
+def test_set_to_none_then_kept_grads_follow_torch_adamw():
+    """With ``zero_grad(set_to_none=True)`` the bucket gathers fresh gradients and, after a few such steps, leaves
+    ``p.grad`` as the caller's tensor; switching to ``set_to_none=False`` later still gives torch.optim.AdamW's
+    trajectory, and the gradients return to the bucket's views within ``REPOINT_EVERY`` steps."""
+    from xpoptim.adapters import _torch_engine as eng
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    twin = copy.deepcopy(model)
+    oa = xt.AdamW(model.parameters(), lr=0.01, compile=False)
+    ob = torch.optim.AdamW(twin.parameters(), lr=0.01, foreach=False)
+    x = torch.randn(16, 5)
+    n_fresh = eng.FRESH_STEPS_BEFORE_NO_REPOINT + 3
+    for k in range(n_fresh + eng.REPOINT_EVERY + 2):
+        fresh = k < n_fresh
+        for m, o in ((model, oa), (twin, ob)):
+            o.zero_grad(set_to_none=fresh)
+            (m(x * (1 + 0.01 * k)).tanh().sum()).backward()
+        if k == n_fresh - 1:
+            mine = [p.grad for p in model.parameters()]
+        oa.step()
+        ob.step()
+        if k == n_fresh - 1:  # no longer re-pointed: p.grad is still the tensor backward produced
+            assert all(p.grad is g for p, g in zip(model.parameters(), mine))
+    bucket = oa._xp_buckets[0][1][0]
+    assert all(p.grad is v for p, v in zip(bucket.params, bucket.grad_views))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
