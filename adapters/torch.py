@@ -24,7 +24,12 @@ Conventions of this adapter (the torch ones):
   and the rule runs once per buffer. Gradients are gathered into a flat gradient buffer and ``p.grad`` is
   re-pointed to its view, so later backward passes accumulate in place while the grads are kept (``zero_grad(
   set_to_none=False)``); with the default ``set_to_none=True`` each step pays one gather pass (a bucket of a single
-  parameter reads its gradient directly and never gathers). Holding on to an old ``p.data`` across a re-layout (the
+  parameter reads its gradient directly and never gathers), and after two such steps in a row ``p.grad`` is left
+  as the tensor backward made (re-pointed again every 64 steps, so a switch to ``set_to_none=False`` regains the
+  no-gather path). Re-pointing ``p.data`` or ``p.grad.data`` elsewhere (``Module._apply``, ``model.double()``) is
+  detected: per-tensor pointer checks run whenever the number of tensors sharing a flat buffer's storage has
+  changed since the last step (an unchanged count skips them; it can only miss a re-pointing if exactly as many
+  new aliases of that storage appeared in the same interval). Holding on to an old ``p.data`` across a re-layout (the
   set of parameters with gradients changed, or ``load_state_dict``) leaves you with a stale copy; ``p`` itself
   always holds the current values. ``compile=True``
   runs the kernel under ``torch.compile`` (one fused kernel, scalars passed as 0-D tensors so LR changes never

@@ -61,6 +61,26 @@ def test_chunked_equals_unchunked_exactly(name: str) -> None:
                     np.testing.assert_array_equal(v, runs[0][1]["state"][k][n])
 
 
+def test_default_threads_and_chunks_give_the_one_thread_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default NumPy buckets use the available cores (at most ``MAX_AUTO_THREADS``) with larger chunks; on a
+    bucket big enough to be shared between threads the bits are those of one thread over the whole bucket."""
+    monkeypatch.setattr(A.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    rng = np.random.default_rng(5)
+    n = 4 * A.DEFAULT_THREADED_CHUNK_SIZE + 123
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    auto, whole = p0.copy(), p0.copy()
+    oa = N.MVNGrad([auto], lr=1e-2)
+    ow = N.MVNGrad([whole], lr=1e-2, threads=1, chunk_size=None)
+    assert (oa.threads, oa.chunk_size) == (A.MAX_AUTO_THREADS, A.DEFAULT_THREADED_CHUNK_SIZE)
+    assert N.MVNGrad([p0.copy()], threads=1).chunk_size == A.DEFAULT_CHUNK_SIZE
+    for g in grads:
+        oa.step([g])
+        ow.step([g])
+    np.testing.assert_array_equal(auto, whole)
+    assert not np.array_equal(auto, p0)
+
+
 def test_segments_use_views_for_large_arrays_and_packs_for_small() -> None:
     big, small1, small2 = np.ones(200), np.ones(3), np.ones(4)
     opt = A.Adam([small1, big, small2], chunk_size=64)
