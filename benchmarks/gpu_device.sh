@@ -8,6 +8,9 @@
 #                                                                       JAX on GPU; about 5 minutes)
 #                            bash benchmarks/gpu_device.sh matrix      (the equivalence matrix on the GPU backends)
 #                            bash benchmarks/gpu_device.sh bench       (python -m benchmarks --device cuda)
+#                            bash benchmarks/gpu_device.sh quick       (all a 15-minute lease allows in one call:
+#                                                                       GPU tests, CuPy tests, elementwise GPU
+#                                                                       benchmark; about 9 minutes, time-boxed)
 #
 # Each stage writes its log and a tarball of its results to $OUT (the device tool brings back at most 8 files,
 # 2 folders deep), so a session unpacks them into benchmarks/results/<gpu>/ and commits them. Every stage fits
@@ -64,8 +67,21 @@ case "$stage" in
         PYTHONUNBUFFERED=1 python3 -m benchmarks --device cuda --out /tmp/bench-gpu "$@" 2>&1 | tee "$OUT/bench.log"
         tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu
         ;;
+    quick)
+        # One call for a whole 15-minute lease (machine start included): the GPU tests, then the elementwise GPU
+        # benchmark, each time-boxed so that the call ends inside the tool's 10-minute limit with its logs.
+        install
+        PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
+            2>&1 | tee "$OUT/gpu-tests.log" || true
+        PYTHONUNBUFFERED=1 timeout 120 python3 -m pytest -q -p no:cacheprovider \
+            tests/array_adapter/test_array_cupy.py tests/array_adapter/test_array_trajectories.py \
+            2>&1 | tee "$OUT/cupy-tests.log" || true
+        PYTHONUNBUFFERED=1 timeout 220 python3 -m benchmarks --device cuda --only elementwise --out /tmp/bench-gpu \
+            2>&1 | tee "$OUT/bench.log" || true
+        tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
+        ;;
     *)
-        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|matrix|bench [benchmark args]" >&2
+        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|matrix|bench|quick [benchmark args]" >&2
         exit 2
         ;;
 esac
