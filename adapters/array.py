@@ -531,7 +531,9 @@ class Optimizer:
                 pack.clear()
 
         for e in b.entries:
-            large = chunk is None or e.size >= chunk // 2
+            # Arrays of at least half a one-thread chunk are stepped through views of themselves (packing them
+            # would add a gather and a scatter pass), whatever the chunk size.
+            large = chunk is None or e.size >= min(chunk, DEFAULT_CHUNK_SIZE) // 2
             if large and self._viewable(e.array) and (chunk is not None or len(b.entries) == 1):
                 close()
                 segs.append(_Segment([e], e.offset, e.size, view=xp.reshape(e.array, (-1,))))
@@ -752,6 +754,11 @@ class Optimizer:
         scalars = step_scalars(b.spec, hp, t, HOST)
         chunk = self.chunk_size
         xnames = b.spec.extras
+        # NumPy with several threads: every chunk of every segment is one task (NumPy releases the GIL in its
+        # loops; tasks write disjoint slices, and each pack has its own buffers), so that many arrays smaller
+        # than a chunk (layout B) share the threads as well as one large array does.
+        threaded = self._kind == "numpy" and self.threads > 1
+        tasks: list = []
         for seg in b.segments:
             if seg.view is not None:
                 e = seg.entries[0]
@@ -759,19 +766,34 @@ class Optimizer:
                 p = seg.view
                 g = xp.reshape(g_list[i], (-1,))
                 xs = [xp.reshape(x_lists[n][i], (-1,)) for n in xnames]
-                self._run_span(b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk)
+                if threaded and chunk is not None and seg.size > chunk:
+                    for a in range(0, seg.size, chunk):
+                        z = min(seg.size, a + chunk)
+                        tasks.append((self._run_span, (b, kernel_slot, p[a:z], g[a:z], [x[a:z] for x in xs], seg.offset + a, z - a, scalars, None)))
+                else:
+                    tasks.append((self._run_span, (b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk)))
                 continue
-            # A pack: gather the small arrays, run, scatter back.
-            p, g, xs = self._gather(seg, g_list, x_lists, pos, xnames)
-            self._run_span(b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk)
-            if self._kind == "numpy":
-                for e in seg.entries:
-                    a = e.offset - seg.offset
-                    e.array[...] = p[a : a + e.size].reshape(e.shape)
-                continue
+            tasks.append((self._run_pack, (b, kernel_slot, seg, g_list, x_lists, pos, scalars, chunk)))
+        if threaded and len(tasks) > 1:
+            _tune_glibc_malloc()
+            list(_pool(self.threads).map(_call, tasks))
+        else:
+            for fn, args in tasks:
+                fn(*args)
+
+    def _run_pack(self, b: _Bucket, kernel_slot: list, seg: _Segment, g_list: list, x_lists: dict, pos: dict, scalars: tuple, chunk: int | None) -> None:
+        """A pack of small arrays: gather them into the pack's buffers, run the kernel, scatter back."""
+        xp = self.xp
+        p, g, xs = self._gather(seg, g_list, x_lists, pos, b.spec.extras)
+        self._run_span(b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk)
+        if self._kind == "numpy":
             for e in seg.entries:
                 a = e.offset - seg.offset
-                e.array[...] = _reshape(xp, p[a : a + e.size], e.shape)
+                e.array[...] = p[a : a + e.size].reshape(e.shape)
+            return
+        for e in seg.entries:
+            a = e.offset - seg.offset
+            e.array[...] = _reshape(xp, p[a : a + e.size], e.shape)
 
     def _gather(self, seg: _Segment, g_list: list, x_lists: dict, pos: dict, xnames: tuple) -> tuple:
         xp = self.xp
@@ -843,13 +865,8 @@ class Optimizer:
                 else:
                     b.state[k][off + a : off + z] = v
 
-        starts = range(0, n, step)
-        if self.threads > 1 and len(starts) >= 2 * self.threads:
-            # NumPy releases the GIL inside its loops: chunks are independent, write disjoint slices.
-            list(_pool(self.threads).map(run, starts))
-        else:
-            for a in starts:
-                run(a)
+        for a in range(0, n, step):
+            run(a)
 
     # -- state dict ---------------------------------------------------------------------------
 
@@ -1032,6 +1049,11 @@ def _tune_glibc_malloc() -> None:
         return
     for param, value in MALLOPT_SETTINGS:
         mallopt(param, value)
+
+
+def _call(task: tuple) -> Any:
+    fn, args = task
+    return fn(*args)
 
 
 def _pool(n: int) -> Any:
