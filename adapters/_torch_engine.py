@@ -298,10 +298,11 @@ def _gather_grads(b: Bucket, grads: Sequence[torch.Tensor], ok: Sequence[bool]) 
         bad = [i for i, fine in enumerate(ok) if not fine]
         views, new = None, [grads[i] for i in bad]
         b.fresh_steps = 0
-    for i in bad:
-        if b.grad_views[i] is grads[i]:  # the view's .data was swapped: make a fresh view of the buffer
-            b.grad_views[i] = _view(b.flat_g, b.offsets[i], b.shapes[i].numel(), b.shapes[i])
-            b.grad_ptrs[i] = b.grad_views[i].data_ptr()
+    if any(map(_is, grads, b.grad_views)):
+        for i in bad:
+            if b.grad_views[i] is grads[i]:  # the view's .data was swapped: make a fresh view of the buffer
+                b.grad_views[i] = _view(b.flat_g, b.offsets[i], b.shapes[i].numel(), b.shapes[i])
+                b.grad_ptrs[i] = b.grad_views[i].data_ptr()
     if views is None:
         views = [b.grad_views[i] for i in bad]
     torch._foreach_copy_(views, new)

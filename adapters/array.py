@@ -99,6 +99,7 @@ def _auto_threads() -> int:
         cores = os.cpu_count() or 1
     return max(1, min(MAX_AUTO_THREADS, cores))
 
+
 _LAYOUTS = ("out_in", "in_out")
 _GROUP_EXTRA_KEYS = ("params", "fallback_hyperparams")
 
