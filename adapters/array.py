@@ -1016,6 +1016,10 @@ class Optimizer:
 
 
 _POOLS: dict = {}
+if hasattr(os, "register_at_fork"):
+    # A forked child inherits the pools but not their threads: a task sent to one would never run. The child
+    # starts its own pools instead.
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 #: glibc ``mallopt`` settings applied once, the first time a NumPy bucket is stepped in chunks (``M_MMAP_THRESHOLD``

@@ -240,3 +240,30 @@ def test_chunked_numpy_step_tunes_glibc_malloc_and_can_be_refused() -> None:
         mapped[env_value] = int(out.stdout.split()[-1])
     assert mapped["1"] == 0
     assert mapped["0"] >= 3 << 20
+
+
+def _threaded_steps_in_child(queue) -> None:  # noqa: ANN001
+    p = np.zeros(4 * A.DEFAULT_THREADED_CHUNK_SIZE, np.float32)
+    opt = N.SGD([p], lr=0.5, threads=2)
+    opt.step([np.ones_like(p)])
+    queue.put(float(p[0]))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX) to test a forked child")
+def test_threaded_step_works_in_a_forked_child() -> None:
+    """A process forked after the parent used the thread pool must get its own pool (the inherited one has no
+    threads, and a task sent to it would never run)."""
+    import multiprocessing as mp
+
+    p = np.zeros(4 * A.DEFAULT_THREADED_CHUNK_SIZE, np.float32)
+    N.SGD([p], lr=0.5, threads=2).step([np.ones_like(p)])  # the parent's pool now exists
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_threaded_steps_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "the threaded step hung in the forked child"
+    assert queue.get(timeout=5) == -0.5
