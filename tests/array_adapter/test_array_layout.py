@@ -242,28 +242,42 @@ def test_chunked_numpy_step_tunes_glibc_malloc_and_can_be_refused() -> None:
     assert mapped["0"] >= 3 << 20
 
 
-def _threaded_steps_in_child(queue) -> None:  # noqa: ANN001
+_FORK_SCRIPT = """
+import multiprocessing as mp
+import numpy as np
+from xpoptim.adapters import array as A
+from xpoptim.adapters import numpy as N
+
+def child(queue):
     p = np.zeros(4 * A.DEFAULT_THREADED_CHUNK_SIZE, np.float32)
-    opt = N.SGD([p], lr=0.5, threads=2)
-    opt.step([np.ones_like(p)])
+    N.SGD([p], lr=0.5, threads=2).step([np.ones_like(p)])
     queue.put(float(p[0]))
 
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX) to test a forked child")
-def test_threaded_step_works_in_a_forked_child() -> None:
-    """A process forked after the parent used the thread pool must get its own pool (the inherited one has no
-    threads, and a task sent to it would never run)."""
-    import multiprocessing as mp
-
+if __name__ == "__main__":
     p = np.zeros(4 * A.DEFAULT_THREADED_CHUNK_SIZE, np.float32)
     N.SGD([p], lr=0.5, threads=2).step([np.ones_like(p)])  # the parent's pool now exists
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_threaded_steps_in_child, args=(queue,))
-    child.start()
-    child.join(timeout=60)
-    hung = child.is_alive()
-    if hung:
-        child.kill()
-    assert not hung, "the threaded step hung in the forked child"
-    assert queue.get(timeout=5) == -0.5
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+        raise SystemExit("HUNG")
+    print("child", queue.get(timeout=5))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX) to test a forked child")
+def test_threaded_step_works_in_a_forked_child(tmp_path) -> None:  # noqa: ANN001
+    """A process forked after the parent used the thread pool must get its own pool (the inherited one has no
+    threads, and a task sent to it would never run). Run in a fresh interpreter with NumPy alone, so that no
+    torch or JAX thread is alive at the fork."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "child -0.5"
