@@ -263,11 +263,15 @@ def grads_in_place(b: Bucket, grads: Sequence[torch.Tensor]) -> list[bool]:
     return [s and g.data_ptr() == ptr for s, g, ptr in zip(same, grads, b.grad_ptrs)]
 
 
-def grads_match(b: Bucket, grads: Sequence[torch.Tensor], idx: Sequence[int] | None = None) -> bool:
-    """Are ``grads`` (those of parameters ``idx`` of the bucket, all when ``None``) dense tensors of their
+def grads_match(b: Bucket, grads: Sequence[torch.Tensor], in_place: Sequence[bool]) -> bool:
+    """Are the gradients that are not the bucket's own views (``in_place`` False) dense tensors of their
     parameters' shape, dtype and device? Checked in bulk (a few C-level passes instead of a Python loop over
     thousands of gradients); the caller runs its per-gradient loop only to name the culprit when this is False."""
-    shapes = b.shapes if idx is None else [b.shapes[i] for i in idx]
+    if any(in_place):
+        bad = [i for i, fine in enumerate(in_place) if not fine]
+        grads, shapes = [grads[i] for i in bad], [b.shapes[i] for i in bad]
+    else:
+        shapes = b.shapes
     return (
         all(map(_is, map(_LAYOUT, grads), repeat(torch.strided)))
         and list(map(_SHAPE, grads)) == shapes

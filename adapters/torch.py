@@ -384,8 +384,7 @@ class XPOptimizer(Optimizer):
                     per_bucket.append((bg, ok))
                     if all(ok):  # our own flat-buffer views were checked when they were made
                         continue
-                    bad = None if not any(ok) else [i for i, fine in enumerate(ok) if not fine]
-                    if not _eng.grads_match(b, bg if bad is None else [bg[i] for i in bad], bad):
+                    if not _eng.grads_match(b, bg, ok):
                         to_check.extend((b.params[i], bg[i]) for i, fine in enumerate(ok) if not fine)
                 layout = (buckets, per_bucket)
             else:

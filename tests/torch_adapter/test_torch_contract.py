@@ -732,14 +732,15 @@ def test_repointed_grad_view_data_is_read():
     [torch.ones(7), torch.ones(6, dtype=torch.float64), torch.ones(6).to_sparse()],
     ids=["shape", "dtype", "sparse"],
 )
-def test_bad_fresh_grad_in_a_cached_bucket_is_refused_without_changes(bad):
-    """Fresh gradients of a cached multi-parameter bucket are checked in bulk; one bad gradient among them is
-    named and refused before anything is written."""
+@pytest.mark.parametrize("all_fresh", [True, False], ids=["all-fresh", "one-fresh"])
+def test_bad_fresh_grad_in_a_cached_bucket_is_refused_without_changes(bad, all_fresh):
+    """Fresh gradients of a cached multi-parameter bucket are checked in bulk (all of them, or only those that
+    are not the bucket's views); one bad gradient among them is named and refused before anything is written."""
     ours, ref, oa, ob = _adamw_pair()
     for k in range(3):
         _step_both(ours, ref, oa, ob, k)
-    for a in ours:
-        a.grad = torch.ones_like(a)  # every gradient fresh (the set_to_none pattern)
+    for a in ours if all_fresh else ours[2:3]:
+        a.grad = torch.ones_like(a)  # fresh gradients (the set_to_none pattern); the others stay the views
     if bad.layout == torch.strided:
         ours[2].grad.data = bad  # torch refuses ``p.grad = bad`` itself; ``.data`` gets past its check
     else:
