@@ -208,7 +208,7 @@ def test_conv_weight_flattening() -> None:
 
 
 def test_chunked_numpy_step_tunes_glibc_malloc_and_can_be_refused() -> None:
-    """The first chunked NumPy step sets glibc's mmap threshold to 4 MiB and its top pad (``A._tune_glibc_malloc``:
+    """The first chunked op-by-op NumPy step sets glibc's mmap threshold to 4 MiB and its top pad (``A._tune_glibc_malloc``:
     without them chunk temporaries can page-fault on every chunk, 3.5-6x slower); ``XPOPTIM_MALLOPT=0`` leaves
     malloc alone. Observed in fresh interpreters through glibc's ``mallinfo2``: after the step a 3 MiB allocation is
     served from the heap (no new mmapped bytes) when tuned, and mmapped under glibc's default threshold when not."""
@@ -227,7 +227,7 @@ def test_chunked_numpy_step_tunes_glibc_malloc_and_can_be_refused() -> None:
         "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks',"
         " 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
         "libc = ctypes.CDLL(None); libc.mallinfo2.restype = MI2\n"
-        "p = [np.zeros(1000)]; N.SGD(p, lr=0.5, chunk_size=100).step([np.ones(1000)])\n"
+        "p = [np.zeros(1000)]; N.SGD(p, lr=0.5, chunk_size=100, fuse=False).step([np.ones(1000)])\n"
         "assert A._MALLOPT_DONE == [True] and (p[0] == -0.5).all()\n"
         "before = libc.mallinfo2().hblkhd\n"
         "a = np.empty(3 << 20, np.uint8)\n"

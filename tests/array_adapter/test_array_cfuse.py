@@ -1,0 +1,235 @@
+"""The compiled NumPy step (``adapters._cfuse``): the same bits as the op-by-op NumPy path, for every elementwise rule.
+
+The op-by-op path runs the core kernel through NumPy (checked against float64 references in
+``test_array_trajectories.py`` and the equivalence matrix); the compiled path prints the same kernel as one C loop.
+Every IEEE operation rounds once in both, so the two must agree bit for bit, not to a tolerance. A float64 AdamW
+written from the paper's pseudo-code checks the compiled path on its own as well.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from xpoptim.adapters import _cfuse
+from xpoptim.adapters import array as A
+from xpoptim.core import SPECS, ElementwiseSpec
+
+NO_CC = "needs a C compiler (cc, gcc or clang on PATH, or $CC) to build the compiled NumPy step"
+needs_cc = pytest.mark.skipif(_cfuse.compiler() is None, reason=NO_CC)
+
+# One array past the test chunk (a flat view, split into threaded tasks), arrays packed together, a 0-D one.
+SHAPES = [(3000,), (7, 5), (), (40,), (2, 3, 4)]
+
+
+def _variants() -> list:
+    """Every elementwise rule with every combination of its static switches (invalid combinations dropped)."""
+    out = []
+    for name, spec in SPECS.items():
+        if not isinstance(spec, ElementwiseSpec):
+            continue
+        switches = [h for h in spec.hyperparams if h.static]
+        options = [h.choices if h.kind == "choice" else (False, True) for h in switches]
+        for combo in itertools.product(*options):
+            hp = {h.name: v for h, v in zip(switches, combo)}
+            if name == "sgd":
+                hp["momentum"] = 0.9
+            try:
+                spec.validate(**hp)
+            except ValueError:
+                continue
+            out.append(pytest.param(name, hp, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in hp.items()) or 'default'}"))
+    return out
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def _run(name: str, hp: dict, dtype: type, *, fuse: bool, maximize: bool = False, threads: int = 1, steps: int = 4) -> tuple:
+    rng = np.random.default_rng(7)
+    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    opt = A.create(name, params, maximize=maximize, fuse=fuse, threads=threads, chunk_size=1024, lr=0.01, **hp)
+    extras = {n: None for n in opt.spec.extras}
+    for t in range(steps):
+        grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+        grads[0][:50] = 0  # exact zeros: the 0/0 guards of the sign / variance rules
+        if t == 1:
+            grads[3][:] = 0
+        for n in extras:
+            extras[n] = [(np.abs(rng.standard_normal(s)) * 0.1).astype(dtype) for s in SHAPES]
+        opt.step(grads, **extras)
+    return params, opt
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("name", "hp"), _variants())
+def test_compiled_step_has_the_bits_of_the_numpy_step(name: str, hp: dict, dtype: type) -> None:
+    """Compiled and op-by-op NumPy trajectories are bitwise equal (parameters and state), maximize both ways."""
+    for maximize in (False, True):
+        fused_params, fused_opt = _run(name, hp, dtype, fuse=True, maximize=maximize, threads=2)
+        plain_params, plain_opt = _run(name, hp, dtype, fuse=False, maximize=maximize)
+        assert plain_opt.fused is False
+        if hp.get("adaptation") == "erf":
+            # erf is not an IEEE operation (NumPy takes SciPy's or math.erf): this variant stays op by op.
+            assert fused_opt.fused is False
+            assert "erf" in " ".join(fused_opt.fuse_notes)
+        else:
+            assert fused_opt.fused is True, fused_opt.fuse_notes
+        for a, b in zip(fused_params, plain_params):
+            assert np.array_equal(_bits(a), _bits(b))
+        sa, sb = fused_opt.state_dict()["state"], plain_opt.state_dict()["state"]
+        for key in sa:
+            for k in sa[key]:
+                assert np.array_equal(_bits(sa[key][k]), _bits(sb[key][k])), (key, k)
+
+
+@needs_cc
+def test_compiled_adamw_matches_a_float64_adamw_from_the_paper() -> None:
+    """AdamW (Loshchilov & Hutter, Alg. 2 with torch's eps placement), written out here in float64, 60 steps."""
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal(5000)
+    ours = [p.copy()]
+    opt = A.create("adamw", ours, lr=0.003, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    assert opt.fused is None or opt.fused is True  # compiled on the first step
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    ref = p.copy()
+    for t in range(1, 61):
+        g = rng.standard_normal(5000)
+        opt.step([g])
+        ref = ref * (1 - 0.003 * 0.1)
+        m = 0.8 * m + 0.2 * g
+        v = 0.99 * v + 0.01 * g * g
+        mhat, vhat = m / (1 - 0.8**t), v / (1 - 0.99**t)
+        ref = ref - 0.003 * mhat / (np.sqrt(vhat) + 1e-6)
+    assert opt.fused is True
+    np.testing.assert_allclose(ours[0], ref, rtol=1e-12, atol=1e-14)
+
+
+@needs_cc
+def test_numpy_scalar_hyperparameters_run_op_by_op_with_numpy_type_rules() -> None:
+    """A NumPy float64 ``lr`` promotes float32 arithmetic to float64 in NumPy (NEP 50): such a step is not run
+    by the float32 loop; it gives the op-by-op bits."""
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(2000).astype(np.float32)
+    grads = [rng.standard_normal(2000).astype(np.float32) for _ in range(3)]
+    out = []
+    for fuse in (True, False):
+        p = [p0.copy()]
+        opt = A.create("adam", p, lr=np.float64(0.01), fuse=fuse)
+        for g in grads:
+            opt.step([g])
+        out.append(p[0])
+    assert np.array_equal(_bits(out[0]), _bits(out[1]))
+
+
+@needs_cc
+def test_strided_gradients_and_mixed_dtypes() -> None:
+    """A non-contiguous gradient is read correctly; float16 parameters (float32 state) stay op by op, with a note."""
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal(4000).astype(np.float32)
+    outs = []
+    for fuse in (True, False):
+        p = [base.copy()]
+        opt = A.create("adamw", p, fuse=fuse, lr=0.01)
+        for _ in range(3):
+            g = rng.standard_normal(8000).astype(np.float32)[::2]  # strided view
+            opt.step([g])
+        outs.append(p[0])
+        rng = np.random.default_rng(2)
+        rng.standard_normal(4000)
+    assert np.array_equal(_bits(outs[0]), _bits(outs[1]))
+    h = [np.ones(10, np.float16)]
+    opt = A.create("adam", h)
+    opt.step([np.ones(10, np.float16)])
+    assert opt.fused is False
+    assert opt.fuse_notes == ["Adam float16: state dtype differs from the parameter dtype"]
+
+
+def test_without_a_compiler_the_step_runs_op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C compiler: the same numbers, op by op, and ``fuse_notes`` says why."""
+    monkeypatch.setattr(_cfuse, "_COMPILER", [None])
+    p = [np.linspace(-1, 1, 100)]
+    opt = A.create("sgd", p, lr=0.5)
+    opt.step([np.ones(100)])
+    np.testing.assert_array_equal(p[0], np.linspace(-1, 1, 100) - 0.5)
+    assert opt.fused is False
+    assert "no C compiler" in opt.fuse_notes[0]
+
+
+def test_a_failing_compiler_leaves_the_step_op_by_op(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A compiler that fails (here ``false``) is reported in ``fuse_notes``; the step still runs, op by op."""
+    false = __import__("shutil").which("false")
+    if false is None:
+        pytest.skip("needs the 'false' command")
+    monkeypatch.setattr(_cfuse, "_COMPILER", [false])
+    monkeypatch.setenv("XPOPTIM_CACHE_DIR", str(tmp_path))
+    p = [np.zeros(10)]
+    opt = A.create("sgd", p, lr=0.25)
+    opt.step([np.ones(10)])
+    np.testing.assert_array_equal(p[0], -0.25 * np.ones(10))
+    assert opt.fused is False and "failed" in opt.fuse_notes[0]
+
+
+# -- the C printer on its own: each operation against NumPy on the values where conventions differ -----------
+
+SPECIAL = [0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 1e-30, -1e30, 3.0]
+
+
+def _pairs(dtype: type) -> tuple:
+    a, b = zip(*itertools.product(SPECIAL, SPECIAL))
+    return np.array(a, dtype), np.array(b, dtype)
+
+
+OPS = {
+    "add": lambda xp: lambda a, b, s: (a + b, b),
+    "sub_scalar": lambda xp: lambda a, b, s: (s - a * (1 - s), b),
+    "div": lambda xp: lambda a, b, s: (a / b, b),
+    "sqrt_abs": lambda xp: lambda a, b, s: (xp.sqrt(xp.abs(a)) + abs(b), b),
+    "sign": lambda xp: lambda a, b, s: (xp.sign(a), b),
+    "maximum": lambda xp: lambda a, b, s: (xp.maximum(a, b), xp.minimum(a, b)),
+    "where": lambda xp: lambda a, b, s: (xp.where((a > b) | (a != a), a, 0 * b), xp.where(~(a <= s), b, -a)),
+    "powers": lambda xp: lambda a, b, s: (a**2 + b**0.5, a**-1 * s**2),
+}
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_printed_operations_follow_numpy_on_special_values(op: str, dtype: type) -> None:
+    """Signed zeros, infinities, NaN, tiny and huge values: each printed operation gives NumPy's bits."""
+    a, b = _pairs(dtype)
+    s = 0.7
+    with np.errstate(all="ignore"):
+        want = OPS[op](np)(a.copy(), b.copy(), s)
+    ck = _cfuse.compile_kernel(OPS[op], dtype, 2, 1, [0, 1])
+    x, y = a.copy(), b.copy()
+    ck(x.size, [x, y], ck.host_scalars((s,)))
+    for got, w in zip((x, y), want):
+        w = np.asarray(w, dtype)
+        nan = np.isnan(w)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(_bits(got[~nan]), _bits(w[~nan])), op
+
+
+@pytest.mark.parametrize(
+    ("kernel", "message"),
+    [
+        (lambda xp: lambda a, b, s: (xp.exp(a), b), "xp.exp"),
+        (lambda xp: lambda a, b, s: (a if a > 0 else b, b), "branches"),
+        (lambda xp: lambda a, b, s: (a**3, b), "power 3"),
+        (lambda xp: lambda a, b, s: (a * np.float64(2.0), b), "float64"),
+        (lambda xp: lambda a, b, s: (a, b > 0), "boolean"),
+        (lambda xp: lambda a, b, s: (xp.sqrt(s) * a, b), "sqrt of a"),
+        (lambda xp: lambda a, b, s: (a, math.sqrt(s) * b), "Python number"),
+    ],
+    ids=["exp", "python-if", "cube", "numpy-scalar", "bool-output", "sqrt-of-host-number", "math-sqrt"],
+)
+def test_the_tracer_refuses_what_it_cannot_print_exactly(kernel, message: str) -> None:
+    with pytest.raises(_cfuse.TraceError, match=message):
+        _cfuse.trace(kernel, 2, 1, [0, 1])
