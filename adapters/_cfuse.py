@@ -346,11 +346,12 @@ class CKernel:
         self._host_program = host_program
         self._n_inputs = n_inputs
         self._host_outputs = host_outputs
-        self._scalars = (ctypes.c_double * max(1, len(host_outputs)))()
+        self._host_type = ctypes.c_double * max(1, len(host_outputs))
 
-    def host_scalars(self, scalars: tuple) -> list | None:
-        """The doubles the loop reads, computed in Python as the op-by-op path computes them; ``None`` when a
-        runtime scalar is not a Python number (a NumPy scalar or a 0-D array follows other type rules)."""
+    def host_scalars(self, scalars: tuple) -> Any:
+        """The doubles the loop reads (a ctypes array), computed in Python as the op-by-op path computes them;
+        ``None`` when a runtime scalar is not a Python number (a NumPy scalar or a 0-D array follows other type
+        rules)."""
         if len(scalars) != self._n_inputs:
             return None
         values: list = list(scalars)
@@ -359,15 +360,12 @@ class CKernel:
                 return None
         for op, args in self._host_program:
             values.append(_HOST_OPS[op](*(values[a] if isinstance(a, int) else a[0] for a in args)))
-        return [float(values[i]) for i in self._host_outputs]
+        return self._host_type(*(float(values[i]) for i in self._host_outputs))
 
-    def __call__(self, n: int, arrays: list, host: list) -> None:
+    def __call__(self, n: int, arrays: list, host: Any) -> None:
         """Run the loop over ``n`` elements: ``arrays`` are C-contiguous and of :attr:`dtype`; ``host`` from
         :meth:`host_scalars`."""
-        sc = self._scalars
-        for i, v in enumerate(host):
-            sc[i] = v
-        self._fn(n, *(a.ctypes.data for a in arrays), sc)
+        self._fn(n, *(a.ctypes.data for a in arrays), host)
 
 
 def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np.dtype) -> tuple[str, list, list]:

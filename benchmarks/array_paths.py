@@ -51,9 +51,10 @@ def _sync(xp: Any):
 
 
 def ours_paths(device: str) -> list[tuple[str, dict]]:
-    """The array adapter's paths: NumPy (chunked, threaded) on CPU; CuPy fused and op by op on CUDA."""
+    """The array adapter's paths: NumPy compiled (one C loop, the default) and op by op (chunked, threaded) on CPU;
+    CuPy fused and op by op on CUDA."""
     if device == "cpu":
-        return [("numpy", {})]
+        return [("numpy compiled", {}), ("numpy op-by-op", {"fuse": False})]
     return [("cupy fused", {}), ("cupy op-by-op", {"fuse": False})]
 
 
