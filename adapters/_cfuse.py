@@ -534,28 +534,57 @@ def _machine_tag() -> str:
     return f"{sys.platform}|{os.uname().machine if hasattr(os, 'uname') else ''}|{model}"
 
 
+_PRIVATE_DIR: list[str] = []
+
+#: Seconds the C compiler may take for one kernel before the step gives up on it (and runs op by op).
+COMPILE_TIMEOUT_S = 120
+
+
+def _compile_into(directory: str, path: str, source: str, cc: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        src = os.path.join(tmp, "kernel.c")
+        with open(src, "w") as f:
+            f.write(source)
+        lib = os.path.join(tmp, "kernel.so")
+        try:
+            proc = subprocess.run([cc, *COMPILE_FLAGS, src, "-o", lib, "-lm"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise TraceError(f"{cc} took more than {COMPILE_TIMEOUT_S} s") from None
+        if proc.returncode != 0:
+            raise TraceError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+        os.replace(lib, path)  # atomic: another process sees the whole library or none
+
+
 def _build(source: str) -> Any:
     cc = compiler()
     if cc is None:
         raise TraceError("no C compiler found (set CC, or install cc/gcc/clang)")
     key = hashlib.sha256("\n".join((source, cc, " ".join(COMPILE_FLAGS), _machine_tag())).encode()).hexdigest()[:24]
+    name = f"xpoptim_{key}.so"
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]
         directory = _cache_dir()
-        path = os.path.join(directory, f"xpoptim_{key}.so")
-        if not os.path.exists(path):
-            os.makedirs(directory, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as tmp:
-                src = os.path.join(tmp, "kernel.c")
-                with open(src, "w") as f:
-                    f.write(source)
-                lib = os.path.join(tmp, "kernel.so")
-                proc = subprocess.run([cc, *COMPILE_FLAGS, src, "-o", lib, "-lm"], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise TraceError(f"{cc} failed: {proc.stderr.strip()[:500]}")
-                os.replace(lib, path)  # atomic: another process sees the whole library or none
-        fn = ctypes.CDLL(path).xpoptim_step
+        path = os.path.join(directory, name)
+        try:
+            if not os.path.exists(path):
+                _compile_into(directory, path, source, cc)
+        except OSError:
+            # The cache directory cannot be written (read-only home, say): build in a private directory of this
+            # process instead (never a predictable shared path: a library found there could be anyone's).
+            if not _PRIVATE_DIR:
+                _PRIVATE_DIR.append(tempfile.mkdtemp(prefix="xpoptim-cfuse-"))
+            path = os.path.join(_PRIVATE_DIR[0], name)
+            try:
+                if not os.path.exists(path):
+                    _compile_into(_PRIVATE_DIR[0], path, source, cc)
+            except OSError as exc:
+                raise TraceError(f"cannot write a compiled kernel: {exc}") from None
+        try:
+            fn = ctypes.CDLL(path).xpoptim_step
+        except (OSError, AttributeError) as exc:
+            raise TraceError(f"cannot load the compiled kernel {path}: {exc}") from None
         fn.restype = None
         _LOADED[key] = fn
         return fn

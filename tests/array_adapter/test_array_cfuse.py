@@ -176,6 +176,23 @@ def test_a_failing_compiler_leaves_the_step_op_by_op(monkeypatch: pytest.MonkeyP
     assert opt.fused is False and "failed" in opt.fuse_notes[0]
 
 
+@needs_cc
+def test_an_unwritable_cache_directory_falls_back_to_a_private_one(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``XPOPTIM_CACHE_DIR`` under a regular file cannot be created: the kernel is built in a private temporary
+    directory of the process and the step is still compiled."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XPOPTIM_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(_cfuse, "_LOADED", {})
+    monkeypatch.setattr(_cfuse, "_PRIVATE_DIR", [])
+    p = [np.zeros(10, np.float32)]
+    opt = A.create("sgd", p, lr=0.25)
+    opt.step([np.ones(10, np.float32)])
+    np.testing.assert_array_equal(p[0], np.full(10, -0.25, np.float32))
+    assert opt.fused is True
+    assert _cfuse._PRIVATE_DIR and not str(_cfuse._PRIVATE_DIR[0]).startswith(str(blocker))
+
+
 # -- the C printer on its own: each operation against NumPy on the values where conventions differ -----------
 
 SPECIAL = [0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 1e-30, -1e30, 3.0]
