@@ -330,7 +330,8 @@ def _c_literal(v: float | int) -> str:
 
 
 class CKernel:
-    """One compiled step loop: ``kernel(n, p, g, *extras, *state, *scalars)`` writes ``p`` and the state in place.
+    """One compiled step loop: ``kernel(n, p, g, *extras, *state, *scalars)`` writes ``p`` and the state in place;
+    :meth:`packed` runs it over many parameters given by address.
 
     Attributes:
         dtype: the one floating dtype of every array (float32 or float64).
@@ -338,8 +339,9 @@ class CKernel:
         n_arrays: number of array arguments (``p, g, *extras, *state``).
     """
 
-    def __init__(self, fn: Any, dtype: np.dtype, source: str, n_arrays: int, host_program: list, n_inputs: int, host_outputs: list) -> None:
+    def __init__(self, fn: Any, packed: Any, dtype: np.dtype, source: str, n_arrays: int, host_program: list, n_inputs: int, host_outputs: list) -> None:
         self._fn = fn
+        self._packed = packed
         self.dtype = dtype
         self.source = source
         self.n_arrays = n_arrays
@@ -366,6 +368,18 @@ class CKernel:
         """Run the loop over ``n`` elements: ``arrays`` are C-contiguous and of :attr:`dtype`; ``host`` from
         :meth:`host_scalars`."""
         self._fn(n, *(a.ctypes.data for a in arrays), host)
+
+    def packed(self, sizes: np.ndarray, pointers: np.ndarray, flat: list, host: Any) -> None:
+        """Run the loop over a pack of parameters updated where they are (no gather, no scatter).
+
+        Args:
+            sizes: int64, the element count of each parameter.
+            pointers: uintp, the address of each parameter's first element (C-contiguous, :attr:`dtype`).
+            flat: the other arrays (gradient, extras, state), C-contiguous, ``sizes.sum()`` elements each, the
+                parameters' elements one after another.
+            host: from :meth:`host_scalars`.
+        """
+        self._packed(sizes.size, sizes.ctypes.data, pointers.ctypes.data, *(a.ctypes.data for a in flat), host)
 
 
 def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np.dtype) -> tuple[str, list, list]:
@@ -434,19 +448,43 @@ def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np
             raise TraceError(f"no C form for {op}")
         body.append(f"    const {'int' if kind == 'b' else ctype} {name} = {expr};")
 
-    stores = []
-    for arr, out in outputs:
-        stores.append(f"    a{arr}[i] = {operand(out)};")
+    stores = [(arr, operand(out)) for arr, out in outputs]
+    consts = [f"  const {ctype} c{k} = ({ctype})sc[{k}];" for k in range(len(loop_reads))]
+
+    def loop(base: str, indent: str) -> list[str]:
+        # Every input element is read before any output is stored: in-place updates (and a gradient that is the
+        # parameter itself) see the values of the step's start, as in the op-by-op path.
+        return [
+            f"{indent}for (int64_t i = 0; i < n; ++i) {{",
+            *(f"{indent}  const {ctype} x{k} = {base}{k}[i];" for k in range(n_arrays)),
+            *(indent + line[2:] for line in body),
+            *(f"{indent}  {base}{arr}[i] = {value};" for arr, value in stores),
+            f"{indent}}}",
+        ]
+
     params = ", ".join(f"{ctype}* a{k}" for k in range(n_arrays))
+    flat = ", ".join(f"{ctype}* a{k}" for k in range(1, n_arrays))
     lines = [
         "#include <math.h>",
         "#include <stdint.h>",
+        "",
+        "/* One flat span: every array holds n elements. */",
         f"void xpoptim_step(int64_t n, {params}, const double* sc) {{",
-        *(f"  const {ctype} c{k} = ({ctype})sc[{k}];" for k in range(len(loop_reads))),
-        "  for (int64_t i = 0; i < n; ++i) {",
-        *(f"    const {ctype} x{k} = a{k}[i];" for k in range(n_arrays)),
-        *body,
-        *stores,
+        *consts,
+        *loop("a", "  "),
+        "}",
+        "",
+        "/* A pack of m parameters: each parameter its own array (pointers p[j], sizes sizes[j]); the gradient, the",
+        "   extra inputs and the state flat, the parameters one after another. */",
+        f"void xpoptim_step_packed(int64_t m, const int64_t* sizes, {ctype}* const* p, {flat}, const double* sc) {{",
+        *consts,
+        "  int64_t off = 0;",
+        "  for (int64_t j = 0; j < m; ++j) {",
+        "    const int64_t n = sizes[j];",
+        f"    {ctype}* b0 = p[j];",
+        *(f"    {ctype}* b{k} = a{k} + off;" for k in range(1, n_arrays)),
+        *loop("b", "    "),
+        "    off += n;",
         "  }",
         "}",
         "",
@@ -582,12 +620,14 @@ def _build(source: str) -> Any:
             except OSError as exc:
                 raise TraceError(f"cannot write a compiled kernel: {exc}") from None
         try:
-            fn = ctypes.CDLL(path).xpoptim_step
+            lib = ctypes.CDLL(path)
+            fns = (lib.xpoptim_step, lib.xpoptim_step_packed)
         except (OSError, AttributeError) as exc:
             raise TraceError(f"cannot load the compiled kernel {path}: {exc}") from None
-        fn.restype = None
-        _LOADED[key] = fn
-        return fn
+        for fn in fns:
+            fn.restype = None
+        _LOADED[key] = fns
+        return fns
 
 
 def compile_kernel(make_kernel: Callable[[Any], Callable], dtype: Any, n_arrays: int, n_scalars: int, write_to: list[int]) -> CKernel:
@@ -611,6 +651,7 @@ def compile_kernel(make_kernel: Callable[[Any], Callable], dtype: Any, n_arrays:
         raise TraceError(f"dtype {dtype} (compiled loops cover float32 and float64)")
     graph, outputs = trace(make_kernel, n_arrays, n_scalars, write_to)
     source, host_program, loop_reads = _emit(graph, n_arrays, n_scalars, outputs, dtype)
-    fn = _build(source)
+    fn, packed = _build(source)
     fn.argtypes = [ctypes.c_int64, *([ctypes.c_void_p] * n_arrays), ctypes.POINTER(ctypes.c_double)]
-    return CKernel(fn, dtype, source, n_arrays, host_program, n_scalars, loop_reads)
+    packed.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, *([ctypes.c_void_p] * (n_arrays - 1)), ctypes.POINTER(ctypes.c_double)]
+    return CKernel(fn, packed, dtype, source, n_arrays, host_program, n_scalars, loop_reads)

@@ -294,7 +294,7 @@ class _Entry:
 class _Segment:
     """A run of bucket elements: one array updated through a flat view, or a pack of arrays."""
 
-    __slots__ = ("entries", "offset", "size", "view", "buffers")
+    __slots__ = ("entries", "offset", "size", "view", "buffers", "pointers", "sizes")
 
     def __init__(self, entries: list, offset: int, size: int, view: Any = None) -> None:
         self.entries = entries
@@ -302,6 +302,8 @@ class _Segment:
         self.size = size
         self.view = view  # flat view of the single parameter (direct segments)
         self.buffers: dict | None = None  # reusable pack buffers (NumPy)
+        self.pointers: Any = None  # NumPy, compiled: the parameters' addresses (False: a pack it cannot take)
+        self.sizes: Any = None
 
 
 class _Bucket:
@@ -840,8 +842,21 @@ class Optimizer:
                 fn(*args)
 
     def _run_pack(self, b: _Bucket, kernel_slot: list, seg: _Segment, g_list: list, x_lists: dict, pos: dict, scalars: tuple, chunk: int | None) -> None:
-        """A pack of small arrays: gather them into the pack's buffers, run the kernel, scatter back."""
+        """A pack of small arrays: gather them into the pack's buffers, run the kernel, scatter back.
+
+        Compiled on NumPy, the parameters are updated where they are (the loop takes their addresses): only the
+        gradients (and extra inputs) are gathered, and nothing is scattered."""
         xp = self.xp
+        fused = kernel_slot[1]
+        if isinstance(fused, _cfuse.CKernel) and self._packable(seg, fused.dtype):
+            host = fused.host_scalars(scalars)
+            if host is not None:
+                _, g, xs = self._gather(seg, g_list, x_lists, pos, b.spec.extras, with_params=False)
+                flat = [g, *xs]
+                off, n = seg.offset, seg.size
+                flat.extend(b.state[k][off : off + n] for k in b.spec.state)
+                fused.packed(seg.sizes, seg.pointers, flat, host)
+                return
         p, g, xs = self._gather(seg, g_list, x_lists, pos, b.spec.extras)
         self._run_span(b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk)
         if self._kind == "numpy":
@@ -853,22 +868,35 @@ class Optimizer:
             a = e.offset - seg.offset
             e.array[...] = _reshape(xp, p[a : a + e.size], e.shape)
 
-    def _gather(self, seg: _Segment, g_list: list, x_lists: dict, pos: dict, xnames: tuple) -> tuple:
+    @staticmethod
+    def _packable(seg: _Segment, dtype: np.dtype) -> bool:
+        """Can the compiled loop update this pack's parameters through their addresses (every one C-contiguous, of
+        the loop's dtype)? Decided once per pack: a NumPy array's address, layout and dtype do not change while
+        the optimizer holds it (``resize`` refuses an array referenced elsewhere)."""
+        if seg.pointers is None:
+            ok = all(e.array.flags.c_contiguous and e.array.dtype == dtype for e in seg.entries)
+            seg.pointers = np.array([e.array.ctypes.data for e in seg.entries], dtype=np.uintp) if ok else False
+            seg.sizes = np.array([e.size for e in seg.entries], dtype=np.int64)
+        return seg.pointers is not False
+
+    def _gather(self, seg: _Segment, g_list: list, x_lists: dict, pos: dict, xnames: tuple, with_params: bool = True) -> tuple:
         xp = self.xp
         idx = [pos[id(e)] for e in seg.entries]
-        srcs = {"p": [seg.entries[k].array for k in range(len(idx))], "g": [g_list[i] for i in idx]}
+        srcs = {"p": [e.array for e in seg.entries]} if with_params else {}
+        srcs["g"] = [g_list[i] for i in idx]
         for n in xnames:
             srcs[n] = [x_lists[n][i] for i in idx]
         if self._kind == "numpy":
             if seg.buffers is None:
-                dtype = seg.entries[0].array.dtype
-                seg.buffers = {k: np.empty(seg.size, dtype=dtype) for k in srcs}
+                seg.buffers = {}
             for k, arrs in srcs.items():
-                np.concatenate([a.reshape(-1) for a in arrs], out=seg.buffers[k])
+                if k not in seg.buffers:
+                    seg.buffers[k] = np.empty(seg.size, dtype=seg.entries[0].array.dtype)
+                np.concatenate(arrs, axis=None, out=seg.buffers[k])
             bufs = seg.buffers
         else:
             bufs = {k: xp.concat([xp.reshape(a, (-1,)) for a in arrs]) for k, arrs in srcs.items()}
-        return bufs["p"], bufs["g"], [bufs[n] for n in xnames]
+        return bufs["p"] if with_params else None, bufs["g"], [bufs[n] for n in xnames]
 
     def _run_span(self, b: _Bucket, kernel_slot: list, p: Any, g: Any, xs: list, off: int, n: int, scalars: tuple, chunk: int | None) -> None:
         """Run the kernel over ``p[0:n]`` (flat, written in place) and state ``[off, off+n)``."""

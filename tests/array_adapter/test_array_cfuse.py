@@ -151,6 +151,32 @@ def test_strided_gradients_and_mixed_dtypes() -> None:
     assert opt.fuse_notes == ["Adam float16: state dtype differs from the parameter dtype"]
 
 
+@needs_cc
+def test_packs_update_parameters_where_they_are_or_gather_a_non_contiguous_one() -> None:
+    """Small arrays are packed: the compiled loop writes each contiguous one through its address (no scatter); a
+    pack holding a non-contiguous (Fortran-ordered) array is gathered and scattered as op by op. Both give the
+    op-by-op bits, in the user's own array objects."""
+    rng = np.random.default_rng(5)
+    base = [rng.standard_normal((6, 4)), rng.standard_normal(9), rng.standard_normal(()), rng.standard_normal((3, 5))]
+    runs = []
+    for fuse in (True, False):
+        for fortran in (False, True):
+            params = [np.array(a, order="F" if (fortran and a.ndim == 2) else "C") for a in base]
+            ids = [id(a) for a in params]
+            opt = A.create("adabelief", params, fuse=fuse, lr=0.05, weight_decay=0.1)
+            g_rng = np.random.default_rng(6)
+            for _ in range(4):
+                opt.step([g_rng.standard_normal(a.shape) for a in base])
+            assert [id(a) for a in params] == ids
+            assert params[0].flags.f_contiguous == fortran
+            runs.append((fuse, fortran, params, opt.fused))
+    reference = runs[2][2]  # op by op, C order
+    for fuse, fortran, params, fused in runs:
+        assert fused is fuse
+        for a, b in zip(params, reference):
+            assert np.array_equal(_bits(a), _bits(b)), (fuse, fortran)
+
+
 def test_without_a_compiler_the_step_runs_op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
     """No C compiler: the same numbers, op by op, and ``fuse_notes`` says why."""
     monkeypatch.setattr(_cfuse, "_COMPILER", [None])
