@@ -25,12 +25,13 @@ Layout (no math here; the rules are ``xpoptim.core``'s):
   (:mod:`xpoptim.adapters._cfuse`: traced on symbolic arrays, printed as IEEE-exact C, built with the
   system C compiler and cached on disk), which gives the op-by-op path's bits in one pass over memory; the
   ``fused`` attribute says whether every bucket runs that way and ``fuse_notes`` why not (no compiler, a
-  rule calling ``erf``, float16 parameters with float32 state, ``fuse=False``). Otherwise a bucket is
-  processed op by op in cache-sized chunks (``chunk_size``: 65536 elements by default, 262144
-  with several threads):
-  large C-contiguous arrays are updated through flat views of themselves (no gather), small arrays
-  are packed into a reusable chunk-sized buffer (one ``numpy.concatenate(out=)`` per pack) and
-  scattered back; chunks are shared by ``threads`` threads (NumPy releases the GIL in its loops; by
+  rule calling ``erf``, float16 parameters with float32 state, ``fuse=False``). Either way large
+  C-contiguous arrays are updated through flat views of themselves (no gather) and small arrays are
+  grouped in packs of about ``chunk_size`` elements (65536 by default, 262144 with several threads).
+  Compiled, the loop updates a pack's parameters through their addresses and only the gradients are
+  gathered (one ``numpy.concatenate(out=)`` into a reusable buffer); op by op, a pack's parameters are
+  gathered too and scattered back, and large arrays are processed in chunks of ``chunk_size``. Packs,
+  arrays and chunks are shared by ``threads`` threads (NumPy and the compiled loop release the GIL; by
   default the available cores, at most 2).
   State is kept in flat buffers per bucket. On CuPy (and other namespaces) a bucket
   is processed whole; on CuPy the core step kernel is compiled with ``cupy.fuse`` and writes its
@@ -842,7 +843,7 @@ class Optimizer:
                 fn(*args)
 
     def _run_pack(self, b: _Bucket, kernel_slot: list, seg: _Segment, g_list: list, x_lists: dict, pos: dict, scalars: tuple, chunk: int | None) -> None:
-        """A pack of small arrays: gather them into the pack's buffers, run the kernel, scatter back.
+        """A pack of small arrays: gather them into the pack's buffers, run the kernel, scatter back (op by op).
 
         Compiled on NumPy, the parameters are updated where they are (the loop takes their addresses): only the
         gradients (and extra inputs) are gathered, and nothing is scattered."""
