@@ -585,11 +585,15 @@ def _compile_into(directory: str, path: str, source: str, cc: str) -> None:
         with open(src, "w") as f:
             f.write(source)
         lib = os.path.join(tmp, "kernel.so")
-        try:
-            proc = subprocess.run([cc, *COMPILE_FLAGS, src, "-o", lib, "-lm"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise TraceError(f"{cc} took more than {COMPILE_TIMEOUT_S} s") from None
-        if proc.returncode != 0:
+        # A compiler that does not know -march=native (some clang builds on arm64) gets a second try without it.
+        for flags in (COMPILE_FLAGS, tuple(f for f in COMPILE_FLAGS if f != "-march=native")):
+            try:
+                proc = subprocess.run([cc, *flags, src, "-o", lib, "-lm"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise TraceError(f"{cc} took more than {COMPILE_TIMEOUT_S} s") from None
+            if proc.returncode == 0:
+                break
+        else:
             raise TraceError(f"{cc} failed: {proc.stderr.strip()[:500]}")
         os.replace(lib, path)  # atomic: another process sees the whole library or none
 

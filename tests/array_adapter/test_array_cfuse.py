@@ -203,6 +203,26 @@ def test_a_failing_compiler_leaves_the_step_op_by_op(monkeypatch: pytest.MonkeyP
 
 
 @needs_cc
+def test_a_compiler_without_march_native_gets_a_second_try(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Some compilers (clang on arm64) refuse ``-march=native``: the kernel is built without it."""
+    wrapper = tmp_path / "picky-cc"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = "-march=native" ] && { echo "unsupported option -march=native" >&2; exit 1; }; done\n'
+        f'exec {_cfuse.compiler()} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(_cfuse, "_COMPILER", [str(wrapper)])
+    monkeypatch.setattr(_cfuse, "_LOADED", {})
+    monkeypatch.setenv("XPOPTIM_CACHE_DIR", str(tmp_path / "cache"))
+    p = [np.zeros(10, np.float32)]
+    opt = A.create("sgd", p, lr=0.25)
+    opt.step([np.ones(10, np.float32)])
+    assert opt.fused is True, opt.fuse_notes
+    np.testing.assert_array_equal(p[0], np.full(10, -0.25, np.float32))
+
+
+@needs_cc
 def test_an_unwritable_cache_directory_falls_back_to_a_private_one(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """``XPOPTIM_CACHE_DIR`` under a regular file cannot be created: the kernel is built in a private temporary
     directory of the process and the step is still compiled."""
