@@ -9,8 +9,9 @@
   2-D leaf as a flax kernel ``(in, out)``, so the problem's ``(out, in)`` matrices are handed over
   transposed (and the updates transposed back): a wrong fan layout changes Muon's shape scale and fails.
 * ``array`` on ``numpy`` / ``array_api_strict`` / ``cupy``: ``xpoptim.adapters.array.create(name, params,
-  **hp)`` updating the arrays in place, ``opt.step(grads, grad_variance=...)``; and ``array.functional``
-  on JAX (the pure ``init``/``update`` layer).
+  **hp)`` updating the arrays in place, ``opt.step(grads, grad_variance=...)`` (on NumPy the compiled C loop
+  when a C compiler is found, on CuPy ``cupy.fuse``); ``array[op-by-op]`` on NumPy and CuPy: the same with
+  ``fuse=False``; and ``array.functional`` on JAX (the pure ``init``/``update`` layer).
 
 Adapters are imported lazily: one that cannot be imported is reported as not available, with the
 reason, and the rest of the matrix runs.
@@ -105,14 +106,14 @@ def _transpose_all(jnp: Any, tree: dict) -> dict:
     return {k: _transpose(jnp, v) for k, v in tree.items()}
 
 
-def _run_array(backend: Backend, config: Any, problem: Any, dtype: str, steps: int) -> Any:
+def _run_array(backend: Backend, config: Any, problem: Any, dtype: str, steps: int, fuse: bool = True) -> Any:
     from .matrix import Trajectory
 
     aa = _import("xpoptim.adapters.array")
     xp, dt, dev = backend.xp, backend.dtypes[dtype], backend.device
     # Fresh, writable copies: the stateful adapter updates the arrays in place.
     params = {k: xp.asarray(v, copy=True) for k, v in problem.init(xp, dt, dev).items()}
-    opt = aa.create(config.optimizer, params, **dict(config.hp))
+    opt = aa.create(config.optimizer, params, fuse=fuse, **dict(config.hp))
     variance = _needs_variance(config.optimizer)
     traj = Trajectory([_trajectory(params)], [])
     for t in range(1, steps + 1):
@@ -124,6 +125,10 @@ def _run_array(backend: Backend, config: Any, problem: Any, dtype: str, steps: i
         traj.losses.append(float(to_numpy(loss)))
         traj.params.append(_trajectory(params))
     return traj
+
+
+def _run_array_op_by_op(backend: Backend, config: Any, problem: Any, dtype: str, steps: int) -> Any:
+    return _run_array(backend, config, problem, dtype, steps, fuse=False)
 
 
 def _run_array_functional(backend: Backend, config: Any, problem: Any, dtype: str, steps: int) -> Any:
@@ -150,6 +155,7 @@ _PATHS = (
     ("torch.optim", "xpoptim.adapters.torch", ("torch",), _run_torch, False),
     ("optax", "xpoptim.adapters.optax", ("jax",), _run_optax, True),
     ("array", "xpoptim.adapters.array", ("numpy", "array_api_strict", "cupy"), _run_array, False),
+    ("array[op-by-op]", "xpoptim.adapters.array", ("numpy", "cupy"), _run_array_op_by_op, False),
     ("array.functional", "xpoptim.adapters.array", ("jax",), _run_array_functional, False),
 )
 
