@@ -17,9 +17,14 @@ Anything else (``exp``, ``erf``, casts, a Python ``if`` on an array, a NumPy sca
 and the caller runs the rule op by op instead. ``tests/array_adapter/test_array_cfuse.py`` checks the bits against
 the op-by-op path for every elementwise rule.
 
-The compiled library is cached by a hash of its source, the compiler and the flags (``XPOPTIM_CACHE_DIR``, default
-``~/.cache/xpoptim``); ``CC`` chooses the compiler (default ``cc``). Calls go through ``ctypes``, which releases the
-GIL, so the adapter's threads run chunks of one bucket in parallel.
+Each library has two entry points: ``xpoptim_step`` over one flat span (every array ``n`` elements), and
+``xpoptim_step_packed`` over a pack of parameters given by address (each its own array; gradient, extra inputs and
+state flat), so that small arrays are updated where they are, with no gather or scatter of the parameters.
+
+The compiled library is cached by a hash of its source, the compiler, the flags and the CPU (``XPOPTIM_CACHE_DIR``,
+default ``~/.cache/xpoptim``; a private temporary directory when that cannot be written); ``CC`` chooses the compiler
+(default ``cc``). Calls go through ``ctypes``, which releases the GIL, so the adapter's threads run chunks of one
+bucket in parallel.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TraceError", "CKernel", "compile_kernel", "compiler", "COMPILE_FLAGS"]
+__all__ = ["TraceError", "CKernel", "trace", "compile_kernel", "compiler", "COMPILE_FLAGS", "COMPILE_TIMEOUT_S"]
 
 #: IEEE-exact code: no contraction into FMA, no fast-math; errno-free sqrt lets the loop vectorise.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
