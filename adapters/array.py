@@ -371,8 +371,8 @@ class Optimizer:
             on disk under ``$XPOPTIM_CACHE_DIR``, default ``~/.cache/xpoptim``). Without a compiler, or
             ``fuse=False``, the step runs op by op (same numbers).
         threads: NumPy: threads sharing the chunks of one bucket (NumPy and the compiled loop release the
-            GIL; the chunks write disjoint slices, so the bits do not depend on it; compiled buckets are split into
-            tasks of ``COMPILED_TASK_SIZE`` elements). Default
+            GIL; the chunks write disjoint slices, so the bits do not depend on it; compiled buckets run in tasks of
+            about ``COMPILED_TASK_SIZE`` elements: large arrays split, small ones grouped). Default
             ``None``: the cores available to the process, at most ``MAX_AUTO_THREADS`` (2; measured
             1.3-1.5x faster than one thread on an idle 2-core machine, slower on a busy one: pass
             ``threads=1`` there). Ignored elsewhere.
@@ -815,11 +815,13 @@ class Optimizer:
         # loops; tasks write disjoint slices, and each pack has its own buffers), so that many arrays smaller
         # than a chunk (layout B) share the threads as well as one large array does.
         threaded = self._kind == "numpy" and self.threads > 1
-        if threaded and chunk is not None and isinstance(kernel_slot[1], _cfuse.CKernel):
+        compiled = isinstance(kernel_slot[1], _cfuse.CKernel)
+        if threaded and chunk is not None and compiled:
             # One compiled pass is bandwidth-bound: larger tasks (fewer hand-offs) measured faster (16M AdamW, 2
             # threads: 9.5 ms in 256k tasks, 7.5-8.0 ms in 4M tasks; one thread 9-10 ms).
             chunk = max(chunk, COMPILED_TASK_SIZE)
         tasks: list = []
+        sizes: list[int] = []
         for seg in b.segments:
             if seg.view is not None:
                 e = seg.entries[0]
@@ -831,10 +833,17 @@ class Optimizer:
                     for a in range(0, seg.size, chunk):
                         z = min(seg.size, a + chunk)
                         tasks.append((self._run_span, (b, kernel_slot, p[a:z], g[a:z], [x[a:z] for x in xs], seg.offset + a, z - a, scalars, None)))
+                        sizes.append(z - a)
                 else:
                     tasks.append((self._run_span, (b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk)))
+                    sizes.append(seg.size)
                 continue
             tasks.append((self._run_pack, (b, kernel_slot, seg, g_list, x_lists, pos, scalars, chunk)))
+            sizes.append(seg.size)
+        if threaded and compiled and len(tasks) > self.threads:
+            # Many small compiled tasks (hundreds of arrays, layout B): run them in a few groups of consecutive
+            # tasks, about min(COMPILED_TASK_SIZE, bucket / threads) elements each, rather than one hand-off each.
+            tasks = _grouped(tasks, sizes, min(COMPILED_TASK_SIZE, -(-b.size // self.threads)))
         if threaded and len(tasks) > 1:
             _tune_glibc_malloc()
             list(_pool(self.threads).map(_call, tasks))
@@ -1152,6 +1161,27 @@ def _tune_glibc_malloc() -> None:
 def _call(task: tuple) -> Any:
     fn, args = task
     return fn(*args)
+
+
+def _call_all(tasks: list) -> None:
+    for fn, args in tasks:
+        fn(*args)
+
+
+def _grouped(tasks: list, sizes: list[int], target: int) -> list:
+    """Consecutive tasks joined into tasks of at least ``target`` elements (the last one may be smaller)."""
+    out: list = []
+    group: list = []
+    total = 0
+    for task, n in zip(tasks, sizes):
+        group.append(task)
+        total += n
+        if total >= target:
+            out.append((_call_all, (group,)))
+            group, total = [], 0
+    if group:
+        out.append((_call_all, (group,)))
+    return out
 
 
 def _pool(n: int) -> Any:
