@@ -177,6 +177,34 @@ def test_packs_update_parameters_where_they_are_or_gather_a_non_contiguous_one()
             assert np.array_equal(_bits(a), _bits(b)), (fuse, fortran)
 
 
+@needs_cc
+def test_many_arrays_on_two_threads_run_in_grouped_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hundreds of arrays (each its own compiled task) are run in a few groups of tasks on the threads: every array
+    is stepped once, with the op-by-op bits."""
+    calls = []
+    real = A._grouped
+
+    def spy(tasks, sizes, target):
+        out = real(tasks, sizes, target)
+        calls.append((len(tasks), len(out)))
+        return out
+
+    monkeypatch.setattr(A, "_grouped", spy)
+    rng = np.random.default_rng(8)
+    base = [rng.standard_normal(600).astype(np.float32) for _ in range(60)] + [rng.standard_normal(5).astype(np.float32)]
+    out = []
+    for fuse in (True, False):
+        params = [a.copy() for a in base]
+        opt = A.create("mvngrad", params, fuse=fuse, threads=2, chunk_size=1024, lr=0.01)
+        g_rng = np.random.default_rng(9)
+        for _ in range(3):
+            opt.step([g_rng.standard_normal(a.shape).astype(np.float32) for a in base])
+        out.append(params)
+    assert calls and all(n_tasks == 61 and n_groups == 2 for n_tasks, n_groups in calls), calls
+    for a, b in zip(*out):
+        assert np.array_equal(_bits(a), _bits(b))
+
+
 def test_without_a_compiler_the_step_runs_op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
     """No C compiler: the same numbers, op by op, and ``fuse_notes`` says why."""
     monkeypatch.setattr(_cfuse, "_COMPILER", [None])
