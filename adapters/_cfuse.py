@@ -402,7 +402,7 @@ def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np
     def host_arg(x: Any) -> Any:
         return host_index[x.index] if isinstance(x, _Sym) else (x,)
 
-    def operand(x: Any, want: str = "a") -> str:
+    def operand(x: Any) -> str:
         if isinstance(x, _Sym):
             if x.kind == "s":
                 pos = host_index[x.index]
