@@ -132,8 +132,9 @@ def test_numpy_scalar_hyperparameters_run_op_by_op_with_numpy_type_rules() -> No
 def test_strided_gradients_and_mixed_dtypes() -> None:
     """A non-contiguous gradient is read correctly; float16 parameters (float32 state) stay op by op, with a note."""
     rng = np.random.default_rng(2)
-    base = rng.standard_normal(4000).astype(np.float32)
-    grads = [rng.standard_normal(8000).astype(np.float32)[::2] for _ in range(3)]  # strided views
+    # 40000 elements: large enough to be stepped through a view of itself (the gradient is not gathered).
+    base = rng.standard_normal(40000).astype(np.float32)
+    grads = [rng.standard_normal(80000).astype(np.float32)[::2] for _ in range(3)]  # strided views
     assert not grads[0].flags.c_contiguous
     outs = []
     for fuse in (True, False):
