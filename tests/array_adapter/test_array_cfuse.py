@@ -90,25 +90,29 @@ def test_compiled_step_has_the_bits_of_the_numpy_step(name: str, hp: dict, dtype
 
 @needs_cc
 def test_compiled_adamw_matches_a_float64_adamw_from_the_paper() -> None:
-    """AdamW (Loshchilov & Hutter, Alg. 2 with torch's eps placement), written out here in float64, 60 steps."""
+    """AdamW (Loshchilov & Hutter, Alg. 2 with torch's eps placement), written out here in float64, 60 steps; one
+    parameter large enough to be stepped through a view of itself, two small ones in a pack."""
     rng = np.random.default_rng(3)
-    p = rng.standard_normal(5000)
-    ours = [p.copy()]
+    sizes = [40000, 700, 300]
+    p = rng.standard_normal(sum(sizes))
+    ours = np.split(p.copy(), np.cumsum(sizes)[:-1])
+    ours = [a.copy() for a in ours]
     opt = A.create("adamw", ours, lr=0.003, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
     assert opt.fused is None or opt.fused is True  # compiled on the first step
     m = np.zeros_like(p)
     v = np.zeros_like(p)
     ref = p.copy()
     for t in range(1, 61):
-        g = rng.standard_normal(5000)
-        opt.step([g])
+        g = rng.standard_normal(p.size)
+        opt.step(np.split(g, np.cumsum(sizes)[:-1]))
         ref = ref * (1 - 0.003 * 0.1)
         m = 0.8 * m + 0.2 * g
         v = 0.99 * v + 0.01 * g * g
         mhat, vhat = m / (1 - 0.8**t), v / (1 - 0.99**t)
         ref = ref - 0.003 * mhat / (np.sqrt(vhat) + 1e-6)
     assert opt.fused is True
-    np.testing.assert_allclose(ours[0], ref, rtol=1e-12, atol=1e-14)
+    assert [len(s.entries) for s in opt._buckets[0].segments] == [1, 2]
+    np.testing.assert_allclose(np.concatenate(ours), ref, rtol=1e-12, atol=1e-14)
 
 
 @needs_cc
