@@ -146,7 +146,7 @@ class _Sym:
         return self
 
     def __abs__(self) -> _Sym:
-        return _abs(self)
+        return _unary("abs", self)
 
     def __lt__(self, o: Any) -> _Sym:
         return _compare(self.graph, "<", self, o)
@@ -231,10 +231,6 @@ def _unary(op: str, x: Any) -> _Sym:
         # NumPy would return a NumPy scalar (float64) for a Python number: a different type rule.
         raise TraceError(f"{op} of a {'boolean array' if isinstance(x, _Sym) else type(x).__name__}")
     return x.graph.add("a", op, x)
-
-
-def _abs(x: Any) -> _Sym:
-    return _unary("abs", x)
 
 
 def _graph_of(*xs: Any) -> _Graph:

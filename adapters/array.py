@@ -815,7 +815,10 @@ class Optimizer:
         # loops; tasks write disjoint slices, and each pack has its own buffers), so that many arrays smaller
         # than a chunk (layout B) share the threads as well as one large array does.
         threaded = self._kind == "numpy" and self.threads > 1
-        compiled = isinstance(kernel_slot[1], _cfuse.CKernel)
+        # The compiled loop's host scalars, once per bucket and step (None: op by op, e.g. for a NumPy-scalar lr).
+        fused = kernel_slot[1]
+        host = fused.host_scalars(scalars) if isinstance(fused, _cfuse.CKernel) else None
+        compiled = host is not None
         if threaded and chunk is not None and compiled:
             # One compiled pass is bandwidth-bound: larger tasks (fewer hand-offs) measured faster (16M AdamW, 2
             # threads: 9.5 ms in 256k tasks, 7.5-8.0 ms in 4M tasks; one thread 9-10 ms).
@@ -832,43 +835,41 @@ class Optimizer:
                 if threaded and chunk is not None and seg.size > chunk:
                     for a in range(0, seg.size, chunk):
                         z = min(seg.size, a + chunk)
-                        tasks.append((self._run_span, (b, kernel_slot, p[a:z], g[a:z], [x[a:z] for x in xs], seg.offset + a, z - a, scalars, None)))
+                        tasks.append((self._run_span, (b, kernel_slot, p[a:z], g[a:z], [x[a:z] for x in xs], seg.offset + a, z - a, scalars, None, host)))
                         sizes.append(z - a)
                 else:
-                    tasks.append((self._run_span, (b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk)))
+                    tasks.append((self._run_span, (b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk, host)))
                     sizes.append(seg.size)
                 continue
-            tasks.append((self._run_pack, (b, kernel_slot, seg, g_list, x_lists, pos, scalars, chunk)))
+            tasks.append((self._run_pack, (b, kernel_slot, seg, g_list, x_lists, pos, scalars, chunk, host)))
             sizes.append(seg.size)
         if threaded and compiled and len(tasks) > self.threads:
             # Many small compiled tasks (hundreds of arrays, layout B): run them in a few groups of consecutive
             # tasks, about min(COMPILED_TASK_SIZE, bucket / threads) elements each, rather than one hand-off each.
             tasks = _grouped(tasks, sizes, min(COMPILED_TASK_SIZE, -(-b.size // self.threads)))
         if threaded and len(tasks) > 1:
-            _tune_glibc_malloc()
+            if not compiled:
+                _tune_glibc_malloc()
             list(_pool(self.threads).map(_call, tasks))
         else:
             for fn, args in tasks:
                 fn(*args)
 
-    def _run_pack(self, b: _Bucket, kernel_slot: list, seg: _Segment, g_list: list, x_lists: dict, pos: dict, scalars: tuple, chunk: int | None) -> None:
+    def _run_pack(self, b: _Bucket, kernel_slot: list, seg: _Segment, g_list: list, x_lists: dict, pos: dict, scalars: tuple, chunk: int | None, host: Any = None) -> None:
         """A pack of small arrays: gather them into the pack's buffers, run the kernel, scatter back (op by op).
 
         Compiled on NumPy, the parameters are updated where they are (the loop takes their addresses): only the
-        gradients (and extra inputs) are gathered, and nothing is scattered."""
+        gradients (and extra inputs) are gathered, and nothing is scattered. ``host``: the compiled loop's host
+        scalars (``None``: op by op)."""
         xp = self.xp
         fused = kernel_slot[1]
-        if isinstance(fused, _cfuse.CKernel) and self._packable(seg, fused.dtype):
-            host = fused.host_scalars(scalars)
-            if host is not None:
-                _, g, xs = self._gather(seg, g_list, x_lists, pos, b.spec.extras, with_params=False)
-                flat = [g, *xs]
-                off, n = seg.offset, seg.size
-                flat.extend(b.state[k][off : off + n] for k in b.spec.state)
-                fused.packed(seg.sizes, seg.pointers, flat, host)
-                return
+        if host is not None and self._packable(seg, fused.dtype):
+            _, g, xs = self._gather(seg, g_list, x_lists, pos, b.spec.extras, with_params=False)
+            off, n = seg.offset, seg.size
+            fused.packed(seg.sizes, seg.pointers, [g, *xs, *(b.state[k][off : off + n] for k in b.spec.state)], host)
+            return
         p, g, xs = self._gather(seg, g_list, x_lists, pos, b.spec.extras)
-        self._run_span(b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk)
+        self._run_span(b, kernel_slot, p, g, xs, seg.offset, seg.size, scalars, chunk, host)
         if self._kind == "numpy":
             for e in seg.entries:
                 a = e.offset - seg.offset
@@ -908,20 +909,19 @@ class Optimizer:
             bufs = {k: xp.concat([xp.reshape(a, (-1,)) for a in arrs]) for k, arrs in srcs.items()}
         return bufs["p"] if with_params else None, bufs["g"], [bufs[n] for n in xnames]
 
-    def _run_span(self, b: _Bucket, kernel_slot: list, p: Any, g: Any, xs: list, off: int, n: int, scalars: tuple, chunk: int | None) -> None:
-        """Run the kernel over ``p[0:n]`` (flat, written in place) and state ``[off, off+n)``."""
+    def _run_span(self, b: _Bucket, kernel_slot: list, p: Any, g: Any, xs: list, off: int, n: int, scalars: tuple, chunk: int | None, host: Any = None) -> None:
+        """Run the kernel over ``p[0:n]`` (flat, written in place) and state ``[off, off+n)``; compiled when
+        ``host`` (the compiled loop's host scalars) is given."""
         xp = self.xp
         kernel, fused = kernel_slot
         names = b.spec.state
         sd = b.state_dtype
-        if isinstance(fused, _cfuse.CKernel):
-            host = fused.host_scalars(scalars)
-            if host is not None:  # else (a NumPy scalar among the hyperparameters): op by op, NumPy's type rules
-                states = [b.state[k][off : off + n] for k in names]
-                arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in (g, *xs)]
-                fused(n, [p, *arrays, *states], host)
-                return
-        elif fused:
+        if host is not None:
+            states = [b.state[k][off : off + n] for k in names]
+            arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in (g, *xs)]
+            fused(n, [p, *arrays, *states], host)
+            return
+        if self._kind == "cupy" and fused:
             states = [b.state[k][off : off + n] if (off, n) != (0, b.size) else b.state[k] for k in names]
             typed = tuple(np.dtype(str(sd).split(".")[-1]).type(s) for s in scalars)
             errors = []
