@@ -144,6 +144,7 @@ class Bucket:
     __slots__ = (
         "params",
         "shapes",
+        "strides",
         "offsets",
         "numel",
         "flat_p",
@@ -165,8 +166,34 @@ class Bucket:
     )
 
 
-def _view(flat: torch.Tensor, off: int, n: int, shape: torch.Size) -> torch.Tensor:
-    return flat[off : off + n].view(shape)
+def _view(flat: torch.Tensor, off: int, n: int, shape: torch.Size, stride: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The ``shape`` tensor on ``flat[off:off+n]``: row-major, or with ``stride`` (a dense permuted layout)."""
+    if stride is None:
+        return flat[off : off + n].view(shape)
+    return flat[off : off + n].as_strided(shape, stride)
+
+
+def dense_stride(p: torch.Tensor) -> tuple[int, ...] | None:
+    """``p.stride()`` when ``p`` is dense but not row-major (``channels_last``, a transposed weight), else ``None``.
+
+    A dense layout is a permutation of the row-major one: its ``numel`` elements fill one contiguous span, so the
+    bucket keeps the parameter (and its gradient and state views) in exactly that layout, as ``torch.optim`` keeps
+    a parameter's ``memory_format`` (``zeros_like(p, memory_format=torch.preserve_format)``). Row-major and
+    non-dense parameters (slices with gaps, overlapping strides) give ``None``: they are laid out row-major.
+    """
+    stride = tuple(p.stride())
+    row_major, acc = [], 1
+    for size in reversed(p.shape):
+        row_major.append(acc)
+        acc *= size
+    if acc == 0 or stride == tuple(reversed(row_major)):
+        return None
+    expected = 1
+    for st, size in sorted((st, size) for st, size in zip(stride, p.shape) if size != 1):
+        if st != expected:
+            return None
+        expected *= size
+    return stride
 
 
 def build_bucket(
@@ -179,6 +206,7 @@ def build_bucket(
     b = Bucket()
     b.params = list(params)
     b.shapes = [p.shape for p in params]
+    b.strides = [dense_stride(p) for p in params]
     sizes = [p.numel() for p in params]
     offs, acc = [], 0
     for n in sizes:
@@ -187,36 +215,39 @@ def build_bucket(
     b.offsets, b.numel = offs, acc
     p0 = params[0]
     b.dtype, b.state_dtype, b.device = p0.dtype, state_dtype, p0.device
+    layouts = list(zip(offs, sizes, b.shapes, b.strides))
     if len(params) == 1 and p0.is_contiguous():
         b.flat_p = p0.detach().view(-1)
     else:
         b.flat_p = torch.empty(acc, dtype=p0.dtype, device=p0.device)
-        for p, off, n in zip(params, offs, sizes):
-            b.flat_p[off : off + n].copy_(p.detach().reshape(-1))
-        for p, off, n, shape in zip(params, offs, sizes, b.shapes):
-            p.data = _view(b.flat_p, off, n, shape)
-    if len(params) == 1:  # one parameter: its own gradient is the flat gradient (no gather, no extra buffer)
+        views = [_view(b.flat_p, *lay) for lay in layouts]
+        for p, view in zip(params, views):
+            view.copy_(p.detach())
+        for p, view in zip(params, views):
+            p.data = view
+    if len(params) == 1 and p0.is_contiguous():
+        # One row-major parameter: its own gradient is the flat gradient (no gather, no extra buffer).
         b.flat_g, b.grad_views, b.grad_ptrs = None, [], []
     else:
         b.flat_g = torch.empty(acc, dtype=p0.dtype, device=p0.device)
-        b.grad_views = [_view(b.flat_g, off, n, shape) for off, n, shape in zip(offs, sizes, b.shapes)]
+        b.grad_views = [_view(b.flat_g, *lay) for lay in layouts]
         b.grad_ptrs = [v.data_ptr() for v in b.grad_views]
     b.flat_extras = [torch.empty(acc, dtype=p0.dtype, device=p0.device) for _ in spec.extras]
     b.flat_state = {}
     for name in spec.state:
         flat = torch.zeros(acc, dtype=state_dtype, device=p0.device)
-        for p, off, n in zip(params, offs, sizes):
+        for p, lay in zip(params, layouts):
             old = state.get(p, {}).get(name) if p in state else None
             if old is not None:
-                flat[off : off + n].copy_(old.reshape(-1))
+                _view(flat, *lay).copy_(old.reshape(lay[2]))
         b.flat_state[name] = flat
     b.t = t
     b.step_tensor = torch.tensor(float(t), dtype=torch.float32)
     b.state_refs = []
-    for p, off, n, shape in zip(params, offs, sizes, b.shapes):
+    for p, lay in zip(params, layouts):
         st = state[p]
         for name in spec.state:
-            st[name] = _view(b.flat_state[name], off, n, shape)
+            st[name] = _view(b.flat_state[name], *lay)
         st["step"] = b.step_tensor
         st["state_version"] = STATE_VERSION
         b.state_refs.append(st)
@@ -305,7 +336,7 @@ def _gather_grads(b: Bucket, grads: Sequence[torch.Tensor], ok: Sequence[bool]) 
     if any(map(_is, grads, b.grad_views)):
         for i in bad:
             if b.grad_views[i] is grads[i]:  # the view's .data was swapped: make a fresh view of the buffer
-                b.grad_views[i] = _view(b.flat_g, b.offsets[i], b.shapes[i].numel(), b.shapes[i])
+                b.grad_views[i] = _view(b.flat_g, b.offsets[i], b.shapes[i].numel(), b.shapes[i], b.strides[i])
                 b.grad_ptrs[i] = b.grad_views[i].data_ptr()
     if views is None:
         views = [b.grad_views[i] for i in bad]
@@ -347,8 +378,8 @@ def run_bucket(
         _gather_grads(b, grads, grads_in_place(b, grads) if in_place is None else in_place)
         flat_g = b.flat_g
     for flat, per_param in zip(b.flat_extras, extras):
-        for x, off, n in zip(per_param, b.offsets, b.shapes):
-            flat[off : off + x.numel()].copy_(x.reshape(-1))
+        for x, off, shape, stride in zip(per_param, b.offsets, b.shapes, b.strides):
+            _view(flat, off, shape.numel(), shape, stride).copy_(x)
     t = b.t + 1
     scalars = step_scalars(spec, hp, t, HOST)
     key, fn = _get_fn(spec, static, maximize, b.state_dtype)

@@ -21,7 +21,9 @@ Conventions of this adapter (the torch ones):
   for bf16/fp16 parameters unless ``state_dtype`` says otherwise) and to the parameter's device.
 * Speed: within a group, parameters with gradients are laid out in flat buffers per (device, dtype, state dtype,
   step count): **each parameter's ``.data`` becomes a view into the flat buffer** and so does each state tensor,
-  and the rule runs once per buffer. Gradients are gathered into a flat gradient buffer and ``p.grad`` is
+  and the rule runs once per buffer. A view keeps its parameter's strides when they are dense (``channels_last``
+  conv weights, transposed weights: ``memory_format`` is preserved for the parameter, its gradient view and its
+  elementwise state, as ``torch.optim`` does); parameters with gaps or overlaps in memory become row-major. Gradients are gathered into a flat gradient buffer and ``p.grad`` is
   re-pointed to its view, so later backward passes accumulate in place while the grads are kept (``zero_grad(
   set_to_none=False)``); with the default ``set_to_none=True`` each step pays one gather pass (a bucket of a single
   parameter reads its gradient directly and never gathers), and after two such steps in a row ``p.grad`` is left
@@ -225,10 +227,15 @@ class XPOptimizer(Optimizer):
     # -- groups --------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _fallback_spec(name: str, where: str) -> ElementwiseSpec:
+    def _fallback_spec(name: str, where: str, arg: str = "fallback", own: str | None = None) -> ElementwiseSpec:
         if name not in ELEMENTWISE or SPECS[name].extras:
             allowed = [n for n in ELEMENTWISE if not SPECS[n].extras]
-            raise ValueError(f"{where}: fallback={name!r} is invalid: expected one of {allowed}")
+            if own is None:
+                raise ValueError(f"{where}: {arg}={name!r} is invalid: expected one of {allowed}")
+            raise ValueError(
+                f"{where}: a param group with {arg}={name!r} is invalid: expected {own!r} (the matrix rule) or an "
+                f"elementwise fallback rule, one of {allowed} (matrix_param_groups(model, {own!r}) builds such groups)"
+            )
         return SPECS[name]  # type: ignore[return-value]
 
     def _fallback(self) -> tuple[str, dict]:
@@ -270,7 +277,7 @@ class XPOptimizer(Optimizer):
         elif rule == spec.name:
             gspec = spec
         else:
-            gspec = self._fallback_spec(rule, where)
+            gspec = self._fallback_spec(rule, where, "rule", spec.name)
             fb_name, fb_full = self._fallback()
             base = fb_full if fb_name == rule else _to_group_form(gspec, gspec.defaults)
             _normalize_betas(gspec, group, where)

@@ -24,7 +24,10 @@ def cupy_available() -> bool:
         return False
 
 
-CUPY_SKIP = "needs a CUDA device with CuPy (cupy.cuda.is_available() is False or cupy is not installed)"
+CUPY_SKIP = (
+    "waits for a CUDA GPU with CuPy (cupy is not installed or cupy.cuda.is_available() is False; run `nox -s gpu` "
+    "on a lent GPU machine)"
+)
 
 
 class Backend:

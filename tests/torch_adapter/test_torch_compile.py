@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from xpt_support import MATRIX, NAMES, make_params, run_torch, spec_hp
+from xpt_support import MATRIX, NAMES, dense_permuted, make_params, run_torch, spec_hp
 
 from xpoptim.adapters import torch as xt
 
 
-def _compare(name, dtype=torch.float32, steps=3):
+def _compare(name, dtype=torch.float32, steps=3, permuted=False):
     pa, pb = make_params(name, dtype), make_params(name, dtype)
+    if permuted:  # channels_last / transposed parameters on the compiled side only
+        pb = [dense_permuted(p) for p in pb]
     oa = run_torch(lambda ps: xt.create(name, ps, compile=False, **spec_hp(name)), name, pa, steps)
     ob = run_torch(lambda ps: xt.create(name, ps, compile=True, **spec_hp(name)), name, pb, steps)
     for x, y in zip(pa, pb):
@@ -33,6 +35,10 @@ def _compare(name, dtype=torch.float32, steps=3):
 
 def test_compiled_equals_eager_adamw():
     _compare("adamw")
+
+
+def test_compiled_permuted_layouts_equal_eager_row_major():
+    _compare("adamw", permuted=True)
 
 
 FUSABLE = [n for n in NAMES if n not in MATRIX and n != "adamw"]

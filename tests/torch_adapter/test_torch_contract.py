@@ -14,6 +14,7 @@ from xpt_support import (
     MB,
     NAMES,
     assert_same_snapshot,
+    dense_permuted,
     make_params,
     run_torch,
     set_grads,
@@ -300,19 +301,24 @@ def test_state_is_named_tensors_with_step_and_version(name):
                 assert st[n].shape == p.shape and st[n].dtype == p.dtype
 
 
+@pytest.mark.parametrize("layout", ["row-major", "permuted"])
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_round_trip_and_resume_bit_for_bit(name):
+def test_state_dict_round_trip_and_resume_bit_for_bit(name, layout):
+    """Also with channels_last / transposed parameters (their state views are strided), and through
+    ``torch.load``'s default ``weights_only=True``."""
     params = make_params(name)
+    if layout == "permuted":
+        params = [dense_permuted(p) for p in params]
     opt = run_torch(lambda ps: _opt(name, ps), name, params, 3)
     saved_params = [p.detach().clone() for p in params]
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     run_torch(None, name, params, 4, start=3, opt=opt)
     # Resume from the checkpoint into fresh objects.
-    params2 = [p.clone().requires_grad_() for p in saved_params]
+    params2 = [p.clone().requires_grad_() for p in saved_params]  # clone keeps the strides
     opt2 = _opt(name, params2)
     buf.seek(0)
-    opt2.load_state_dict(torch.load(buf, weights_only=False))
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
     sd1, sd2 = opt.state_dict(), opt2.state_dict()
     assert sd1["param_groups"] == sd2["param_groups"]
     run_torch(None, name, params2, 4, start=3, opt=opt2)
@@ -578,6 +584,12 @@ def test_muon_refuses_vectors_in_a_matrix_group():
         xt.Muon([{"params": [torch.zeros(3, requires_grad=True)]}])
     with pytest.raises(ValueError, match="fallback"):
         xt.Muon([torch.zeros(3, 3, requires_grad=True)], fallback="muon")
+
+
+def test_a_group_of_another_matrix_rule_is_refused_naming_the_rule():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"rule='muon' is invalid: expected 'deva_sinf'.*matrix_param_groups\(model, 'deva_sinf'\)"):
+        xt.DeVASinf(xt.matrix_param_groups(model, "muon"))
 
 
 def test_muon_custom_fallback_rule():

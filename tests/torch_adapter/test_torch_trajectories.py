@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from xpt_support import MATRIX, NAMES, make_params, reference_run, run_torch, spec_hp
+from xpt_support import MATRIX, NAMES, dense_permuted, make_params, reference_run, run_torch, set_grads, spec_hp
 
 from xpoptim.adapters import torch as xt
 
@@ -93,3 +93,35 @@ def test_muon_low_precision_params_follow_the_float64_reference(pdtype):
     tol = 1e-5 if pdtype == torch.float32 else 5e-2
     for p, r in zip(params, ref):
         np.testing.assert_allclose(p.detach().double().numpy(), r, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("grad_layout", ["row-major", "param's"])
+@pytest.mark.parametrize("name", NAMES)
+def test_dense_permuted_layouts_are_kept_and_follow_the_reference(name, grad_layout):
+    """channels_last and transposed parameters keep their strides (params, and state and kept gradients:
+    torch.optim's ``preserve_format``) and follow the row-major float64 reference. Gradients come row-major
+    (assigned by hand, fresh each step) or in the parameter's layout (what backward produces): fresh on even
+    steps, written into the kept ``p.grad`` on odd ones (the ``zero_grad(set_to_none=False)`` pattern).
+    Matrix rules keep their state as row-major ``(out, in*kh*kw)`` matrices (``matrix_shape``), by design."""
+    params = [dense_permuted(p) for p in make_params(name)]
+    strides = [p.stride() for p in params]
+    assert any(not p.is_contiguous() for p in params)
+    init = [p.detach().numpy().copy() for p in params]
+    opt = xt.create(name, params, compile=False, **spec_hp(name))
+    for step in range(STEPS):
+        kept = [p.grad for p in params]
+        gv = set_grads(params, step, name)  # row-major gradients, and grad_variance for the -mb rules
+        if grad_layout == "param's":
+            for p, old in zip(params, kept):
+                g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(p.grad)
+                p.grad = old.copy_(g) if (step % 2 and old is not None) else g
+        opt.step(grad_variance=gv) if gv is not None else opt.step()
+    ref = reference_run(name, init, STEPS)
+    for i, (p, r, st) in enumerate(zip(params, ref, strides)):
+        assert p.stride() == st, f"{name} param {i}: strides {p.stride()} != {st}"
+        if grad_layout == "param's":
+            assert p.grad.stride() == st, f"{name} param {i}: grad strides {p.grad.stride()} != {st}"
+        for key, v in opt.state[p].items():
+            if name not in MATRIX and isinstance(v, torch.Tensor) and v.shape == p.shape:
+                assert v.stride() == st, f"{name} param {i}: state {key} strides {v.stride()} != {st}"
+        np.testing.assert_allclose(p.detach().numpy(), r, **_tol(name), err_msg=f"{name} param {i}")

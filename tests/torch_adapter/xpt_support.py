@@ -57,6 +57,18 @@ def make_params(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, de
     ]
 
 
+def dense_permuted(p: torch.Tensor) -> torch.Tensor:
+    """A copy of ``p`` in a dense layout that is not row-major: channels_last for 4-D, reversed axes otherwise."""
+    if p.ndim < 2:
+        return p.detach().clone().requires_grad_()
+    if p.ndim == 4:
+        out = p.detach().to(memory_format=torch.channels_last)
+    else:
+        out = torch.empty(tuple(reversed(p.shape)), dtype=p.dtype).permute(*reversed(range(p.ndim)))
+        out.copy_(p.detach())
+    return out.requires_grad_()
+
+
 def grads_for(params: list[torch.Tensor], step: int, seed: int = 1, scale: float = 1.0) -> list[np.ndarray]:
     """Deterministic float64 gradients for ``step`` (noisy around a fixed mean so variance rules see noise)."""
     out = []
