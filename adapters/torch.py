@@ -38,7 +38,8 @@ Conventions of this adapter (the torch ones):
   recompile); ``False`` runs it eagerly (in cache-sized chunks on CPU); ``"auto"`` compiles buckets of at least
   2**20 elements and falls back to eager, with a warning, if the compiler fails.
 * Complex parameters are **refused** with a ``TypeError`` (use ``torch.view_as_real`` on your side); sparse
-  gradients are refused with a ``ValueError``.
+  gradients are refused with a ``ValueError``. Tensor-subclass parameters (DTensor from FSDP2 ``fully_shard`` or
+  tensor parallelism) are refused with a ``TypeError``: the flat-buffer layout needs plain tensors (DDP works).
 * Muon / DeVASinf: one instance serves matrix groups (``rule`` = the matrix rule: 2-D weights, conv weights
   flattened to ``(out, in*kh*kw)``) and fallback groups (``rule`` = an elementwise rule, by default the spec's
   fallback with its ``fallback_defaults``). Passing plain tensors routes by dimension; :func:`matrix_param_groups`
@@ -59,6 +60,7 @@ from typing import Any
 import array_api_compat.torch as _txp
 import torch
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from xpoptim.core import ELEMENTWISE, SPECS, STATE_VERSION, get_spec
 from xpoptim.core.moments import minibatch_variance
@@ -303,6 +305,13 @@ class XPOptimizer(Optimizer):
             _hp_from_group(gspec, g, where)
             _check_options(g, where)
             for p in g["params"]:
+                if is_traceable_wrapper_subclass(p):
+                    raise TypeError(
+                        f"{where}: parameters that are tensor subclasses are not supported (got a "
+                        f"{type(p).__name__} of shape {tuple(p.shape)}; DTensor parameters come from FSDP2 "
+                        "fully_shard or tensor parallelism): the flat-buffer step needs plain tensors. Use DDP, "
+                        "or run the optimizer on plain tensors"
+                    )
                 if p.is_complex():
                     raise TypeError(
                         f"{where}: complex parameters are not supported (got dtype {p.dtype}); optimize "
