@@ -48,6 +48,11 @@ MATRIX = tuple(n for n, s in SPECS.items() if s.kind == "matrix")
 
 def get_spec(name: str) -> ElementwiseSpec | MatrixSpec:
     """Look up an optimizer spec by registry name (``"adamw"``) or title (``"AdamW"``)."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"optimizer={type(name).__name__} is invalid: expected an optimizer name (a str, one of {sorted(SPECS)}); "
+            "were the parameters and the name passed in swapped order?"
+        )
     if name in SPECS:
         return SPECS[name]
     for s in SPECS.values():

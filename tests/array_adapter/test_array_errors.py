@@ -189,3 +189,8 @@ def test_functional_errors() -> None:
         tx.update([np.ones(3)], {"version": 99}, [np.ones(3)])
     with pytest.raises(ValueError, match="structure"):
         tx.update({"a": np.ones(3)}, state, [np.ones(3)])
+
+
+def test_name_and_params_swapped_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match=r"optimizer=list is invalid.*swapped order"):
+        A.Optimizer("adamw", [np.zeros(3)])

@@ -125,3 +125,8 @@ def test_get_spec_by_name_and_title():
         assert get_spec(name) is spec and get_spec(spec.title) is spec
     with pytest.raises(ValueError, match="'nadam'"):
         get_spec("nadam")
+
+
+def test_get_spec_refuses_a_non_string_naming_the_swap():
+    with pytest.raises(TypeError, match=r"optimizer=list is invalid: expected an optimizer name.*swapped"):
+        get_spec([1.0, 2.0])
