@@ -28,18 +28,19 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
 
 
-def _worker(rank: int, world: int, store: str, out_dir: str, name: str) -> None:
+def _worker(rank: int, world: int, store: str, out_dir: str, name: str, bucket_view: bool = False) -> None:
     faulthandler.dump_traceback_later(120, exit=False)  # a hung worker prints where it hangs
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     try:
-        model = torch.nn.parallel.DistributedDataParallel(_model())
+        # gradient_as_bucket_view: DDP's gradients are views of its own buckets, and it expects p.grad to stay so.
+        model = torch.nn.parallel.DistributedDataParallel(_model(), gradient_as_bucket_view=bucket_view)
         opt = xt.create(name, model.parameters(), lr=1e-2, compile=False)
         x, y = _data(rank)
-        for _ in range(STEPS):
-            opt.zero_grad()
+        for step in range(STEPS):
+            opt.zero_grad(set_to_none=not (bucket_view and step % 2))
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
         torch.save([p.detach().clone() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
@@ -52,10 +53,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str, name: str) -> None:
     faulthandler.cancel_dump_traceback_later()
 
 
-def _spawn(name: str, out_dir: str, limit_s: float = 150.0) -> None:
+def _spawn(name: str, out_dir: str, bucket_view: bool = False, limit_s: float = 150.0) -> None:
     """Start both ranks; fail (and stop our two processes) instead of hanging if they do not finish in time."""
     store = os.path.join(out_dir, "store")
-    ctx = mp.spawn(_worker, args=(2, store, out_dir, name), nprocs=2, join=False)
+    ctx = mp.spawn(_worker, args=(2, store, out_dir, name, bucket_view), nprocs=2, join=False)
     deadline = time.monotonic() + limit_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -65,15 +66,23 @@ def _spawn(name: str, out_dir: str, limit_s: float = 150.0) -> None:
             pytest.fail(f"DDP workers did not finish within {limit_s} s")
 
 
-@pytest.mark.parametrize("name", ["adamw", pytest.param("muon", marks=pytest.mark.slow)])
-def test_ddp_gloo_two_processes(tmp_path, name):
-    _spawn(name, str(tmp_path))
+@pytest.mark.parametrize(
+    "name, bucket_view",
+    [("adamw", False), ("adamw", True), pytest.param("muon", False, marks=pytest.mark.slow)],
+    ids=["adamw", "adamw-gradient_as_bucket_view", "muon"],
+)
+def test_ddp_gloo_two_processes(tmp_path, name, bucket_view):
+    _spawn(name, str(tmp_path), bucket_view)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for a, b in zip(r0, r1):
         assert torch.equal(a, b)  # replicas stay identical
-    # Single-process reference: DDP averages the per-rank gradients = gradient of the loss on both halves.
+    # Single-process reference: DDP averages the per-rank gradients = gradient of the loss on both halves,
+    # stepped by torch.optim.AdamW (the same convention) for AdamW, by our Muon in one process for Muon.
     model = _model()
-    opt = xt.create(name, model.parameters(), lr=1e-2, compile=False)
+    if name == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    else:
+        opt = xt.create(name, model.parameters(), lr=1e-2, compile=False)
     (x0, y0), (x1, y1) = _data(0), _data(1)
     for _ in range(STEPS):
         opt.zero_grad()
