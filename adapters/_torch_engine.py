@@ -294,12 +294,17 @@ def grads_in_place(b: Bucket, grads: Sequence[torch.Tensor]) -> list[bool]:
     return [s and g.data_ptr() == ptr for s, g, ptr in zip(same, grads, b.grad_ptrs)]
 
 
+def not_in_place(in_place: Sequence[bool]) -> list[int]:
+    """Indices of the gradients that are not the bucket's own views (``grads_in_place`` False)."""
+    return [i for i, fine in enumerate(in_place) if not fine]
+
+
 def grads_match(b: Bucket, grads: Sequence[torch.Tensor], in_place: Sequence[bool]) -> bool:
     """Are the gradients that are not the bucket's own views (``in_place`` False) dense tensors of their
     parameters' shape, dtype and device? Checked in bulk (a few C-level passes instead of a Python loop over
     thousands of gradients); the caller runs its per-gradient loop only to name the culprit when this is False."""
     if any(in_place):
-        bad = [i for i, fine in enumerate(in_place) if not fine]
+        bad = not_in_place(in_place)
         grads, shapes = [grads[i] for i in bad], [b.shapes[i] for i in bad]
     else:
         shapes = b.shapes
@@ -330,7 +335,7 @@ def _gather_grads(b: Bucket, grads: Sequence[torch.Tensor], ok: Sequence[bool]) 
         views, new = b.grad_views, list(grads)
         b.fresh_steps += 1
     else:
-        bad = [i for i, fine in enumerate(ok) if not fine]
+        bad = not_in_place(ok)
         views, new = None, [grads[i] for i in bad]
         b.fresh_steps = 0
     if any(map(_is, grads, b.grad_views)):

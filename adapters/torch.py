@@ -401,7 +401,7 @@ class XPOptimizer(Optimizer):
                     if all(ok):  # our own flat-buffer views were checked when they were made
                         continue
                     if not _eng.grads_match(b, bg, ok):
-                        to_check.extend((b.params[i], bg[i]) for i, fine in enumerate(ok) if not fine)
+                        to_check.extend((b.params[i], bg[i]) for i in _eng.not_in_place(ok))
                 layout = (buckets, per_bucket)
             else:
                 to_check = list(zip(active, agrads))
