@@ -23,11 +23,11 @@ Conventions of this adapter (the torch ones):
   step count): **each parameter's ``.data`` becomes a view into the flat buffer** and so does each state tensor,
   and the rule runs once per buffer. A view keeps its parameter's strides when they are dense (``channels_last``
   conv weights, transposed weights: ``memory_format`` is preserved for the parameter, its gradient view and its
-  elementwise state, as ``torch.optim`` does); parameters with gaps or overlaps in memory become row-major. Gradients are gathered into a flat gradient buffer and ``p.grad`` is
-  re-pointed to its view, so later backward passes accumulate in place while the grads are kept (``zero_grad(
-  set_to_none=False)``); with the default ``set_to_none=True`` each step pays one gather pass (a bucket of a single
-  parameter reads its gradient directly and never gathers), and after two such steps in a row ``p.grad`` is left
-  as the tensor backward made (re-pointed again every 64 steps, so a switch to ``set_to_none=False`` regains the
+  elementwise state, as ``torch.optim`` does); parameters with gaps or overlaps in memory become row-major.
+  Gradients are gathered into a flat gradient buffer and ``p.grad`` is re-pointed to its view, so later backward
+  passes accumulate in place while the grads are kept (``zero_grad(set_to_none=False)``); with the default
+  ``set_to_none=True`` each step pays one gather pass (a bucket of a single row-major parameter reads its gradient
+  directly and never gathers), and after two such steps in a row ``p.grad`` is left as the tensor backward made (re-pointed again every 64 steps, so a switch to ``set_to_none=False`` regains the
   no-gather path). Re-pointing ``p.data`` or ``p.grad.data`` elsewhere (``Module._apply``, ``model.double()``) is
   detected: per-tensor pointer checks run whenever the number of tensors sharing a flat buffer's storage has
   changed since the last step (an unchanged count skips them; it can only miss a re-pointing if exactly as many
