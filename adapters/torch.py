@@ -20,23 +20,23 @@ Conventions of this adapter (the torch ones):
   ``ValueError`` and leaves the optimizer unchanged; floating state is cast to the state-dtype policy (float32
   for bf16/fp16 parameters unless ``state_dtype`` says otherwise) and to the parameter's device.
 * Speed: within a group, parameters with gradients are laid out in flat buffers per (device, dtype, state dtype,
-  step count): **each parameter's ``.data`` becomes a view into the flat buffer** and so does each state tensor,
-  and the rule runs once per buffer. A view keeps its parameter's strides when they are dense (``channels_last``
-  conv weights, transposed weights: ``memory_format`` is preserved for the parameter, its gradient view and its
+  step count): **each parameter's ``.data`` becomes a view into the flat buffer** and so does each state tensor, and
+  the rule runs once per buffer. A view keeps its parameter's strides when they are dense (``channels_last`` conv
+  weights, transposed weights: ``memory_format`` is preserved for the parameter, its gradient view and its
   elementwise state, as ``torch.optim`` does); parameters with gaps or overlaps in memory become row-major.
   Gradients are gathered into a flat gradient buffer and ``p.grad`` is re-pointed to its view, so later backward
   passes accumulate in place while the grads are kept (``zero_grad(set_to_none=False)``); with the default
   ``set_to_none=True`` each step pays one gather pass (a bucket of a single row-major parameter reads its gradient
-  directly and never gathers), and after two such steps in a row ``p.grad`` is left as the tensor backward made (re-pointed again every 64 steps, so a switch to ``set_to_none=False`` regains the
-  no-gather path). Re-pointing ``p.data`` or ``p.grad.data`` elsewhere (``Module._apply``, ``model.double()``) is
-  detected: per-tensor pointer checks run whenever the number of tensors sharing a flat buffer's storage has
-  changed since the last step (an unchanged count skips them; it can only miss a re-pointing if exactly as many
-  new aliases of that storage appeared in the same interval). Holding on to an old ``p.data`` across a re-layout (the
-  set of parameters with gradients changed, or ``load_state_dict``) leaves you with a stale copy; ``p`` itself
-  always holds the current values. ``compile=True``
-  runs the kernel under ``torch.compile`` (one fused kernel, scalars passed as 0-D tensors so LR changes never
-  recompile); ``False`` runs it eagerly (in cache-sized chunks on CPU); ``"auto"`` compiles buckets of at least
-  2**20 elements and falls back to eager, with a warning, if the compiler fails.
+  directly and never gathers), and after two such steps in a row ``p.grad`` is left as the tensor backward made
+  (re-pointed again every 64 steps, so a switch to ``set_to_none=False`` regains the no-gather path). Re-pointing
+  ``p.data`` or ``p.grad.data`` elsewhere (``Module._apply``, ``model.double()``) is detected: per-tensor pointer
+  checks run whenever the number of tensors sharing a flat buffer's storage has changed since the last step (an
+  unchanged count skips them; it can only miss a re-pointing if exactly as many new aliases of that storage appeared
+  in the same interval). Holding on to an old ``p.data`` across a re-layout (the set of parameters with gradients
+  changed, or ``load_state_dict``) leaves you with a stale copy; ``p`` itself always holds the current values.
+  ``compile=True`` runs the kernel under ``torch.compile`` (one fused kernel, scalars passed as 0-D tensors so LR
+  changes never recompile); ``False`` runs it eagerly (in cache-sized chunks on CPU); ``"auto"`` compiles buckets of
+  at least 2**20 elements and falls back to eager, with a warning, if the compiler fails.
 * Complex parameters are **refused** with a ``TypeError`` (use ``torch.view_as_real`` on your side); sparse
   gradients are refused with a ``ValueError``. Tensor-subclass parameters (DTensor from FSDP2 ``fully_shard`` or
   tensor parallelism) are refused with a ``TypeError``: the flat-buffer layout needs plain tensors (DDP works).
