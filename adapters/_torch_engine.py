@@ -11,6 +11,7 @@ buffer (views, or one gather pass), and whether the kernel runs eagerly (in cach
 from __future__ import annotations
 
 import operator
+import sys
 import threading
 import types
 import warnings
@@ -27,7 +28,17 @@ from xpoptim.core.directions import newton_schulz
 from xpoptim.core.muon import muon_apply, muon_momentum, muon_ns_options
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
-__all__ = ["Bucket", "run_bucket", "build_bucket", "bucket_is_valid", "matrix_step", "state_dtype_for", "EAGER_CHUNK"]
+__all__ = [
+    "Bucket",
+    "run_bucket",
+    "build_bucket",
+    "bucket_is_valid",
+    "matrix_step",
+    "state_dtype_for",
+    "run_sharded",
+    "is_sharded",
+    "EAGER_CHUNK",
+]
 
 #: Eager path: elements per chunk on CPU (temporaries stay in cache; each fresh 64 MB temporary costs a page-fault
 #: pass on this class of machine, performance.md). CUDA tensors are not chunked.
@@ -410,20 +421,82 @@ def run_bucket(
                     stacklevel=3,
                 )
     if not done:
-        _run_eager(fn, b, flat_g, states, [float(s) for s in scalars])
+        _run_eager(fn, b.flat_p, flat_g, b.flat_extras, states, [float(s) for s in scalars])
     b.t = t
     b.step_tensor.fill_(float(t))
 
 
-def _run_eager(fn: Callable, b: Bucket, flat_g: torch.Tensor, states: list, scalars: list) -> None:
-    n = b.numel
-    chunk = n if b.device.type != "cpu" else EAGER_CHUNK
+def _run_eager(fn: Callable, p: torch.Tensor, g: torch.Tensor, extras: list, states: list, scalars: list) -> None:
+    """``fn`` over same-shape tensors; 1-D CPU tensors in cache-sized chunks (``EAGER_CHUNK``)."""
+    n = p.numel()
+    chunk = EAGER_CHUNK if p.device.type == "cpu" and p.ndim == 1 else n
     if n <= chunk:
-        fn(b.flat_p, flat_g, b.flat_extras, states, scalars)
+        fn(p, g, extras, states, scalars)
         return
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        fn(b.flat_p[s:e], flat_g[s:e], [x[s:e] for x in b.flat_extras], [x[s:e] for x in states], scalars)
+        fn(p[s:e], g[s:e], [x[s:e] for x in extras], [x[s:e] for x in states], scalars)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DTensor parameters (FSDP2 fully_shard, tensor parallelism): elementwise rules on the local shards
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def is_sharded(t: Any) -> bool:
+    """Is ``t`` a DTensor? (``torch.distributed.tensor`` not imported yet means no DTensor exists.)"""
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+def sharded_state_init(spec: ElementwiseSpec, p: Any, state_dtype: torch.dtype) -> dict:
+    """Zero state for a DTensor parameter: DTensors with the parameter's mesh, placements, shape and stride (what
+    ``torch.zeros_like(p)`` gives torch.optim), so ``state_dict`` and ``torch.distributed.checkpoint`` see sharded
+    state like torch.optim's."""
+    from torch.distributed.tensor import DTensor
+
+    local = p.to_local()
+    out: dict[str, Any] = {}
+    for name in spec.state:
+        zeros = torch.zeros(local.shape, dtype=state_dtype, device=local.device)
+        out[name] = DTensor.from_local(zeros, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    out["step"] = torch.tensor(0.0, dtype=torch.float32)
+    out["state_version"] = STATE_VERSION
+    return out
+
+
+def run_sharded(
+    spec: ElementwiseSpec,
+    hp: dict,
+    static: dict,
+    maximize: bool,
+    state_dtype_opt: Any,
+    p: Any,
+    g: Any,
+    extras: Sequence[Any],
+    state: dict,
+) -> None:
+    """One step of an elementwise rule on a DTensor parameter, shard by shard (eager).
+
+    An elementwise rule updates each element from that element alone, so stepping every rank's local shard is the
+    step of the whole tensor, with no communication. The shard is written where it lives: FSDP2 all-gathers the
+    next forward's weights from that memory, so the parameter is never moved into a flat buffer. The caller checked
+    that ``g`` (and each extra) is a DTensor with the parameter's placements and local shape.
+    """
+    st = state[p]
+    sdt = state_dtype_for(p, state_dtype_opt)
+    if "step" not in st:
+        st.update(sharded_state_init(spec, p, sdt))
+    t = int(st["step"].item()) + 1
+    scalars = [float(s) for s in step_scalars(spec, hp, t, HOST)]
+    _, fn = _get_fn(spec, static, maximize, sdt)
+    local = [p.to_local(), g.to_local(), *(x.to_local() for x in extras), *(st[n].to_local() for n in spec.state)]
+    if all(x.is_contiguous() for x in local):
+        local = [x.view(-1) for x in local]
+    k = 2 + len(extras)
+    _run_eager(fn, local[0], local[1], local[2:k], local[k:], scalars)
+    st["step"].fill_(float(t))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -38,8 +38,13 @@ Conventions of this adapter (the torch ones):
   changes never recompile); ``False`` runs it eagerly (in cache-sized chunks on CPU); ``"auto"`` compiles buckets of
   at least 2**20 elements and falls back to eager, with a warning, if the compiler fails.
 * Complex parameters are **refused** with a ``TypeError`` (use ``torch.view_as_real`` on your side); sparse
-  gradients are refused with a ``ValueError``. Tensor-subclass parameters (DTensor from FSDP2 ``fully_shard`` or
-  tensor parallelism) are refused with a ``TypeError``: the flat-buffer layout needs plain tensors (DDP works).
+  gradients are refused with a ``ValueError``.
+* DTensor parameters (FSDP2 ``fully_shard``, tensor parallelism) work with the elementwise rules: an elementwise
+  rule needs no communication, so each rank steps its local shard, in place (FSDP2 all-gathers the next forward's
+  weights from that memory, so these parameters never move into a flat buffer), eagerly, shard by shard; the
+  state is DTensors with the parameter's placements, as torch.optim's. Gradients (and ``grad_variance``) must be
+  DTensors with the parameter's placements and local shape. Matrix rules (Muon, DeVASinf) refuse DTensor
+  parameters with a ``TypeError`` (they need whole matrices); other tensor subclasses are refused too.
 * Muon / DeVASinf: one instance serves matrix groups (``rule`` = the matrix rule: 2-D weights, conv weights
   flattened to ``(out, in*kh*kw)``) and fallback groups (``rule`` = an elementwise rule, by default the spec's
   fallback with its ``fallback_defaults``). Passing plain tensors routes by dimension; :func:`matrix_param_groups`
@@ -305,12 +310,16 @@ class XPOptimizer(Optimizer):
             _hp_from_group(gspec, g, where)
             _check_options(g, where)
             for p in g["params"]:
-                if is_traceable_wrapper_subclass(p):
+                if _eng.is_sharded(p) and isinstance(gspec, MatrixSpec):
+                    raise TypeError(
+                        f"{where}: a DTensor parameter of shape {tuple(p.shape)} (FSDP2 fully_shard or tensor "
+                        f"parallelism) is in a group with rule={gspec.name!r}: matrix rules need whole matrices, "
+                        "which a shard is not; DTensor parameters are supported by the elementwise rules only"
+                    )
+                if is_traceable_wrapper_subclass(p) and not _eng.is_sharded(p):
                     raise TypeError(
                         f"{where}: parameters that are tensor subclasses are not supported (got a "
-                        f"{type(p).__name__} of shape {tuple(p.shape)}; DTensor parameters come from FSDP2 "
-                        "fully_shard or tensor parallelism): the flat-buffer step needs plain tensors. Use DDP, "
-                        "or run the optimizer on plain tensors"
+                        f"{type(p).__name__} of shape {tuple(p.shape)}): only plain tensors and DTensor"
                     )
                 if p.is_complex():
                     raise TypeError(
@@ -391,7 +400,7 @@ class XPOptimizer(Optimizer):
             cached = cache.get(gi) if isinstance(gspec, ElementwiseSpec) else None
             layout = None  # (buckets, [(bucket grads, in-place flags)]) when the cached layout still holds
             if cached is not None and self._buckets_valid(gi, cached, active):
-                _, buckets, _, perms, _, _ = cached
+                _, buckets, _, perms, sharded, _, _ = cached
                 per_bucket = []
                 to_check = []
                 for b, idx in zip(buckets, perms):
@@ -405,6 +414,7 @@ class XPOptimizer(Optimizer):
                 layout = (buckets, per_bucket)
             else:
                 to_check = list(zip(active, agrads))
+                sharded = [i for i, p in enumerate(active) if _eng.is_sharded(p)]
             for p, g in to_check:
                 if g.layout != torch.strided:
                     raise ValueError(f"{spec.title}: sparse gradients are not supported (param of shape {tuple(p.shape)})")
@@ -416,20 +426,27 @@ class XPOptimizer(Optimizer):
             extras = []
             if isinstance(gspec, ElementwiseSpec) and gspec.extras:
                 extras = [self._extra_for(gspec, p, grad_variance) for p in active]
-            plans.append((gi, group, gspec, hp, active, extras, layout))
+            for i in sharded:
+                self._check_sharded(gspec, active[i], agrads[i], extras[i] if extras else None)
+            plans.append((gi, group, gspec, hp, active, extras, layout, sharded, [agrads[i] for i in sharded]))
         # Phase 2: compute and write.
-        for gi, group, gspec, hp, active, extras, layout in plans:
+        for gi, group, gspec, hp, active, extras, layout, sharded, sharded_grads in plans:
             if isinstance(gspec, MatrixSpec):
                 _eng.matrix_step(gspec, active, state, hp, group["maximize"], group["state_dtype"])
                 continue
             static = gspec.static(hp)
+            for i, g in zip(sharded, sharded_grads):  # DTensor parameters: stepped shard by shard, where they live
+                ex = [extras[i]] if extras else []
+                _eng.run_sharded(gspec, hp, static, group["maximize"], group["state_dtype"], active[i], g, ex, state)
             if layout is None:
-                buckets = self._make_buckets(gspec, active, group["state_dtype"])
+                skip = set(sharded)
+                plain = [p for i, p in enumerate(active) if i not in skip] if sharded else active
+                buckets = self._make_buckets(gspec, plain, group["state_dtype"])
                 index = {id(p): i for i, p in enumerate(active)}
                 perms = [[index[id(p)] for p in b.params] for b in buckets]
                 # None: the bucket holds every active parameter in order (one bucket, the common case).
                 perms = [None if idx == list(range(len(active))) else idx for idx in perms]
-                cache[gi] = (active, buckets, group["state_dtype"], perms, state, -1)
+                cache[gi] = (active, buckets, group["state_dtype"], perms, sharded, state, -1)
                 per_bucket = []
                 for b in buckets:
                     bg = [p.grad for p in b.params]
@@ -443,7 +460,7 @@ class XPOptimizer(Optimizer):
         # Remember how many parameters have state: a change (state dropped or replaced by hand) re-lays out.
         n_state = len(state)
         for key, entry in list(cache.items()):
-            cache[key] = (*entry[:5], n_state)
+            cache[key] = (*entry[:-1], n_state)
 
     def _extra_for(self, gspec: ElementwiseSpec, p: torch.Tensor, grad_variance: Any) -> torch.Tensor:
         v = None
@@ -463,8 +480,39 @@ class XPOptimizer(Optimizer):
             raise ValueError(f"{gspec.title}: grad_variance ({desc}) does not match its parameter (shape {tuple(p.shape)}, device {p.device})")
         return v
 
+    def _check_sharded(self, gspec: ElementwiseSpec, p: Any, g: Any, extra: Any) -> None:
+        """A DTensor parameter's gradient (and ``grad_variance``) must be DTensors with its placements and local
+        shape (what FSDP2's reduce-scatter produces), and its state DTensors (a plain tensor loaded into it is
+        refused: load sharded state, e.g. with ``torch.distributed.checkpoint``)."""
+        where = self.spec.title
+        local_shape = tuple(p.to_local().shape)
+        for what, x in (("grad", g), ("grad_variance", extra)):
+            if x is None and what == "grad_variance":
+                continue
+            if not _eng.is_sharded(x) or x.placements != p.placements or tuple(x.to_local().shape) != local_shape:
+                desc = f"DTensor with placements {x.placements}, local shape {tuple(x.to_local().shape)}" if _eng.is_sharded(x) else type(x).__name__
+                raise ValueError(
+                    f"{where}: the {what} of a DTensor parameter (shape {tuple(p.shape)}, placements {p.placements}, "
+                    f"local shape {local_shape}) must be a DTensor with the same placements and local shape, got a {desc}"
+                )
+        for name, v in self.state.get(p, {}).items():
+            if name not in gspec.state:
+                continue
+            if not _eng.is_sharded(v):
+                raise ValueError(
+                    f"{where}: state {name!r} of a DTensor parameter (shape {tuple(p.shape)}) is a "
+                    f"{type(v).__name__}, not a DTensor: load sharded state (torch.distributed.checkpoint, or a state "
+                    "dict saved from the same sharding)"
+                )
+            if v.placements != p.placements or tuple(v.to_local().shape) != local_shape:
+                raise ValueError(
+                    f"{where}: state {name!r} of a DTensor parameter (placements {p.placements}, local shape "
+                    f"{local_shape}) has placements {v.placements} and local shape {tuple(v.to_local().shape)}: it "
+                    "was saved under another sharding (reshard it with torch.distributed.checkpoint)"
+                )
+
     def _buckets_valid(self, gi: int, cached: tuple, active: list) -> bool:
-        prev, buckets, sdt, _perms, state_obj, n_state = cached
+        prev, buckets, sdt, _perms, _sharded, state_obj, n_state = cached
         if sdt != self.param_groups[gi]["state_dtype"] or state_obj is not self.state or n_state != len(self.state):
             return False
         if len(prev) != len(active) or not all(map(operator.is_, prev, active)):

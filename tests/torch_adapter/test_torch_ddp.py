@@ -92,20 +92,3 @@ def test_ddp_gloo_two_processes(tmp_path, name, bucket_view):
     for a, p in zip(r0, model.parameters()):
         torch.testing.assert_close(a, p.detach(), rtol=1e-12, atol=1e-13)
 
-
-def test_fsdp2_dtensor_parameters_are_refused_with_a_clear_error():
-    """FSDP2 (``fully_shard``) turns parameters into DTensor shards, which the flat-buffer step cannot lay out:
-    the constructor refuses them, naming the type, instead of failing inside a copy at the first step.
-    A real one-process gloo group (in-process store) and a real ``fully_shard``."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = _model()
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        assert type(next(model.parameters())).__name__ == "DTensor"
-        with pytest.raises(TypeError, match=r"AdamW: parameters that are tensor subclasses are not supported \(got a DTensor of shape \(6, 5\)"):
-            xt.AdamW(model.parameters())
-    finally:
-        dist.destroy_process_group()

@@ -1,0 +1,178 @@
+"""FSDP2 (``fully_shard``): DTensor parameters stepped shard by shard, on 2 real gloo CPU processes.
+
+The parameters are sharded unevenly (7 rows over 2 ranks: 4 and 3), and the references share no code with the
+sharded path: torch.optim.AdamW on the unsharded model for AdamW (the same convention), and the plain (flat-buffer)
+path of the same rule in one process for rules torch.optim lacks (the rule itself is checked against float64
+references written from the papers in ``test_torch_trajectories``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import io
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from xpoptim.adapters import torch as xt
+
+STEPS = 4
+SPLIT = 2  # the state dict is saved after this many steps, loaded into a fresh optimizer, and both continue
+LR = 1e-2
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+
+
+def _data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
+
+
+def _variance(p: torch.Tensor) -> torch.Tensor:
+    """A fixed per-element grad_variance for the mini-batch rules (``full_like`` keeps a DTensor a DTensor)."""
+    return torch.full_like(p, 0.05)
+
+
+def _train(model, opt, name, batches, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum(torch.nn.functional.mse_loss(model(x), y) for x, y in batches) / len(batches)
+        loss.backward()
+        if name in ("msvag_mb", "adam_star_mb"):
+            opt.step(grad_variance={p: _variance(p) for p in model.parameters()})
+        else:
+            opt.step()
+
+
+def _sharded_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str, name: str) -> None:
+    faulthandler.dump_traceback_later(120, exit=False)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        model, resumed = _sharded_model(mesh), _sharded_model(mesh)
+        opt = xt.create(name, model.parameters(), lr=LR, compile=False)
+        batch = [_data(rank)]
+        _train(model, opt, name, batch, SPLIT)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        with torch.no_grad():
+            for a, b in zip(model.parameters(), resumed.parameters()):
+                b.to_local().copy_(a.to_local())
+        opt2 = xt.create(name, resumed.parameters(), lr=LR, compile=False)
+        buf.seek(0)
+        opt2.load_state_dict(torch.load(buf, weights_only=False))
+        _train(model, opt, name, batch, STEPS - SPLIT)
+        _train(resumed, opt2, name, batch, STEPS - SPLIT)
+        out = {
+            "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+            "resumed_equal": all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), resumed.parameters())),
+            "state_types": sorted({type(v).__name__ for st in opt.state.values() for k, v in st.items() if k not in ("step", "state_version")}),
+            "local_shapes": [tuple(p.to_local().shape) for p in model.parameters()],
+        }
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _spawn(name: str, out_dir: str, limit_s: float = 150.0) -> None:
+    store = os.path.join(out_dir, "store")
+    ctx = mp.spawn(_worker, args=(2, store, out_dir, name), nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.terminate()
+            pytest.fail(f"FSDP workers did not finish within {limit_s} s")
+
+
+@pytest.mark.parametrize("name", ["adamw", "mvngrad", "msvag_mb"])
+def test_fsdp2_two_processes_follow_the_unsharded_reference(tmp_path, name):
+    _spawn(name, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["local_shapes"] == [(4, 5), (4,), (2, 7), (2,)] and r1["local_shapes"] == [(3, 5), (3,), (1, 7), (1,)]
+    assert r0["state_types"] == ["DTensor"]  # sharded state, like torch.optim's zeros_like(p)
+    assert r0["resumed_equal"] and r1["resumed_equal"]  # state_dict round trip under FSDP2, bit for bit
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    # Reference: the unsharded model on both ranks' data (FSDP2 averages the gradients across ranks).
+    model = _model()
+    if name == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, foreach=False)
+    else:
+        opt = xt.create(name, model.parameters(), lr=LR, compile=False)
+    _train(model, opt, name, [_data(0), _data(1)], STEPS)
+    for a, p in zip(r0["params"], model.parameters()):
+        torch.testing.assert_close(a, p.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_matrix_rules_and_plain_state_are_refused_for_dtensor_parameters():
+    """Muon on a DTensor shard would orthogonalize a piece of a matrix: refused at construction, naming why.
+    A plain (unsharded) state tensor loaded for a DTensor parameter is refused at the step, with nothing changed.
+    A real ``fully_shard`` on a one-process gloo group (in-process store)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = _sharded_model(init_device_mesh("cpu", (1,)))
+        assert type(model[0].weight).__name__ == "DTensor"
+        with pytest.raises(TypeError, match=r"Muon: a DTensor parameter of shape \(7, 5\).*matrix rules need whole matrices"):
+            xt.Muon([model[0].weight])
+        opt = xt.AdamW(model.parameters(), compile=False)
+        x, y = _data(0)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        p = model[0].weight
+        good = opt.state[p]["exp_avg"]
+        before = [q.to_local().clone() for q in model.parameters()]
+        opt.state[p]["exp_avg"] = good.full_tensor()  # a plain tensor where a shard belongs
+        with pytest.raises(ValueError, match=r"state 'exp_avg' of a DTensor parameter \(shape \(7, 5\)\) is a Tensor, not a DTensor"):
+            opt.step()
+        # A shard of another sharding (here 3 of the 7 rows).
+        opt.state[p]["exp_avg"] = DTensor.from_local(torch.zeros(3, 5, dtype=torch.float64), p.device_mesh, p.placements, run_check=False)
+        with pytest.raises(ValueError, match=r"local shape \(7, 5\)\) has placements .* and local shape \(3, 5\): it was saved under another sharding"):
+            opt.step()
+        assert all(torch.equal(b, q.to_local()) for b, q in zip(before, model.parameters()))
+        opt.state[p]["exp_avg"] = good
+        opt.step()  # the good state steps again
+        assert not torch.equal(before[0], p.to_local())
+        # Plain and DTensor parameters in one group: the plain ones go through the flat buffer, as usual.
+        plain = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        twin = plain.detach().clone().requires_grad_()
+        mixed = xt.AdamW([plain, *model.parameters()], lr=LR, compile=False)
+        ref = torch.optim.AdamW([twin], lr=LR, foreach=False)
+        for k in range(3):
+            plain.grad = torch.full((4, 3), 0.1 * (k + 1), dtype=torch.float64)
+            twin.grad = plain.grad.clone()
+            mixed.step()
+            ref.step()
+        torch.testing.assert_close(plain.detach(), twin.detach(), rtol=1e-12, atol=1e-14)
+        assert type(mixed.state[p]["exp_avg"]).__name__ == "DTensor" and mixed.state[p]["step"].item() == 3
+    finally:
+        dist.destroy_process_group()
