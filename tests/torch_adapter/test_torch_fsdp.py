@@ -1,7 +1,8 @@
 """FSDP2 (``fully_shard``): DTensor parameters stepped shard by shard, on 2 real gloo CPU processes.
 
-The parameters are sharded unevenly (7 rows over 2 ranks: 4 and 3), and the references share no code with the
-sharded path: torch.optim.AdamW on the unsharded model for AdamW (the same convention), and the plain (flat-buffer)
+The parameters are sharded unevenly (7 rows over 2 ranks: 4 and 3); the state is checked through
+``torch.distributed.checkpoint``'s full state dict and a ``state_dict`` resume. The references share no code with
+the sharded path: torch.optim.AdamW on the unsharded model for AdamW (the same convention), and the plain (flat-buffer)
 path of the same rule in one process for rules torch.optim lacks (the rule itself is checked against float64
 references written from the papers in ``test_torch_trajectories``).
 """
@@ -86,7 +87,11 @@ def _worker(rank: int, world: int, store: str, out_dir: str, name: str) -> None:
         opt2.load_state_dict(torch.load(buf, weights_only=False))
         _train(model, opt, name, batch, STEPS - SPLIT)
         _train(resumed, opt2, name, batch, STEPS - SPLIT)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
         out = {
+            "full_state": {fqn: {k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)} for fqn, st in full["state"].items()},
             "params": [p.full_tensor().detach().clone() for p in model.parameters()],
             "resumed_equal": all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), resumed.parameters())),
             "state_types": sorted({type(v).__name__ for st in opt.state.values() for k, v in st.items() if k not in ("step", "state_version")}),
@@ -129,6 +134,13 @@ def test_fsdp2_two_processes_follow_the_unsharded_reference(tmp_path, name):
     _train(model, opt, name, [_data(0), _data(1)], STEPS)
     for a, p in zip(r0["params"], model.parameters()):
         torch.testing.assert_close(a, p.detach(), rtol=1e-12, atol=1e-13)
+    # torch.distributed.checkpoint gathers our DTensor state into the full state of the unsharded reference.
+    for fqn, p in model.named_parameters():
+        ours, ref = r0["full_state"][fqn], opt.state[p]
+        assert float(ours["step"]) == float(ref["step"]) == STEPS
+        assert ours.keys() - {"step"} == set(xt.OPTIMIZERS[name].spec.state)
+        for key in ours.keys() - {"step"}:
+            torch.testing.assert_close(ours[key], ref[key], rtol=1e-12, atol=1e-14, msg=f"{fqn} {key}")
 
 
 def test_matrix_rules_and_plain_state_are_refused_for_dtensor_parameters():
