@@ -36,6 +36,7 @@ __all__ = [
     "matrix_step",
     "state_dtype_for",
     "run_sharded",
+    "muon_step_sharded",
     "is_sharded",
     "EAGER_CHUNK",
 ]
@@ -450,7 +451,7 @@ def is_sharded(t: Any) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
-def sharded_state_init(spec: ElementwiseSpec, p: Any, state_dtype: torch.dtype) -> dict:
+def sharded_state_init(names: Sequence[str], p: Any, state_dtype: torch.dtype) -> dict:
     """Zero state for a DTensor parameter: DTensors with the parameter's mesh, placements, shape and stride (what
     ``torch.zeros_like(p)`` gives torch.optim), so ``state_dict`` and ``torch.distributed.checkpoint`` see sharded
     state like torch.optim's."""
@@ -458,7 +459,7 @@ def sharded_state_init(spec: ElementwiseSpec, p: Any, state_dtype: torch.dtype) 
 
     local = p.to_local()
     out: dict[str, Any] = {}
-    for name in spec.state:
+    for name in names:
         zeros = torch.zeros(local.shape, dtype=state_dtype, device=local.device)
         out[name] = DTensor.from_local(zeros, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
     out["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -487,7 +488,7 @@ def run_sharded(
     st = state[p]
     sdt = state_dtype_for(p, state_dtype_opt)
     if "step" not in st:
-        st.update(sharded_state_init(spec, p, sdt))
+        st.update(sharded_state_init(spec.state, p, sdt))
     t = int(st["step"].item()) + 1
     scalars = [float(s) for s in step_scalars(spec, hp, t, HOST)]
     _, fn = _get_fn(spec, static, maximize, sdt)
@@ -604,3 +605,38 @@ def matrix_step(
                 cur = st[name]
                 cur.copy_(val[i].reshape(cur.shape))
             st["step"].fill_(float(t))
+
+
+def muon_step_sharded(spec: MatrixSpec, hp: dict, maximize: bool, state_dtype_opt: Any, p: Any, g: Any, state: dict) -> None:
+    """One Muon step on a DTensor parameter (FSDP2): momentum and update on the local shard, Newton-Schulz on the
+    whole matrix.
+
+    Muon's momentum and its final update are elementwise, so they stay on each rank's shard (the momentum buffer is
+    a DTensor with the parameter's placements, in the parameter's shape). Newton-Schulz orthogonalizes the whole
+    matrix: its input is all-gathered (``full_tensor``), every rank runs the same Newton-Schulz on it, and each
+    keeps its own shard of the result (``Replicate`` -> the parameter's placements, a local slice). Costs one
+    all-gather of the matrix per step and the whole Newton-Schulz on every rank (as in distributed Muon
+    implementations that do not split the matrices across ranks).
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    st = state[p]
+    sdt = state_dtype_for(p, state_dtype_opt)
+    if "step" not in st:
+        st.update(sharded_state_init(("momentum_buffer",), p, sdt))
+    t = int(st["step"].item()) + 1
+    mesh, placements = p.device_mesh, p.placements
+    gl = g.to_local().to(sdt)
+    if maximize:
+        gl = -gl
+    buf = st["momentum_buffer"].to_local()
+    n_in, new_buf = muon_momentum(txp, gl, buf, hp["momentum"], nesterov=hp["nesterov"])
+    full = DTensor.from_local(n_in, mesh, placements, run_check=False, shape=p.shape, stride=p.stride()).full_tensor()
+    shape2 = matrix_shape(p)
+    o = newton_schulz(txp, full.reshape(shape2), **muon_ns_options(hp)).reshape(p.shape).contiguous()
+    o_local = DTensor.from_local(o, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, placements).to_local()
+    pl = p.to_local()
+    new_p = muon_apply(txp, pl.to(sdt), o_local, hp["lr"], hp["weight_decay"], functional.matrix_scale(spec, hp, shape2, "out_in"))
+    pl.copy_(new_p)
+    buf.copy_(new_buf)
+    st["step"].fill_(float(t))

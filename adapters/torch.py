@@ -43,8 +43,10 @@ Conventions of this adapter (the torch ones):
   rule needs no communication, so each rank steps its local shard, in place (FSDP2 all-gathers the next forward's
   weights from that memory, so these parameters never move into a flat buffer), eagerly, shard by shard; the
   state is DTensors with the parameter's placements, as torch.optim's. Gradients (and ``grad_variance``) must be
-  DTensors with the parameter's placements and local shape. Matrix rules (Muon, DeVASinf) refuse DTensor
-  parameters with a ``TypeError`` (they need whole matrices); other tensor subclasses are refused too.
+  DTensors with the parameter's placements and local shape. Muon keeps its momentum sharded and all-gathers only
+  the Newton-Schulz input (every rank orthogonalizes the whole matrix and keeps its shard of the result).
+  DeVASinf refuses DTensor parameters with a ``TypeError`` (its Kronecker factors need whole matrices); other
+  tensor subclasses are refused too.
 * Muon / DeVASinf: one instance serves matrix groups (``rule`` = the matrix rule: 2-D weights, conv weights
   flattened to ``(out, in*kh*kw)``) and fallback groups (``rule`` = an elementwise rule, by default the spec's
   fallback with its ``fallback_defaults``). Passing plain tensors routes by dimension; :func:`matrix_param_groups`
@@ -58,7 +60,7 @@ from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -310,11 +312,12 @@ class XPOptimizer(Optimizer):
             _hp_from_group(gspec, g, where)
             _check_options(g, where)
             for p in g["params"]:
-                if _eng.is_sharded(p) and isinstance(gspec, MatrixSpec):
+                if _eng.is_sharded(p) and isinstance(gspec, MatrixSpec) and gspec.name != "muon":
                     raise TypeError(
                         f"{where}: a DTensor parameter of shape {tuple(p.shape)} (FSDP2 fully_shard or tensor "
-                        f"parallelism) is in a group with rule={gspec.name!r}: matrix rules need whole matrices, "
-                        "which a shard is not; DTensor parameters are supported by the elementwise rules only"
+                        f"parallelism) is in a group with rule={gspec.name!r}, which is not supported: its Kronecker "
+                        "factors and eigenbases need whole matrices on every step; DTensor parameters work with Muon "
+                        "and with the elementwise rules"
                     )
                 if is_traceable_wrapper_subclass(p) and not _eng.is_sharded(p):
                     raise TypeError(
@@ -426,13 +429,19 @@ class XPOptimizer(Optimizer):
             extras = []
             if isinstance(gspec, ElementwiseSpec) and gspec.extras:
                 extras = [self._extra_for(gspec, p, grad_variance) for p in active]
+            names = gspec.state if isinstance(gspec, ElementwiseSpec) else ("momentum_buffer",)
             for i in sharded:
-                self._check_sharded(gspec, active[i], agrads[i], extras[i] if extras else None)
+                self._check_sharded(names, active[i], agrads[i], extras[i] if extras else None)
             plans.append((gi, group, gspec, hp, active, extras, layout, sharded, [agrads[i] for i in sharded]))
         # Phase 2: compute and write.
         for gi, group, gspec, hp, active, extras, layout, sharded, sharded_grads in plans:
             if isinstance(gspec, MatrixSpec):
-                _eng.matrix_step(gspec, active, state, hp, group["maximize"], group["state_dtype"])
+                for i, g in zip(sharded, sharded_grads):  # DTensor matrices (Muon only): see muon_step_sharded
+                    _eng.muon_step_sharded(gspec, hp, group["maximize"], group["state_dtype"], active[i], g, state)
+                skip = set(sharded)
+                plain = [p for i, p in enumerate(active) if i not in skip] if sharded else active
+                if plain:
+                    _eng.matrix_step(gspec, plain, state, hp, group["maximize"], group["state_dtype"])
                 continue
             static = gspec.static(hp)
             for i, g in zip(sharded, sharded_grads):  # DTensor parameters: stepped shard by shard, where they live
@@ -480,7 +489,7 @@ class XPOptimizer(Optimizer):
             raise ValueError(f"{gspec.title}: grad_variance ({desc}) does not match its parameter (shape {tuple(p.shape)}, device {p.device})")
         return v
 
-    def _check_sharded(self, gspec: ElementwiseSpec, p: Any, g: Any, extra: Any) -> None:
+    def _check_sharded(self, names: Sequence[str], p: Any, g: Any, extra: Any) -> None:
         """A DTensor parameter's gradient (and ``grad_variance``) must be DTensors with its placements and local
         shape (what FSDP2's reduce-scatter produces), and its state DTensors (a plain tensor loaded into it is
         refused: load sharded state, e.g. with ``torch.distributed.checkpoint``)."""
@@ -496,7 +505,7 @@ class XPOptimizer(Optimizer):
                     f"local shape {local_shape}) must be a DTensor with the same placements and local shape, got a {desc}"
                 )
         for name, v in self.state.get(p, {}).items():
-            if name not in gspec.state:
+            if name not in names:
                 continue
             if not _eng.is_sharded(v):
                 raise ValueError(
@@ -536,8 +545,8 @@ class XPOptimizer(Optimizer):
             return {n: tuple(p.shape) for n in gspec.state}
         shape2 = _eng.matrix_shape(p)
         n, m = shape2
-        if gspec.name == "muon":
-            return {"momentum_buffer": shape2}
+        if gspec.name == "muon":  # a DTensor parameter keeps its momentum sharded like itself, in its own shape
+            return {"momentum_buffer": tuple(p.shape) if _eng.is_sharded(p) else shape2}
         mp = hp["max_precond_dim"]
         return {
             "L": (n, n) if n <= mp else None,
