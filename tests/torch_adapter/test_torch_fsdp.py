@@ -1,6 +1,6 @@
 """FSDP2 (``fully_shard``): DTensor parameters stepped shard by shard, on 2 real gloo CPU processes.
 
-The parameters are sharded unevenly (7 rows over 2 ranks: 4 and 3); the state is checked through
+The parameters are sharded unevenly (7 rows over 2 ranks: 4 and 3; one row: 1 and an empty shard); the state is checked through
 ``torch.distributed.checkpoint``'s full state dict and a ``state_dict`` resume. The references share no code with
 the sharded path: torch.optim.AdamW on the unsharded model for AdamW (the same convention), and the plain (flat-buffer)
 path of the same rule in one process for rules torch.optim lacks (the rule itself is checked against float64
@@ -30,12 +30,13 @@ LR = 1e-2
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    # The last layer has one output: rank 1 holds empty shards of its weight and bias.
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3), torch.nn.Linear(3, 1)).double()
 
 
 def _data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + rank)
-    return torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
+    return torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
 
 
 def _variance(p: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ def _sharded_model(mesh):
     from torch.distributed.fsdp import fully_shard
 
     model = _model()
-    for layer in (model[0], model[2]):
+    for layer in (model[0], model[2], model[3]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -127,7 +128,8 @@ def _spawn(name: str, out_dir: str, limit_s: float = 150.0) -> None:
 def test_fsdp2_two_processes_follow_the_unsharded_reference(tmp_path, name):
     _spawn(name, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    assert r0["local_shapes"] == [(4, 5), (4,), (2, 7), (2,)] and r1["local_shapes"] == [(3, 5), (3,), (1, 7), (1,)]
+    assert r0["local_shapes"] == [(4, 5), (4,), (2, 7), (2,), (1, 3), (1,)]
+    assert r1["local_shapes"] == [(3, 5), (3,), (1, 7), (1,), (0, 3), (0,)]
     assert r0["state_types"] == ["DTensor"]  # sharded state, like torch.optim's zeros_like(p)
     assert r0["resumed_equal"] and r1["resumed_equal"]  # state_dict round trip under FSDP2, bit for bit
     for a, b in zip(r0["params"], r1["params"]):
