@@ -15,7 +15,7 @@ import sys
 import threading
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "state_dtype_for",
     "run_sharded",
     "muon_step_sharded",
+    "deva_step_sharded",
     "is_sharded",
     "EAGER_CHUNK",
 ]
@@ -512,7 +513,7 @@ def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     return (p.shape[0], int(p[0].numel())) if p.ndim > 2 else (p.shape[0], p.shape[1])
 
 
-_DEVA_KEYS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "gamma")
+DEVA_KEYS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "gamma")
 
 
 def matrix_state_init(spec: MatrixSpec, p: torch.Tensor, hp: dict, state_dtype: torch.dtype) -> dict:
@@ -554,9 +555,18 @@ def _stack(tensors: Sequence[torch.Tensor], shape2: tuple[int, int]) -> torch.Te
 
 
 def matrix_step(
-    spec: MatrixSpec, params: Sequence[torch.Tensor], state: dict, hp: dict, maximize: bool, state_dtype_opt: Any
+    spec: MatrixSpec,
+    params: Sequence[torch.Tensor],
+    state: dict,
+    hp: dict,
+    maximize: bool,
+    state_dtype_opt: Any,
+    grads: Mapping[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """One step of a matrix rule for ``params`` (all with gradients): stacks of same-shape matrices."""
+    """One step of a matrix rule for ``params`` (all with gradients): stacks of same-shape matrices.
+
+    ``grads`` maps a parameter to its gradient when it is not ``p.grad``."""
+    grad_of = (lambda p: p.grad) if grads is None else grads.__getitem__
     groups: dict[tuple, list] = {}
     for p in params:
         sdt = state_dtype_for(p, state_dtype_opt)
@@ -566,7 +576,7 @@ def matrix_step(
         groups.setdefault(key, []).append(p)
     for (shape2, _dt, sdt, _dev, t0), ps in groups.items():
         t = t0 + 1
-        g = _stack([p.grad for p in ps], shape2).to(sdt)
+        g = _stack([grad_of(p) for p in ps], shape2).to(sdt)
         if maximize:
             g = -g
         scale = functional.matrix_scale(spec, hp, shape2, "out_in")
@@ -588,7 +598,7 @@ def matrix_step(
         else:
             stacked = {
                 k: (None if sts[0][k] is None else torch.stack([st[k] for st in sts]))
-                for k in _DEVA_KEYS
+                for k in DEVA_KEYS
             }
             delta, new_state = deva_sinf_host_step(txp, stacked, g, hp, t, scale)
             new_p = None
@@ -640,3 +650,30 @@ def muon_step_sharded(spec: MatrixSpec, hp: dict, maximize: bool, state_dtype_op
     pl.copy_(new_p)
     buf.copy_(new_buf)
     st["step"].fill_(float(t))
+
+
+def deva_step_sharded(spec: MatrixSpec, hp: dict, maximize: bool, state_dtype_opt: Any, p: Any, g: Any, state: dict) -> None:
+    """One DeVASinf step on a DTensor parameter (FSDP2): the whole matrix step on every rank, then each rank keeps
+    its shard.
+
+    DeVASinf's Kronecker factors and eigenbases need the whole gradient, so the parameter and its gradient are
+    all-gathered (``full_tensor``), every rank runs the same :func:`matrix_step` on the full matrix, and each writes
+    its own slice of the result back into its shard. The state (factors, bases, rotated moments) is replicated:
+    DTensors with ``Replicate`` placements, so ``state_dict`` and ``torch.distributed.checkpoint`` handle it.
+    Costs two all-gathers per step and the full step (eigendecompositions included) on every rank.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh, placements = p.device_mesh, p.placements
+    replicate = [Replicate()] * mesh.ndim
+    full_p, full_g = p.full_tensor().detach(), g.full_tensor().detach()
+    st = state[p]
+    local_state = {k: (v.to_local() if is_sharded(v) else v) for k, v in st.items()}
+    work = {full_p: local_state}
+    matrix_step(spec, [full_p], work, hp, maximize, state_dtype_opt, grads={full_p: full_g})
+    for k, v in local_state.items():
+        if is_sharded(st.get(k)):
+            continue  # updated in place through its local tensor
+        st[k] = DTensor.from_local(v, mesh, replicate, run_check=False) if isinstance(v, torch.Tensor) and k != "step" else v
+    mine = DTensor.from_local(full_p, mesh, replicate, run_check=False).redistribute(mesh, placements).to_local()
+    p.to_local().copy_(mine)

@@ -45,8 +45,9 @@ Conventions of this adapter (the torch ones):
   state is DTensors with the parameter's placements, as torch.optim's. Gradients (and ``grad_variance``) must be
   DTensors with the parameter's placements and local shape. Muon keeps its momentum sharded and all-gathers only
   the Newton-Schulz input (every rank orthogonalizes the whole matrix and keeps its shard of the result).
-  DeVASinf refuses DTensor parameters with a ``TypeError`` (its Kronecker factors need whole matrices); other
-  tensor subclasses are refused too.
+  DeVASinf needs whole matrices for its Kronecker factors: it all-gathers the parameter and gradient, runs the
+  whole step on every rank with replicated state (``Replicate`` DTensors), and each rank keeps its shard. Other
+  tensor subclasses are refused with a ``TypeError``.
 * Muon / DeVASinf: one instance serves matrix groups (``rule`` = the matrix rule: 2-D weights, conv weights
   flattened to ``(out, in*kh*kw)``) and fallback groups (``rule`` = an elementwise rule, by default the spec's
   fallback with its ``fallback_defaults``). Passing plain tensors routes by dimension; :func:`matrix_param_groups`
@@ -312,13 +313,6 @@ class XPOptimizer(Optimizer):
             _hp_from_group(gspec, g, where)
             _check_options(g, where)
             for p in g["params"]:
-                if _eng.is_sharded(p) and isinstance(gspec, MatrixSpec) and gspec.name != "muon":
-                    raise TypeError(
-                        f"{where}: a DTensor parameter of shape {tuple(p.shape)} (FSDP2 fully_shard or tensor "
-                        f"parallelism) is in a group with rule={gspec.name!r}, which is not supported: its Kronecker "
-                        "factors and eigenbases need whole matrices on every step; DTensor parameters work with Muon "
-                        "and with the elementwise rules"
-                    )
                 if is_traceable_wrapper_subclass(p) and not _eng.is_sharded(p):
                     raise TypeError(
                         f"{where}: parameters that are tensor subclasses are not supported (got a "
@@ -429,15 +423,16 @@ class XPOptimizer(Optimizer):
             extras = []
             if isinstance(gspec, ElementwiseSpec) and gspec.extras:
                 extras = [self._extra_for(gspec, p, grad_variance) for p in active]
-            names = gspec.state if isinstance(gspec, ElementwiseSpec) else ("momentum_buffer",)
+            names, replicated = _sharded_state_names(gspec)
             for i in sharded:
-                self._check_sharded(names, active[i], agrads[i], extras[i] if extras else None)
+                self._check_sharded(names, active[i], agrads[i], extras[i] if extras else None, replicated)
             plans.append((gi, group, gspec, hp, active, extras, layout, sharded, [agrads[i] for i in sharded]))
         # Phase 2: compute and write.
         for gi, group, gspec, hp, active, extras, layout, sharded, sharded_grads in plans:
             if isinstance(gspec, MatrixSpec):
-                for i, g in zip(sharded, sharded_grads):  # DTensor matrices (Muon only): see muon_step_sharded
-                    _eng.muon_step_sharded(gspec, hp, group["maximize"], group["state_dtype"], active[i], g, state)
+                sharded_step = _eng.muon_step_sharded if gspec.name == "muon" else _eng.deva_step_sharded
+                for i, g in zip(sharded, sharded_grads):  # DTensor matrices: see muon_step_sharded, deva_step_sharded
+                    sharded_step(gspec, hp, group["maximize"], group["state_dtype"], active[i], g, state)
                 skip = set(sharded)
                 plain = [p for i, p in enumerate(active) if i not in skip] if sharded else active
                 if plain:
@@ -489,10 +484,11 @@ class XPOptimizer(Optimizer):
             raise ValueError(f"{gspec.title}: grad_variance ({desc}) does not match its parameter (shape {tuple(p.shape)}, device {p.device})")
         return v
 
-    def _check_sharded(self, names: Sequence[str], p: Any, g: Any, extra: Any) -> None:
+    def _check_sharded(self, names: Sequence[str], p: Any, g: Any, extra: Any, replicated: bool = False) -> None:
         """A DTensor parameter's gradient (and ``grad_variance``) must be DTensors with its placements and local
         shape (what FSDP2's reduce-scatter produces), and its state DTensors (a plain tensor loaded into it is
-        refused: load sharded state, e.g. with ``torch.distributed.checkpoint``)."""
+        refused: load sharded state, e.g. with ``torch.distributed.checkpoint``) sharded like it, or replicated
+        (``replicated``: DeVASinf's whole-matrix state)."""
         where = self.spec.title
         local_shape = tuple(p.to_local().shape)
         for what, x in (("grad", g), ("grad_variance", extra)):
@@ -507,12 +503,21 @@ class XPOptimizer(Optimizer):
         for name, v in self.state.get(p, {}).items():
             if name not in names:
                 continue
+            if v is None and replicated:
+                continue
             if not _eng.is_sharded(v):
                 raise ValueError(
                     f"{where}: state {name!r} of a DTensor parameter (shape {tuple(p.shape)}) is a "
                     f"{type(v).__name__}, not a DTensor: load sharded state (torch.distributed.checkpoint, or a state "
                     "dict saved from the same sharding)"
                 )
+            if replicated:
+                if any(not pl.is_replicate() for pl in v.placements) or v.to_local().shape != v.shape:
+                    raise ValueError(
+                        f"{where}: state {name!r} of a DTensor parameter (shape {tuple(p.shape)}) has placements "
+                        f"{v.placements}: DeVASinf keeps whole-matrix state, replicated on every rank"
+                    )
+                continue
             if v.placements != p.placements or tuple(v.to_local().shape) != local_shape:
                 raise ValueError(
                     f"{where}: state {name!r} of a DTensor parameter (placements {p.placements}, local shape "
@@ -632,6 +637,16 @@ class XPOptimizer(Optimizer):
 # ----------------------------------------------------------------------------------------------------------------------
 # One class per spec
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sharded_state_names(gspec: ElementwiseSpec | MatrixSpec) -> tuple[tuple[str, ...], bool]:
+    """Names of the floating state a DTensor parameter holds under ``gspec``, and whether it is replicated (DeVASinf's
+    whole-matrix state) rather than sharded like the parameter."""
+    if isinstance(gspec, ElementwiseSpec):
+        return tuple(gspec.state), False
+    if gspec.name == "muon":
+        return ("momentum_buffer",), False
+    return _eng.DEVA_KEYS, True
 
 
 def _fmt(v: Any) -> str:

@@ -124,7 +124,7 @@ def _spawn(name: str, out_dir: str, limit_s: float = 150.0) -> None:
             pytest.fail(f"FSDP workers did not finish within {limit_s} s")
 
 
-@pytest.mark.parametrize("name", ["adamw", "mvngrad", "msvag_mb", "muon"])
+@pytest.mark.parametrize("name", ["adamw", "mvngrad", "msvag_mb", "muon", "deva_sinf"])
 def test_fsdp2_two_processes_follow_the_unsharded_reference(tmp_path, name):
     _spawn(name, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
@@ -153,9 +153,9 @@ def test_fsdp2_two_processes_follow_the_unsharded_reference(tmp_path, name):
             torch.testing.assert_close(ours[key], ref[key], rtol=1e-12, atol=1e-14, msg=f"{fqn} {key}")
 
 
-def test_deva_sinf_and_plain_state_are_refused_for_dtensor_parameters():
-    """DeVASinf on DTensor shards (its Kronecker factors need whole matrices) is refused at construction, naming why.
-    A plain (unsharded) state tensor loaded for a DTensor parameter is refused at the step, with nothing changed.
+def test_plain_or_resharded_state_is_refused_for_dtensor_parameters():
+    """A plain (unsharded) state tensor, or a shard of another sharding, loaded for a DTensor parameter is refused
+    at the step, with nothing changed.
     A real ``fully_shard`` on a one-process gloo group (in-process store)."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -171,8 +171,6 @@ def _refusals() -> None:
 
     model = _sharded_model(init_device_mesh("cpu", (1,)))
     assert type(model[0].weight).__name__ == "DTensor"
-    with pytest.raises(TypeError, match=r"DeVASinf: a DTensor parameter of shape \(7, 5\).*rule='deva_sinf', which is not supported"):
-        xt.DeVASinf([model[0].weight])
     opt = xt.AdamW(model.parameters(), compile=False)
     x, y = _data(0)
     torch.nn.functional.mse_loss(model(x), y).backward()
@@ -191,6 +189,17 @@ def _refusals() -> None:
     opt.state[p]["exp_avg"] = good
     opt.step()  # the good state steps again
     assert not torch.equal(before[0], p.to_local())
+    # DeVASinf keeps whole-matrix state, replicated: a sharded one is refused, with nothing changed.
+    deva = xt.DeVASinf([p], compile=False)
+    deva.step()
+    deva.step()
+    kept = p.to_local().clone()
+    ql = deva.state[p]["QL"]
+    assert all(pl.is_replicate() for pl in ql.placements)
+    deva.state[p]["QL"] = DTensor.from_local(ql.to_local(), p.device_mesh, p.placements, run_check=False)
+    with pytest.raises(ValueError, match=r"state 'QL' of a DTensor parameter \(shape \(7, 5\)\) has placements .*replicated"):
+        deva.step()
+    assert torch.equal(kept, p.to_local())
     # Plain and DTensor parameters in one group: the plain ones go through the flat buffer, as usual.
     plain = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     twin = plain.detach().clone().requires_grad_()
