@@ -6,12 +6,11 @@ import datetime
 import faulthandler
 import gc
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from xpt_support import spawn_two_ranks
 
 from xpoptim.adapters import torch as xt
 
@@ -53,26 +52,13 @@ def _worker(rank: int, world: int, store: str, out_dir: str, name: str, bucket_v
     faulthandler.cancel_dump_traceback_later()
 
 
-def _spawn(name: str, out_dir: str, bucket_view: bool = False, limit_s: float = 150.0) -> None:
-    """Start both ranks; fail (and stop our two processes) instead of hanging if they do not finish in time."""
-    store = os.path.join(out_dir, "store")
-    ctx = mp.spawn(_worker, args=(2, store, out_dir, name, bucket_view), nprocs=2, join=False)
-    deadline = time.monotonic() + limit_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.terminate()
-            pytest.fail(f"DDP workers did not finish within {limit_s} s")
-
-
 @pytest.mark.parametrize(
     "name, bucket_view",
     [("adamw", False), ("adamw", True), pytest.param("muon", False, marks=pytest.mark.slow)],
     ids=["adamw", "adamw-gradient_as_bucket_view", "muon"],
 )
 def test_ddp_gloo_two_processes(tmp_path, name, bucket_view):
-    _spawn(name, str(tmp_path), bucket_view)
+    spawn_two_ranks(_worker, str(tmp_path), name, bucket_view, what="DDP workers")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for a, b in zip(r0, r1):
         assert torch.equal(a, b)  # replicas stay identical

@@ -14,12 +14,11 @@ import faulthandler
 import gc
 import io
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from xpt_support import spawn_two_ranks
 
 from xpoptim.adapters import torch as xt
 
@@ -112,21 +111,9 @@ def _run(rank: int, world: int, out_dir: str, name: str) -> None:
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _spawn(name: str, out_dir: str, limit_s: float = 150.0) -> None:
-    store = os.path.join(out_dir, "store")
-    ctx = mp.spawn(_worker, args=(2, store, out_dir, name), nprocs=2, join=False)
-    deadline = time.monotonic() + limit_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.terminate()
-            pytest.fail(f"FSDP workers did not finish within {limit_s} s")
-
-
 @pytest.mark.parametrize("name", ["adamw", "mvngrad", "msvag_mb", "muon", "deva_sinf"])
 def test_fsdp2_two_processes_follow_the_unsharded_reference(tmp_path, name):
-    _spawn(name, str(tmp_path))
+    spawn_two_ranks(_worker, str(tmp_path), name, what="FSDP workers")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["local_shapes"] == [(4, 5), (4,), (2, 7), (2,), (1, 3), (1,)]
     assert r1["local_shapes"] == [(3, 5), (3,), (1, 7), (1,), (0, 3), (0,)]

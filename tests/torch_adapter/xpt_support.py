@@ -8,10 +8,15 @@ buckets, stacked matrices, views, in-place writes) must reproduce.
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 from xpoptim.core import SPECS, functional
 
@@ -166,3 +171,17 @@ def assert_same_snapshot(a: dict, b: dict) -> None:
                 assert torch.equal(s[k], t[k]), k
             else:
                 assert s[k] == t[k], k
+
+
+def spawn_two_ranks(worker: Callable, out_dir: str, *args: Any, what: str = "workers", limit_s: float = 150.0) -> None:
+    """Run ``worker(rank, 2, store_path, out_dir, *args)`` on 2 real processes (``torch.multiprocessing.spawn``);
+    fail, and stop both, instead of hanging if they do not finish within ``limit_s`` seconds."""
+    store = os.path.join(out_dir, "store")
+    ctx = mp.spawn(worker, args=(2, store, out_dir, *args), nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.terminate()
+            pytest.fail(f"{what} did not finish within {limit_s} s")
