@@ -429,12 +429,12 @@ class XPOptimizer(Optimizer):
             plans.append((gi, group, gspec, hp, active, extras, layout, sharded, [agrads[i] for i in sharded]))
         # Phase 2: compute and write.
         for gi, group, gspec, hp, active, extras, layout, sharded, sharded_grads in plans:
+            skip = set(sharded)
+            plain = [p for i, p in enumerate(active) if i not in skip] if sharded else active
             if isinstance(gspec, MatrixSpec):
                 sharded_step = _eng.muon_step_sharded if gspec.name == "muon" else _eng.deva_step_sharded
                 for i, g in zip(sharded, sharded_grads):  # DTensor matrices: see muon_step_sharded, deva_step_sharded
                     sharded_step(gspec, hp, group["maximize"], group["state_dtype"], active[i], g, state)
-                skip = set(sharded)
-                plain = [p for i, p in enumerate(active) if i not in skip] if sharded else active
                 if plain:
                     _eng.matrix_step(gspec, plain, state, hp, group["maximize"], group["state_dtype"])
                 continue
@@ -443,8 +443,6 @@ class XPOptimizer(Optimizer):
                 ex = [extras[i]] if extras else []
                 _eng.run_sharded(gspec, hp, static, group["maximize"], group["state_dtype"], active[i], g, ex, state)
             if layout is None:
-                skip = set(sharded)
-                plain = [p for i, p in enumerate(active) if i not in skip] if sharded else active
                 buckets = self._make_buckets(gspec, plain, group["state_dtype"])
                 index = {id(p): i for i, p in enumerate(active)}
                 perms = [[index[id(p)] for p in b.params] for b in buckets]
