@@ -1,10 +1,10 @@
 """FSDP2 (``fully_shard``): DTensor parameters stepped shard by shard, on 2 real gloo CPU processes.
 
-The parameters are sharded unevenly (7 rows over 2 ranks: 4 and 3; one row: 1 and an empty shard); the state is checked through
-``torch.distributed.checkpoint``'s full state dict and a ``state_dict`` resume. The references share no code with
-the sharded path: torch.optim.AdamW on the unsharded model for AdamW (the same convention), and the plain (flat-buffer)
-path of the same rule in one process for rules torch.optim lacks (the rule itself is checked against float64
-references written from the papers in ``test_torch_trajectories``).
+The parameters are sharded unevenly (7 rows over 2 ranks: 4 and 3; one row: 1 and an empty shard); the state is
+checked through ``torch.distributed.checkpoint``'s full state dict and a ``state_dict`` resume. The references share
+no code with the sharded path: torch.optim.AdamW on the unsharded model for AdamW (the same convention), and the
+plain (flat-buffer) path of the same rule in one process for rules torch.optim lacks (the rule itself is checked
+against float64 references written from the papers in ``test_torch_trajectories``).
 """
 
 from __future__ import annotations
