@@ -399,20 +399,40 @@ def run_bucket(
         for x, off, shape, stride in zip(per_param, b.offsets, b.shapes, b.strides):
             _view(flat, off, shape.numel(), shape, stride).copy_(x)
     t = b.t + 1
-    scalars = step_scalars(spec, hp, t, HOST)
-    key, fn = _get_fn(spec, static, maximize, b.state_dtype)
     states = [b.flat_state[n] for n in spec.state]
+    _run_kernel(spec, hp, static, maximize, b.state_dtype, compile_opt, t, b.flat_p, flat_g, b.flat_extras, states)
+    b.t = t
+    b.step_tensor.fill_(float(t))
+
+
+def _run_kernel(
+    spec: ElementwiseSpec,
+    hp: dict,
+    static: dict,
+    maximize: bool,
+    state_dtype: torch.dtype,
+    compile_opt: Any,
+    t: int,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    extras: list,
+    states: list,
+) -> None:
+    """Step ``t`` of the rule on same-shape tensors, in place: compiled (``compile_opt`` True, or ``"auto"`` at
+    ``AUTO_COMPILE_MIN_NUMEL`` elements and more) or eager; a compiler failure under ``"auto"`` falls back to eager
+    with a warning."""
+    scalars = step_scalars(spec, hp, t, HOST)
+    key, fn = _get_fn(spec, static, maximize, state_dtype)
     use_compile = compile_opt is True or (
-        compile_opt == "auto" and b.numel >= AUTO_COMPILE_MIN_NUMEL and spec.is_fusable(hp)
+        compile_opt == "auto" and p.numel() >= AUTO_COMPILE_MIN_NUMEL and spec.is_fusable(hp)
     )
-    done = False
     if use_compile:
         cfn = _get_compiled(key, fn)
         if cfn is not None:
-            sc = torch.tensor([float(s) for s in scalars], dtype=torch.float64).to(b.device, non_blocking=True)
+            sc = torch.tensor([float(s) for s in scalars], dtype=torch.float64).to(p.device, non_blocking=True)
             try:
-                cfn(b.flat_p, flat_g, list(b.flat_extras), states, list(sc.unbind(0)))
-                done = True
+                cfn(p, g, list(extras), states, list(sc.unbind(0)))
+                return
             except Exception as exc:  # a compiler failure must not lose the step: fall back to eager, loudly
                 if compile_opt is True:
                     raise
@@ -420,12 +440,9 @@ def run_bucket(
                 warnings.warn(
                     f"xpoptim: torch.compile of the {spec.title} step failed ({exc!r}); using the eager path",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-    if not done:
-        _run_eager(fn, b.flat_p, flat_g, b.flat_extras, states, [float(s) for s in scalars])
-    b.t = t
-    b.step_tensor.fill_(float(t))
+    _run_eager(fn, p, g, extras, states, [float(s) for s in scalars])
 
 
 def _run_eager(fn: Callable, p: torch.Tensor, g: torch.Tensor, extras: list, states: list, scalars: list) -> None:
@@ -474,30 +491,30 @@ def run_sharded(
     static: dict,
     maximize: bool,
     state_dtype_opt: Any,
+    compile_opt: Any,
     p: Any,
     g: Any,
     extras: Sequence[Any],
     state: dict,
 ) -> None:
-    """One step of an elementwise rule on a DTensor parameter, shard by shard (eager).
+    """One step of an elementwise rule on a DTensor parameter, on its local shard.
 
     An elementwise rule updates each element from that element alone, so stepping every rank's local shard is the
     step of the whole tensor, with no communication. The shard is written where it lives: FSDP2 all-gathers the
-    next forward's weights from that memory, so the parameter is never moved into a flat buffer. The caller checked
-    that ``g`` (and each extra) is a DTensor with the parameter's placements and local shape.
+    next forward's weights from that memory, so the parameter is never moved into a flat buffer. ``compile_opt``
+    applies per shard (``"auto"`` compiles shards of at least ``AUTO_COMPILE_MIN_NUMEL`` elements). The caller
+    checked that ``g`` (and each extra) is a DTensor with the parameter's placements and local shape.
     """
     st = state[p]
     sdt = state_dtype_for(p, state_dtype_opt)
     if "step" not in st:
         st.update(sharded_state_init(spec.state, p, sdt))
     t = int(st["step"].item()) + 1
-    scalars = [float(s) for s in step_scalars(spec, hp, t, HOST)]
-    _, fn = _get_fn(spec, static, maximize, sdt)
     local = [p.to_local(), g.to_local(), *(x.to_local() for x in extras), *(st[n].to_local() for n in spec.state)]
     if all(x.is_contiguous() for x in local):
         local = [x.view(-1) for x in local]
     k = 2 + len(extras)
-    _run_eager(fn, local[0], local[1], local[2:k], local[k:], scalars)
+    _run_kernel(spec, hp, static, maximize, sdt, compile_opt, t, local[0], local[1], local[2:k], local[k:])
     st["step"].fill_(float(t))
 
 

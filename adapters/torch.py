@@ -41,8 +41,8 @@ Conventions of this adapter (the torch ones):
   gradients are refused with a ``ValueError``.
 * DTensor parameters (FSDP2 ``fully_shard``, tensor parallelism) work with the elementwise rules: an elementwise
   rule needs no communication, so each rank steps its local shard, in place (FSDP2 all-gathers the next forward's
-  weights from that memory, so these parameters never move into a flat buffer), eagerly, shard by shard; the
-  state is DTensors with the parameter's placements, as torch.optim's. Gradients (and ``grad_variance``) must be
+  weights from that memory, so these parameters never move into a flat buffer), shard by shard (``compile``
+  applies per shard); the state is DTensors with the parameter's placements, as torch.optim's. Gradients (and ``grad_variance``) must be
   DTensors with the parameter's placements and local shape. Muon keeps its momentum sharded and all-gathers only
   the Newton-Schulz input (every rank orthogonalizes the whole matrix and keeps its shard of the result).
   DeVASinf needs whole matrices for its Kronecker factors: it all-gathers the parameter and gradient, runs the
@@ -441,7 +441,7 @@ class XPOptimizer(Optimizer):
             static = gspec.static(hp)
             for i, g in zip(sharded, sharded_grads):  # DTensor parameters: stepped shard by shard, where they live
                 ex = [extras[i]] if extras else []
-                _eng.run_sharded(gspec, hp, static, group["maximize"], group["state_dtype"], active[i], g, ex, state)
+                _eng.run_sharded(gspec, hp, static, group["maximize"], group["state_dtype"], group["compile"], active[i], g, ex, state)
             if layout is None:
                 buckets = self._make_buckets(gspec, plain, group["state_dtype"])
                 index = {id(p): i for i, p in enumerate(active)}

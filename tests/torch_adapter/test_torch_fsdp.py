@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from xpt_support import spawn_two_ranks
 
+from xpoptim.adapters import _torch_engine as _eng
 from xpoptim.adapters import torch as xt
 
 STEPS = 4
@@ -199,3 +200,26 @@ def _refusals() -> None:
         ref.step()
     torch.testing.assert_close(plain.detach(), twin.detach(), rtol=1e-12, atol=1e-14)
     assert type(mixed.state[p]["exp_avg"]).__name__ == "DTensor" and mixed.state[p]["step"].item() == 3
+
+
+def test_compiled_shard_step_follows_the_eager_one():
+    """``compile=True`` runs the fused kernel on each local shard; it gives the eager numbers up to the last bits
+    (inductor may contract into FMAs). One-process gloo group, real ``fully_shard``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        models = [_sharded_model(mesh) for _ in range(2)]
+        compiled = _eng._COMPILED_CACHE
+        compiled.pop(next((k for k in compiled if k[0] == "adamw" and k[3] == torch.float64), None), None)
+        for model, compile_opt in zip(models, (False, True)):
+            _train(model, xt.AdamW(model.parameters(), lr=LR, compile=compile_opt), "adamw", [_data(0)], 3)
+        assert any(k[0] == "adamw" and k[3] == torch.float64 for k in compiled)  # the shards ran the compiled kernel
+        for a, b in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(a.to_local(), b.to_local(), rtol=1e-12, atol=1e-14)
+        assert not torch.equal(models[0][0].weight.to_local(), _model()[0].weight)
+        del models
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
