@@ -417,10 +417,12 @@ def _run_kernel(
     g: torch.Tensor,
     extras: list,
     states: list,
+    scalar_cache: dict | None = None,
 ) -> None:
     """Step ``t`` of the rule on same-shape tensors, in place: compiled (``compile_opt`` True, or ``"auto"`` at
     ``AUTO_COMPILE_MIN_NUMEL`` elements and more) or eager; a compiler failure under ``"auto"`` falls back to eager
-    with a warning."""
+    with a warning. ``scalar_cache`` (one dict per group and step) shares the compiled kernel's 0-D scalar tensors
+    between calls of the same step count and device, so many shards pay one host-to-device copy, not one each."""
     scalars = step_scalars(spec, hp, t, HOST)
     key, fn = _get_fn(spec, static, maximize, state_dtype)
     use_compile = compile_opt is True or (
@@ -429,9 +431,14 @@ def _run_kernel(
     if use_compile:
         cfn = _get_compiled(key, fn)
         if cfn is not None:
-            sc = torch.tensor([float(s) for s in scalars], dtype=torch.float64).to(p.device, non_blocking=True)
+            sc = None if scalar_cache is None else scalar_cache.get((t, p.device))
+            if sc is None:
+                sc = torch.tensor([float(s) for s in scalars], dtype=torch.float64).to(p.device, non_blocking=True)
+                sc = list(sc.unbind(0))
+                if scalar_cache is not None:
+                    scalar_cache[(t, p.device)] = sc
             try:
-                cfn(p, g, list(extras), states, list(sc.unbind(0)))
+                cfn(p, g, list(extras), states, sc)
                 return
             except Exception as exc:  # a compiler failure must not lose the step: fall back to eager, loudly
                 if compile_opt is True:
@@ -496,6 +503,7 @@ def run_sharded(
     g: Any,
     extras: Sequence[Any],
     state: dict,
+    scalar_cache: dict | None = None,
 ) -> None:
     """One step of an elementwise rule on a DTensor parameter, on its local shard.
 
@@ -514,7 +522,7 @@ def run_sharded(
     if all(x.is_contiguous() for x in local):
         local = [x.view(-1) for x in local]
     k = 2 + len(extras)
-    _run_kernel(spec, hp, static, maximize, sdt, compile_opt, t, local[0], local[1], local[2:k], local[k:])
+    _run_kernel(spec, hp, static, maximize, sdt, compile_opt, t, local[0], local[1], local[2:k], local[k:], scalar_cache)
     st["step"].fill_(float(t))
 
 

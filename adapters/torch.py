@@ -429,8 +429,10 @@ class XPOptimizer(Optimizer):
             plans.append((gi, group, gspec, hp, active, extras, layout, sharded, [agrads[i] for i in sharded]))
         # Phase 2: compute and write.
         for gi, group, gspec, hp, active, extras, layout, sharded, sharded_grads in plans:
-            skip = set(sharded)
-            plain = [p for i, p in enumerate(active) if i not in skip] if sharded else active
+            plain = active
+            if sharded:
+                skip = set(sharded)
+                plain = [p for i, p in enumerate(active) if i not in skip]
             if isinstance(gspec, MatrixSpec):
                 sharded_step = _eng.muon_step_sharded if gspec.name == "muon" else _eng.deva_step_sharded
                 for i, g in zip(sharded, sharded_grads):  # DTensor matrices: see muon_step_sharded, deva_step_sharded
@@ -439,9 +441,12 @@ class XPOptimizer(Optimizer):
                     _eng.matrix_step(gspec, plain, state, hp, group["maximize"], group["state_dtype"])
                 continue
             static = gspec.static(hp)
+            scalar_cache: dict = {}  # the compiled kernel's scalars, shared by the shards of one step count
             for i, g in zip(sharded, sharded_grads):  # DTensor parameters: stepped shard by shard, where they live
                 ex = [extras[i]] if extras else []
-                _eng.run_sharded(gspec, hp, static, group["maximize"], group["state_dtype"], group["compile"], active[i], g, ex, state)
+                _eng.run_sharded(
+                    gspec, hp, static, group["maximize"], group["state_dtype"], group["compile"], active[i], g, ex, state, scalar_cache
+                )
             if layout is None:
                 buckets = self._make_buckets(gspec, plain, group["state_dtype"])
                 index = {id(p): i for i, p in enumerate(active)}
