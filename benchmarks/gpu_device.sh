@@ -31,13 +31,8 @@ prepare() {
 install() {
     nvidia-smi -L
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    # xpoptim itself without pip (no build backend needed): the package layout of pyproject.toml's package-dir
-    # (xpoptim -> src/xpoptim, xpoptim.core -> core, xpoptim.adapters -> adapters) as symbolic links.
-    rm -rf /tmp/xp && mkdir -p /tmp/xp/xpoptim
-    ln -s "$PWD"/src/xpoptim/* /tmp/xp/xpoptim/
-    ln -s "$PWD/core" /tmp/xp/xpoptim/core
-    ln -s "$PWD/adapters" /tmp/xp/xpoptim/adapters
-    export PYTHONPATH="/tmp/xp:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    # xpoptim itself without pip (no build backend needed): the package lives in src/.
+    export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     python3 - <<'EOF'
 import cupy, jax, torch, xpoptim
 print("xpoptim", xpoptim.__file__)
