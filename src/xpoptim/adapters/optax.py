@@ -215,7 +215,7 @@ def _scale_by_elementwise(
             extras.append(extra_args[name])
         count = optax.safe_increment(state.count)
         t = count.astype(_float_dtype())
-        raw = spec.scalars(_hp_for_scalars(hp), t, jnp)
+        raw = spec.rule_scalars(_hp_for_scalars(hp), t, jnp)
         cache: dict = {}
 
         def scalars_for(dtype: Any) -> tuple:

@@ -67,6 +67,7 @@ ADAM = ElementwiseSpec(
     state=("exp_avg", "exp_avg_sq"),
     scalars=_adam_scalars,
     direction=adam_direction,
+    arguments={"exp_avg": "m", "exp_avg_sq": "v"},
     weight_decay="coupled",
     conventions="eps outside sqrt(v_hat); both moments bias-corrected; weight decay coupled (L2 added to g)",
     source="Kingma & Ba 2015; torch.optim.Adam / optax.adam convention",
@@ -79,6 +80,7 @@ ADAMW = ElementwiseSpec(
     state=("exp_avg", "exp_avg_sq"),
     scalars=_adam_scalars,
     direction=adam_direction,
+    arguments={"exp_avg": "m", "exp_avg_sq": "v"},
     weight_decay="decoupled",
     conventions="eps outside sqrt(v_hat); both moments bias-corrected; decoupled decay p(1 - lr wd) before the step",
     source="Loshchilov & Hutter 2019; torch.optim.AdamW convention (default wd 1e-2; optax's default is 1e-4)",
@@ -113,6 +115,7 @@ ADABELIEF = ElementwiseSpec(
     state=("exp_avg", "exp_avg_var"),
     scalars=_adam_scalars,
     direction=adabelief_direction,
+    arguments={"exp_avg": "m", "exp_avg_var": "s"},
     conventions="eps added into s every step and outside sqrt(s_hat); bias-corrected; decoupled decay before; rectify=False",
     source="Zhuang et al. 2020; adabelief_pytorch 0.2.1 code",
 )
@@ -147,6 +150,7 @@ LAPROP = ElementwiseSpec(
     state=("exp_avg_sq", "exp_avg"),
     scalars=_adam_scalars,
     direction=laprop_direction,
+    arguments={"exp_avg_sq": "v", "exp_avg": "m"},
     conventions="normalise then momentum; eps outside sqrt(v_hat); momentum bias-corrected; lr not folded into the momentum; decoupled lr-scaled decay before",
     source="Ziyin et al. 2020; Z-T-WANG/LaProp-Optimizer (simple form)",
 )

@@ -109,6 +109,7 @@ DEVA_LINF = ElementwiseSpec(
     state=("exp_avg", "exp_avg_sq"),
     scalars=_deva_linf_scalars,
     direction=deva_linf_direction,
+    arguments={"exp_avg": "m", "exp_avg_sq": "v"},
     conventions="Gamma = |m|/sqrt(v + eps), v = EMA(m^2) of the updated m; eps inside the sqrt; no bias correction (option); decoupled decay before",
     source="arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation DeVAEuclideanNorm (released code; paper box not read)",
 )
