@@ -435,7 +435,16 @@ def _bound_call(spec: ElementwiseSpec, xp: Any, static: Mapping[str, Any]) -> Ca
 
 @dataclasses.dataclass(frozen=True)
 class MatrixSpec(_HyperparamsMixin):
-    """Spec of a matrix optimizer (Muon, DeVA_Sinf).
+    """Spec of a matrix optimizer (Muon, DeVA_Sinf): its hyperparameters and its behaviour.
+
+    The rule acts on one matrix or a stack of same-shape matrices ``(..., n, m)`` (the adapters flatten conv
+    weights and choose the fan layout). One step ``t >= 1`` is, for ``phase = phases[phase_of(hp, t, ops)]``::
+
+        d, new_state = direction(xp, phase, g, state, hp, t, scale, ops)
+        p_new = p if d is None else apply(xp, p, d, lr, weight_decay, scale)
+
+    :meth:`step` does exactly this on the host; the optax adapter runs the same functions under ``jax.jit``
+    (one ``lax.switch`` branch per phase, ``t`` a traced step counter, ``ops = jax.numpy``).
 
     Attributes:
         name, title, hyperparams, conventions, source, check: as for ``ElementwiseSpec``.
@@ -443,6 +452,31 @@ class MatrixSpec(_HyperparamsMixin):
             (overridable per optimizer with the ``fallback`` argument of the adapters).
         fallback_defaults: hyperparameter overrides for the fallback rule (e.g. Muon's AdamW at
             lr 3e-4, betas (0.9, 0.95), eps 1e-10 as in KellerJordan/Muon's ``MuonWithAuxAdam``).
+        state: the names of the state arrays, in checkpoint order.
+        init: ``init(xp, like, hp) -> dict``: the state at ``t = 0`` for matrices shaped and typed like ``like``
+            (the state dtype); every name of ``state`` is a key (``None`` for an array the rule does not keep).
+        state_shapes: ``state_shapes(shape, hp) -> {name: shape or None}``: the state layout of one
+            ``(n, m)`` matrix (what checkpoints are checked against).
+        direction: ``direction(xp, phase, g, state, hp, t, scale, ops) -> (d, new_state)``: the rule; ``d`` is
+            ``None`` in a phase that does not move the parameter. ``scale`` is the shape scale
+            (:func:`xpoptim.core.functional.matrix_scale`). Hyperparameters that are arrays (traced) come in
+            ``g``'s dtype (the adapter casts them); scalars the rule derives from a traced ``t`` it casts itself.
+        apply: ``apply(xp, p, d, lr, weight_decay, scale) -> p_new``: the parameter update with its decay.
+        decay: ``"before"`` (``p (1 - lr wd) - lr d``: optax chains ``add_decayed_weights`` then the learning
+            rate) or ``"after"`` (``apply`` decays the stepped parameter; optax runs ``apply`` itself).
+        direction_includes_scale: True when ``direction`` already multiplies by ``scale`` (otherwise ``apply``
+            does, and the optax ``scale_by_<name>`` returns ``scale * d``).
+        phases: the names of the step's phases (``("step",)``; DeVA_Sinf: seed, step, refresh).
+        phase_of: ``phase_of(hp, t, ops) -> index`` into ``phases`` (a Python int on the host, an int array
+            when ``t`` is traced). Default: always 0.
+        still_phases: the phases in which the parameter does not move (no step, no decay).
+        sharding: ``"elementwise"``: every state array has the parameter's shape and is updated elementwise,
+            so it can be sharded like the parameter; only :attr:`matrix_stage` needs the whole matrix
+            (``d = matrix_stage(xp, elementwise_stage(xp, g, state, hp)[0], hp)``, and ``apply`` is
+            elementwise). ``"replicated"``: the state is per whole matrix (factors, eigenbases), kept whole on
+            every device and the whole step runs on the gathered matrix.
+        elementwise_stage: ``"elementwise"`` sharding: ``(xp, g, state, hp) -> (x, new_state)``, elementwise.
+        matrix_stage: ``"elementwise"`` sharding: ``(xp, x, hp) -> d``, on the whole matrix.
     """
 
     name: str
@@ -450,13 +484,74 @@ class MatrixSpec(_HyperparamsMixin):
     hyperparams: tuple[Hyper, ...]
     fallback: str
     fallback_defaults: Mapping[str, Any]
+    state: tuple[str, ...] = ()
+    init: Callable[..., dict] | None = None
+    state_shapes: Callable[[tuple, Mapping[str, Any]], dict] | None = None
+    direction: Callable[..., tuple] | None = None
+    apply: Callable[..., Any] | None = None
+    decay: str = "before"
+    direction_includes_scale: bool = False
+    phases: tuple[str, ...] = ("step",)
+    phase_of: Callable[..., Any] | None = None
+    still_phases: tuple[str, ...] = ()
+    sharding: str = "replicated"
+    elementwise_stage: Callable[..., tuple] | None = None
+    matrix_stage: Callable[..., Any] | None = None
     conventions: str = ""
     source: str = ""
     check: Callable[[dict], None] | None = None
     kind: str = "matrix"
 
+    def __post_init__(self) -> None:
+        where = f"{self.title} (MatrixSpec)"
+        for field in ("init", "state_shapes", "direction", "apply"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"{where}: {field}={getattr(self, field)!r} is invalid: expected a function")
+        if not self.state or not all(isinstance(n, str) for n in self.state):
+            raise ValueError(f"{where}: state={self.state!r} is invalid: expected the names of the state arrays")
+        if self.decay not in ("before", "after"):
+            raise ValueError(f"{where}: decay={self.decay!r} is invalid: expected 'before' or 'after'")
+        if not self.phases or len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"{where}: phases={self.phases!r} is invalid: expected distinct phase names")
+        if len(self.phases) > 1 and not callable(self.phase_of):
+            raise TypeError(f"{where}: phase_of is required with several phases {self.phases}")
+        if set(self.still_phases) - set(self.phases):
+            raise ValueError(f"{where}: still_phases={self.still_phases!r} names phases not in {self.phases}")
+        if self.sharding not in ("elementwise", "replicated"):
+            raise ValueError(f"{where}: sharding={self.sharding!r} is invalid: expected 'elementwise' or 'replicated'")
+        if self.sharding == "elementwise" and not (callable(self.elementwise_stage) and callable(self.matrix_stage)):
+            raise TypeError(f"{where}: sharding='elementwise' needs elementwise_stage and matrix_stage")
+        shapes = self.state_shapes((3, 2), self.defaults)
+        if set(shapes) != set(self.state):
+            raise ValueError(f"{where}: state_shapes returns {sorted(shapes)}: expected the state names {sorted(self.state)}")
+
     def static(self, hp: Mapping[str, Any]) -> dict:
         return {h.name: hp[h.name] for h in self.hyperparams if h.static}
+
+    def phase(self, hp: Mapping[str, Any], t: Any, ops: Any = HOST) -> Any:
+        """The index into :attr:`phases` of step ``t`` (``t >= 1``)."""
+        return 0 if self.phase_of is None else self.phase_of(hp, t, ops)
+
+    def step(self, xp: Any, param: Any, grad: Any, state: Mapping[str, Any], hp: Mapping[str, Any], t: int, scale: float) -> tuple[Any, dict]:
+        """Step ``t`` (a host int, ``t >= 1``) on a matrix or a stack; returns ``(new_param, new_state)``.
+
+        Args:
+            xp: array namespace.
+            param: ``(..., n, m)`` parameter, in the state dtype.
+            grad: its gradient (same shape and dtype).
+            state: from :attr:`init` or the previous step (not modified).
+            hp: validated hyperparameters.
+            t: the step being taken.
+            scale: the shape scale (``functional.matrix_scale``).
+
+        Returns:
+            ``(new_param, new_state)``; ``new_param`` is ``param`` itself in a still phase.
+        """
+        phase = self.phases[self.phase(hp, t, HOST)]
+        d, new_state = self.direction(xp, phase, grad, dict(state), hp, t, scale, HOST)
+        if d is None:
+            return param, new_state
+        return self.apply(xp, param, d, hp["lr"], hp["weight_decay"], scale), new_state
 
     def resolve_fallback(self, fallback: str | None = None, hyperparams: Mapping[str, Any] | None = None) -> tuple[ElementwiseSpec, dict]:
         """The elementwise rule for the non-matrix parameters, and the hyperparameters given for it.
