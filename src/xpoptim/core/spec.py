@@ -572,7 +572,7 @@ class MatrixSpec(_HyperparamsMixin):
             ValueError: ``fallback`` is unknown or not an elementwise rule; a hyperparameter value is invalid.
             TypeError: a hyperparameter the rule does not have.
         """
-        from . import ELEMENTWISE, get_spec  # noqa: PLC0415  (the registry's package imports this module)
+        from . import SPECS, get_spec  # noqa: PLC0415  (the registry's package imports this module)
 
         name = self.fallback if fallback is None else fallback
         try:
@@ -580,7 +580,7 @@ class MatrixSpec(_HyperparamsMixin):
         except ValueError:
             spec = None
         if not isinstance(spec, ElementwiseSpec):
-            raise ValueError(f"{self.title}: fallback={name!r} is invalid: expected an elementwise optimizer, one of {list(ELEMENTWISE)}")
+            raise ValueError(f"{self.title}: fallback={name!r} is invalid: expected an elementwise optimizer, one of {[n for n, s in SPECS.items() if isinstance(s, ElementwiseSpec)]}")
         hp: dict = {}
         if spec is get_spec(self.fallback):
             known = {h.name for h in spec.hyperparams}
