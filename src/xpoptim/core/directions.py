@@ -68,7 +68,7 @@ def resolve_ns_coefficients(
                 "an (a, b, c) triple or a per-step table of triples"
             )
         return (NS_COEFFICIENTS[coefficients],) * steps
-    coeffs = tuple(coefficients)
+    coeffs: tuple[Any, ...] = tuple(coefficients)
     if len(coeffs) == 3 and all(isinstance(c, (int, float)) for c in coeffs):
         return (tuple(float(c) for c in coeffs),) * steps  # type: ignore[return-value]
     table = tuple(tuple(float(c) for c in row) for row in coeffs)

@@ -191,7 +191,7 @@ class ElementwiseSpec(_HyperparamsMixin):
     title: str
     hyperparams: tuple[Hyper, ...]
     state: tuple[str, ...]
-    scalars: Callable[..., tuple]
+    scalars: Callable[..., tuple | Mapping[str, Any]]
     direction: Callable[..., tuple]
     weight_decay: str = "decoupled"
     extras: tuple[str, ...] = ()
@@ -484,11 +484,11 @@ class MatrixSpec(_HyperparamsMixin):
     hyperparams: tuple[Hyper, ...]
     fallback: str
     fallback_defaults: Mapping[str, Any]
-    state: tuple[str, ...] = ()
-    init: Callable[..., dict] | None = None
-    state_shapes: Callable[[tuple, Mapping[str, Any]], dict] | None = None
-    direction: Callable[..., tuple] | None = None
-    apply: Callable[..., Any] | None = None
+    state: tuple[str, ...]
+    init: Callable[..., dict]
+    state_shapes: Callable[[tuple, Mapping[str, Any]], dict]
+    direction: Callable[..., tuple]
+    apply: Callable[..., Any]
     decay: str = "before"
     direction_includes_scale: bool = False
     phases: tuple[str, ...] = ("step",)
