@@ -34,6 +34,7 @@ from .directions import SHAPE_SCALES, newton_schulz, sign
 from .moments import bias_correction, ema
 from .muon import NS_HYPERS, ns_check
 from .spec import ElementwiseSpec, Hyper, MatrixSpec, beta_hyper, eps_hyper, lr_hyper, wd_hyper
+from .verification import SIGN_FLOAT32, Bound, Verification
 
 __all__ = [
     "deva_linf_direction",
@@ -130,6 +131,16 @@ DEVA_LINF = ElementwiseSpec(
     direction=deva_linf_direction,
     conventions="Gamma = |m|/sqrt(v + eps), v = EMA(m^2) of the updated m; eps inside the sqrt; no bias correction (option); decoupled decay before",
     source="arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation DeVAEuclideanNorm (released code; paper box not read)",
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(
+            (
+                "nesterov,bc,g2",
+                {"lr": 1e-2, "weight_decay": 1e-2, "nesterov": True, "bias_correction": True, "second_moment_of": "gradient"},
+            ),
+        ),
+        float32=SIGN_FLOAT32,
+    ),
 )
 
 
@@ -566,6 +577,23 @@ def _deva_sinf_check(hp: dict) -> None:
         )
 
 
+#: The verifier's settings: a refresh every 4 steps so 20 steps cross four refreshes; sides up to 8 factored (the
+#: 6x10 problem factors its full-rank 6x6 side).
+DEVA_SINF_VERIFICATION = Verification(
+    hp={"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4, "max_precond_dim": 8},
+    float64=Bound(
+        1e-11,
+        "float64 with eigh/QR (the Kronecker eigenbases): LAPACKs differ per backend; eigenvectors of eigenvalues "
+        "separated by a gap delta carry ~eps ||A|| / delta, and clusters closer than tau = sqrt(n eps) ||A|| get "
+        "the canonical basis, so the error is at most ~eps / tau per refresh, carried through Newton-Schulz.",
+    ),
+    float32=Bound(
+        3e-4,
+        "float32 eigh/QR of the Kronecker factors (eigenvector error ~6e-8 ||A|| / gap, gaps >= tau = sqrt(n eps) "
+        "||A|| after clustering), then Newton-Schulz; the float64 reference computes the float32 rule (same tau).",
+    ),
+)
+
 DEVA_SINF = MatrixSpec(
     name="deva_sinf",
     title="DeVASinf",
@@ -589,4 +617,5 @@ DEVA_SINF = MatrixSpec(
     conventions="first call seeds L, R, Q without moving W; Gamma = sqrt(r c^T)/sqrt(V + eps); U = 0.2 sqrt(max(n,m)) msign(N)*Gamma; step lr sqrt(bc2)/bc1; decay after the step; refresh every f steps (power iteration + QR)",
     source="arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation DeVASchattenNorm (released code; SOAP maintenance)",
     check=_deva_sinf_check,
+    verification=DEVA_SINF_VERIFICATION,
 )
