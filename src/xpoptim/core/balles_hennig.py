@@ -17,6 +17,7 @@ from .directions import sign
 from .factors import adam_star_direction, erf_factor, kappa, svag_direction, svag_factor, unbiasing_weight
 from .moments import bias_correction, centered_variance, ema, ema_sum
 from .spec import ElementwiseSpec, Hyper, beta_hyper, lr_hyper, wd_hyper
+from .verification import CANCEL_FLOAT32, CANCEL_FLOAT64, SIGN_FLOAT32, Verification
 
 __all__ = [
     "sgd_direction",
@@ -96,6 +97,10 @@ SGD = ElementwiseSpec(
     conventions="sum-form momentum seeded with g at t = 1; no bias correction; coupled L2 decay (torch.optim.SGD)",
     source="torch.optim.SGD; Balles & Hennig M-SGD (dampening 0)",
     check=_sgd_check,
+    verification=Verification(
+        hp={"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
+        variants=(("nesterov", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2, "nesterov": True}),),
+    ),
 )
 
 
@@ -120,6 +125,7 @@ MSSD = ElementwiseSpec(
     direction=mssd_direction,
     conventions="sum-form momentum m = mu m + g; sign(0) = 0; no eps",
     source="Balles & Hennig, Alg. 1",
+    verification=Verification(hp={"lr": 1e-2, "weight_decay": 1e-2}, float32=SIGN_FLOAT32),
 )
 
 
@@ -225,6 +231,7 @@ SVAG = ElementwiseSpec(
     conventions="gamma = m^2/(m^2 + s), s = (v - m^2)/(1 - rho) (code) or v - m^2 (paper); bias-corrected EMAs; no eps; 0/0 := 0",
     source="Balles & Hennig section 3.2; lballes/msvag SVAGOptimizer",
     check=_mu_check("SVAG"),
+    verification=Verification(hp={"lr": 2e-2, "weight_decay": 1e-2}, float64=CANCEL_FLOAT64, float32=CANCEL_FLOAT32),
 )
 
 MSVAG = ElementwiseSpec(
@@ -237,6 +244,12 @@ MSVAG = ElementwiseSpec(
     conventions="d = m^3/(m^2 + w (v - m^2)), w = rho/(1-rho) (published, default) or kappa (seed Alg. 2); bias-corrected EMAs; no eps; 0/0 := 0",
     source="Balles & Hennig Alg. 2; arXiv 1705.07774; lballes/msvag",
     check=_mu_check("MSVAG"),
+    verification=Verification(
+        hp={"lr": 2e-2, "weight_decay": 1e-2},
+        variants=(("kappa", {"lr": 2e-2, "weight_decay": 1e-2, "variance_unbiasing": False}),),
+        float64=CANCEL_FLOAT64,
+        float32=CANCEL_FLOAT32,
+    ),
 )
 
 _ADAPT = Hyper(
@@ -258,6 +271,10 @@ ADAM_STAR = ElementwiseSpec(
     source="Balles & Hennig Alg. 4, section 3.1",
     check=_mu_check("AdamStar"),
     fusable=lambda hp: hp["adaptation"] != "erf",
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(("erf", {"lr": 1e-2, "weight_decay": 1e-2, "adaptation": "erf"}),),
+    ),
 )
 
 
@@ -309,6 +326,7 @@ MSVAG_MB = ElementwiseSpec(
     direction=msvag_mb_direction,
     conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat (unbiased Eq. 44); d = m^3/(m^2 + s_bar); no bias correction; 0/0 := 0",
     source="Balles & Hennig Alg. 3 (Eq. 44 in its unbiased form, Eq. 48)",
+    verification=Verification(hp={"lr": 2e-3, "weight_decay": 1e-2}),
 )
 
 ADAM_STAR_MB = ElementwiseSpec(
@@ -322,4 +340,8 @@ ADAM_STAR_MB = ElementwiseSpec(
     conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat; d = m/sqrt(m^2 + s_bar); erf option; 0/0 := 0",
     source="Balles & Hennig Alg. 5 (Eq. 44 in its unbiased form, Eq. 48)",
     fusable=lambda hp: hp["adaptation"] != "erf",
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(("erf", {"lr": 1e-2, "weight_decay": 1e-2, "adaptation": "erf"}),),
+    ),
 )

@@ -187,6 +187,8 @@ class ElementwiseSpec(_HyperparamsMixin):
     check: Callable[[dict], None] | None = None
     fusable: Callable[[dict], bool] | bool = True
     kind: str = "elementwise"
+    #: The verifier's settings and bounds (``core.verification.Verification``; ``None``: the documented defaults).
+    verification: Any = None
 
     def static(self, hp: Mapping[str, Any]) -> dict:
         """The static switches ``direction`` takes as keyword arguments (others only shape scalars)."""
@@ -303,6 +305,8 @@ class MatrixSpec(_HyperparamsMixin):
     source: str = ""
     check: Callable[[dict], None] | None = None
     kind: str = "matrix"
+    #: The verifier's settings and bounds (``core.verification.Verification``; ``None``: the documented defaults).
+    verification: Any = None
 
     def static(self, hp: Mapping[str, Any]) -> dict:
         return {h.name: hp[h.name] for h in self.hyperparams if h.static}
