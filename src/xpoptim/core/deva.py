@@ -26,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ._backend import HOST, matmul
+from ._backend import HOST, is_concrete_number, matmul
 from .directions import SHAPE_SCALES, newton_schulz, sign
 from .moments import bias_correction, ema
 from .muon import NS_HYPERS, ns_check
@@ -48,6 +48,12 @@ __all__ = [
     "deva_sinf_options",
     "deva_sinf_step_factor",
     "resolve_shampoo_beta",
+    "deva_sinf_state_init",
+    "deva_sinf_state_shapes",
+    "deva_sinf_phase",
+    "deva_sinf_rule",
+    "deva_sinf_apply_step",
+    "DEVA_SINF_PHASES",
     "DEVA_SINF",
     "EIGH_RIDGE",
     "cluster_tolerance",
@@ -129,6 +135,7 @@ DEVA_LINF = ElementwiseSpec(
     state=("exp_avg", "exp_avg_sq"),
     scalars=_deva_linf_scalars,
     direction=deva_linf_direction,
+    arguments={"exp_avg": "m", "exp_avg_sq": "v"},
     conventions="Gamma = |m|/sqrt(v + eps), v = EMA(m^2) of the updated m; eps inside the sqrt; no bias correction (option); decoupled decay before",
     source="arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation DeVAEuclideanNorm (released code; paper box not read)",
     verification=Verification(
@@ -518,23 +525,80 @@ def deva_sinf_host_step(xp: Any, state: dict, g: Any, hp: dict, t: int, scale: f
         ``(delta, new_state)``; ``delta`` is ``None`` on the seed call (the parameter does not move), else apply
         it with ``deva_sinf_apply``. Step ``k = t - 1`` refreshes the bases when ``k % precondition_frequency == 0``.
     """
-    sb = resolve_shampoo_beta(hp)
-    if t == 1:
-        return None, deva_sinf_seed(xp, state, g, sb)
-    k = t - 1
+    return deva_sinf_rule(xp, DEVA_SINF_PHASES[deva_sinf_phase(hp, t)], g, state, hp, t, scale)
+
+
+#: The phases of a DeVA_Sinf step: the first call seeds the factors and bases (the parameter does not move), then
+#: plain steps, and a refresh of the eigenbases every ``precondition_frequency`` steps.
+DEVA_SINF_PHASES = ("seed", "step", "refresh")
+
+
+def deva_sinf_phase(hp: Mapping[str, Any], t: Any, ops: Any = HOST) -> Any:
+    """Index into :data:`DEVA_SINF_PHASES` of call ``t`` (``t >= 1``): seed at ``t = 1``; step ``k = t - 1``
+    refreshes when ``k % precondition_frequency == 0``. ``t`` is a host int, or an int array with ``ops`` its
+    namespace (then the index is an array)."""
+    f = hp["precondition_frequency"]
+    if ops is HOST:
+        return 0 if t == 1 else 2 if (t - 1) % f == 0 else 1
+    return ops.where(t == 1, 0, ops.where((t - 1) % f == 0, 2, 1))
+
+
+def _shampoo_beta(hp: Mapping[str, Any], ops: Any) -> Any:
+    """:func:`resolve_shampoo_beta`, also for a traced ``shampoo_beta`` (then decided in the graph)."""
+    sb = hp["shampoo_beta"]
+    if is_concrete_number(sb) or ops is HOST:
+        return resolve_shampoo_beta(dict(hp))
+    return ops.where(sb < 0, hp["beta2"], sb)
+
+
+def deva_sinf_rule(xp: Any, phase: str, g: Any, state: Mapping[str, Any], hp: Mapping[str, Any], t: Any, scale: float, ops: Any = HOST) -> tuple:
+    """DeVA_Sinf's direction for ``MatrixSpec.direction``: ``(None, seeded state)`` in the seed phase, else
+    ``deva_sinf_update`` at ``k = t - 1`` (refreshing the bases in the refresh phase).
+
+    ``t`` is a host int (``ops = HOST``) or a traced float (``ops`` an array namespace: the step factor is then
+    computed in the graph and cast to ``g``'s dtype).
+    """
+    sb = _shampoo_beta(hp, ops)
+    if phase == "seed":
+        return None, deva_sinf_seed(xp, dict(state), g, sb)
+    factor = deva_sinf_step_factor(dict(hp), t - 1, ops)
+    if ops is not HOST and hasattr(factor, "dtype"):
+        factor = xp.astype(factor, g.dtype)
     return deva_sinf_update(
         xp,
-        state,
+        dict(state),
         g,
-        deva_sinf_step_factor(hp, k),
+        factor,
         beta1=hp["beta1"],
         beta2=hp["beta2"],
         shampoo_beta=sb,
         eps=hp["eps"],
-        refresh=k % hp["precondition_frequency"] == 0,
+        refresh=phase == "refresh",
         scale=scale,
-        **deva_sinf_options(hp),
+        **deva_sinf_options(dict(hp)),
     )
+
+
+def deva_sinf_state_init(xp: Any, like: Any, hp: Mapping[str, Any]) -> dict:
+    """``MatrixSpec.init``: :func:`deva_sinf_init` with the spec's ``max_precond_dim``."""
+    return deva_sinf_init(xp, like, hp["max_precond_dim"])
+
+
+def deva_sinf_state_shapes(shape: tuple, hp: Mapping[str, Any]) -> dict:
+    """DeVA_Sinf's state layout for an ``(n, m)`` matrix: ``n x n`` / ``m x m`` factors and bases (``None`` on a side
+    larger than ``max_precond_dim``), and ``(n, m)`` rotated moments and ``Gamma``."""
+    n, m = shape
+    mp = hp["max_precond_dim"]
+
+    def sq(k: int) -> tuple | None:
+        return (k, k) if k <= mp else None
+
+    return {"L": sq(n), "R": sq(m), "QL": sq(n), "QR": sq(m), "exp_avg": (n, m), "exp_avg_sq": (n, m), "gamma": (n, m)}
+
+
+def deva_sinf_apply_step(xp: Any, p: Any, delta: Any, lr: Any, weight_decay: Any, scale: float) -> Any:
+    """``MatrixSpec.apply``: :func:`deva_sinf_apply` (the shape scale is already in ``delta``)."""
+    return deva_sinf_apply(xp, p, delta, lr, weight_decay)
 
 
 def deva_sinf_apply(xp: Any, p: Any, delta: Any, lr: Any, weight_decay: Any) -> Any:
@@ -614,6 +678,17 @@ DEVA_SINF = MatrixSpec(
     ),
     fallback="deva_linf",
     fallback_defaults={},
+    state=("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "gamma"),
+    init=deva_sinf_state_init,
+    state_shapes=deva_sinf_state_shapes,
+    direction=deva_sinf_rule,
+    apply=deva_sinf_apply_step,
+    decay="after",
+    direction_includes_scale=True,
+    phases=DEVA_SINF_PHASES,
+    phase_of=deva_sinf_phase,
+    still_phases=("seed",),
+    sharding="replicated",
     conventions="first call seeds L, R, Q without moving W; Gamma = sqrt(r c^T)/sqrt(V + eps); U = 0.2 sqrt(max(n,m)) msign(N)*Gamma; step lr sqrt(bc2)/bc1; decay after the step; refresh every f steps (power iteration + QR)",
     source="arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation DeVASchattenNorm (released code; SOAP maintenance)",
     check=_deva_sinf_check,

@@ -102,6 +102,7 @@ MVNGRAD = ElementwiseSpec(
     state=("exp_avg", "exp_avg_var", "momentum"),
     scalars=_mvngrad_scalars,
     direction=mvngrad_direction,
+    arguments={"exp_avg": "m", "exp_avg_var": "v", "momentum": "u"},
     conventions="normalise (by EMA of (g - m_t)^2 + eps_s, bias-corrected) then momentum; eps outside the sqrt; momentum bias-corrected; decoupled decay before [I]",
     source="arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, spec 2)",
     check=_mvngrad_check,
