@@ -20,6 +20,7 @@ from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from . import _torch_engine as _eng
 from . import _torch_gemm
+from ._torch_state import build_loaded, expected_state
 from ._torch_hparams import (
     OPTION_DEFAULTS,
     OPTION_KEYS,
@@ -378,7 +379,7 @@ class XPOptimizer(Optimizer):
                 st = _eng.sharded_state_init(names, p, sdt) if i in sharded else _eng.new_elementwise_state(gspec, p, sdt)
                 new_state[p] = sts[i] = st
         for i in sharded:
-            self._check_sharded(params[i], grads[i], extras[i] if extras else None, sts[i], where)
+            self._check_sharded(params[i], grads[i], extras[i] if extras else None, sts[i], set(names), where)
         _recast_state(params, sts, names, sdt_opt, new_state)
         plain = [i for i in range(len(params)) if i not in set(sharded)] if sharded else None
         try:
@@ -436,7 +437,8 @@ class XPOptimizer(Optimizer):
             if _eng.is_sharded(p):
                 if not st:
                     st = new_state[p] = _eng.sharded_matrix_state_init(gspec, p, hp, sdt)
-                self._check_sharded(p, g, None, st, where)
+                own = {k for k, shape in expected_state(gspec, p, hp).items() if shape == tuple(p.shape)}
+                self._check_sharded(p, g, None, st, own, where)
                 writes.append(_eng.sharded_matrix_plan(gspec, hp, maximize, p, g, st))
                 continue
             if not st:
@@ -470,10 +472,10 @@ class XPOptimizer(Optimizer):
             raise ValueError(f"{gspec.title}: grad_variance ({desc}) does not match its parameter (shape {tuple(p.shape)}, device {p.device})")
         return v
 
-    def _check_sharded(self, p: Any, g: Any, extra: Any, st: Mapping[str, Any], where: str) -> None:
+    def _check_sharded(self, p: Any, g: Any, extra: Any, st: Mapping[str, Any], own: set, where: str) -> None:
         """A DTensor parameter's gradient (and ``grad_variance``) must be DTensors with its placements and local
-        shape (what FSDP2's reduce-scatter produces); its state DTensors, sharded like it when of its shape (state
-        of another shape, such as a matrix rule's factors, replicated)."""
+        shape (what FSDP2's reduce-scatter produces); its state DTensors: sharded like it for the names in ``own``
+        (state of the parameter's shape), replicated otherwise (a matrix rule's factors)."""
         local_shape = tuple(p.to_local().shape)
         for what, x in (("grad", g), ("grad_variance", extra)):
             if x is None and what == "grad_variance":
@@ -493,7 +495,7 @@ class XPOptimizer(Optimizer):
                     f"{type(v).__name__}, not a DTensor: load sharded state (torch.distributed.checkpoint, or a state "
                     "dict saved from the same sharding)"
                 )
-            if v.shape == p.shape:
+            if name in own:
                 if v.placements != p.placements or tuple(v.to_local().shape) != local_shape:
                     raise ValueError(
                         f"{where}: state {name!r} of a DTensor parameter (placements {p.placements}, local shape "
@@ -518,8 +520,6 @@ class XPOptimizer(Optimizer):
         defaults (as torch does). Floating state is cast to the state-dtype policy (float32 for bf16/fp16
         parameters unless ``state_dtype`` says otherwise) and moved to the parameter's device.
         """
-        from ._torch_state import build_loaded
-
         groups, new_state = build_loaded(self, state_dict)
         self.__setstate__({"state": new_state, "param_groups": groups})
 
