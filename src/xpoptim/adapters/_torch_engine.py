@@ -468,3 +468,108 @@ def sharded_matrix_state_init(spec: MatrixSpec, p: Any, hp: dict, state_dtype: t
         else:
             out[k] = DTensor.from_local(v, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The steady-state fast path: one group's tensors checked in bulk, every address read at every step
+# ------------------------------------------------------------------------------------------------------------------
+
+_GETSTEP = operator.itemgetter("step")
+
+
+class FastGroup:
+    """What a group's last step established about its plain CPU parameters and their state: the tensor objects,
+    their addresses and sizes, and the compiled loop. A step reuses it only after checking that every parameter,
+    state dict, state tensor and step counter is the same object at the same address as then (so a parameter moved
+    by ``p.data = x``, state replaced by ``load_state_dict`` or by hand, or a new parameter in the group, all fall
+    back to the full checks); the fresh gradients are checked at every step (size, dtype, device, contiguity).
+    """
+
+    __slots__ = ("spec_key", "params", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel")
+
+
+def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], sts: Sequence[dict]) -> FastGroup | None:
+    """A :class:`FastGroup` for a group whose every parameter and state tensor is a contiguous CPU tensor of one
+    dtype with a compiled loop, else ``None``. Called after a step that passed the full checks."""
+    if spec.extras or not params:
+        return None
+    dtype = params[0].dtype
+    ck = _ck.c_kernel(spec, hp, spec.static(hp), maximize, dtype)
+    if ck is None:
+        return None
+    names = spec.state
+    cols = [[st[n] for st in sts] for n in names]
+    steps = [st["step"] for st in sts]
+    for col in (params, *cols):
+        if not type_set(col) <= {torch.Tensor, torch.nn.Parameter}:  # DTensor, other subclasses: the general path
+            return None
+        if not (all(map(_IS_CPU, col)) and all(map(_contig, col)) and set(map(_DTYPE, col)) == {dtype}):
+            return None
+    if not _plain_f32_cpu(steps) or not all(s.numel() == 1 for s in steps):
+        return None
+    fg = FastGroup()
+    fg.spec_key = (spec.name, _ck._static_key(spec.static(hp)), bool(maximize))
+    fg.params, fg.sts, fg.cols, fg.steps = list(params), list(sts), cols, steps
+    fg.getters = [operator.itemgetter(n) for n in names]
+    fg.p_ptrs = _ptrs(params)
+    fg.col_ptrs = [_ptrs(c) for c in cols]
+    fg.step_ptrs = _ptrs(steps)
+    fg.numel = np.fromiter(map(_numel, params), dtype=np.int64, count=len(params))
+    fg.dtype, fg.kernel = dtype, ck
+    return fg
+
+
+def type_set(ts: Sequence[Any]) -> set:
+    return set(map(type, ts))
+
+
+def _ptrs(ts: Sequence[torch.Tensor]) -> np.ndarray:
+    return np.fromiter(map(torch.Tensor.data_ptr, ts), dtype=np.uintp, count=len(ts))
+
+
+def fast_plan(
+    fg: FastGroup, spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state_get: Callable
+) -> Callable[[], None] | None:
+    """The step of a group through its :class:`FastGroup`, not yet run; ``None`` when anything differs from what
+    the group established (the caller then runs the full checks, which name what is wrong)."""
+    if (spec.name, _ck._static_key(spec.static(hp)), bool(maximize)) != fg.spec_key:
+        return None
+    n = len(params)
+    if n != len(fg.params) or not all(map(_is, params, fg.params)):
+        return None
+    sts = list(map(state_get, params))
+    if not all(map(_is, sts, fg.sts)):
+        return None
+    cols = [list(map(getter, sts)) for getter in fg.getters]
+    steps = list(map(_GETSTEP, sts))
+    if not all(all(map(_is, col, old)) for col, old in zip(cols, fg.cols)) or not all(map(_is, steps, fg.steps)):
+        return None
+    if not np.array_equal(_ptrs(params), fg.p_ptrs) or not np.array_equal(_ptrs(steps), fg.step_ptrs):
+        return None
+    if not all(np.array_equal(_ptrs(col), old) for col, old in zip(cols, fg.col_ptrs)):
+        return None
+    try:
+        if not np.array_equal(np.fromiter(map(_numel, grads), dtype=np.int64, count=n), fg.numel):
+            return None
+        if set(map(_DTYPE, grads)) != {fg.dtype} or not all(map(_IS_CPU, grads)) or not all(map(_contig, grads)):
+            return None
+        g_ptrs = _ptrs(grads)
+    except RuntimeError:  # a sparse gradient has no strides or address: the full checks refuse it by name
+        return None
+    ck = fg.kernel
+    ts = ck.read_steps(fg.step_ptrs)
+    if n and not (ts == ts[0]).all():
+        return None
+    t = int(ts[0]) + 1 if n else 1
+    host = ck.host_scalars(tuple(step_scalars(spec, hp, t, HOST)))
+    if host is None:
+        return None
+    sizes = fg.numel
+
+    def run() -> None:
+        ptrs = np.column_stack([fg.p_ptrs, g_ptrs, *fg.col_ptrs])
+        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size())
+        ck.write_steps(fg.step_ptrs, float(t))
+        torch.autograd.graph.increment_version(fg.params)
+
+    return run

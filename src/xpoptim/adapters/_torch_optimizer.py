@@ -64,6 +64,16 @@ def _recast_state(params: Sequence[Any], sts: list, names: Sequence[str], sdt_op
                 sts[i][name] = t.to(w)
 
 
+def _base(name: str) -> Callable:
+    """torch.optim.Optimizer's method ``name``. torch wraps ``add_param_group``, ``zero_grad``, ``state_dict`` and
+    ``load_state_dict`` in ``torch._disable_dynamo``, which imports dynamo (seconds) on the first call; while dynamo
+    is not loaded nothing can be tracing, so the undecorated method is called (the same code)."""
+    fn = getattr(Optimizer, name)
+    if "torch._dynamo" in sys.modules:
+        return fn
+    return getattr(fn, "__wrapped__", fn)
+
+
 def _outside_graphs(fn: Callable) -> Callable:
     """``fn`` excluded from ``torch.compile`` graphs when dynamo is loaded (a compiled training step that calls
     ``opt.step()`` runs the step eagerly, as torch.optim's does); when dynamo was never imported nothing can be
@@ -242,7 +252,7 @@ class XPOptimizer(Optimizer):
         if extra:
             raise TypeError(f"{where}: unknown key(s) {extra} in a param group for rule {rule!r}")
         n_before = len(self.param_groups)
-        super().add_param_group(group)
+        _base("add_param_group")(self, group)
         self.param_groups[-1].pop("fallback", None)
         if gspec is not spec:  # drop the matrix rule's keys the base class filled into a fallback group
             g = self.param_groups[-1]
@@ -281,11 +291,20 @@ class XPOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__["_xp_fast"] = {}
         if "spec" not in type(self).__dict__:
             self.__dict__["spec"] = get_spec(self.defaults["rule"])
         for g in self.param_groups:  # groups of an older release lack newer options: torch's defaults
             for k, v in OPTION_DEFAULTS.items():
                 g.setdefault(k, v)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients (torch.optim's ``zero_grad``): ``None`` by default, else zeroed in place."""
+        _base("zero_grad")(self, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state dict (torch.optim's format: ``state`` by parameter index, ``param_groups``)."""
+        return _base("state_dict")(self)
 
     # -- step ----------------------------------------------------------------------------------------------------
 
@@ -312,8 +331,10 @@ class XPOptimizer(Optimizer):
     def _xp_step(self, grad_variance: Mapping[torch.Tensor, torch.Tensor] | None) -> None:
         where = self.spec.title
         state = self.state
+        fast = self.__dict__.setdefault("_xp_fast", {})
         # Phase 1: validate every group, gradient, state entry and option; nothing is written.
         plans = []
+        ready: list[Callable[[], None]] = []  # steady-state groups, checked in bulk (see _torch_engine.FastGroup)
         for group in self.param_groups:
             gspec = self._group_spec(group, where)
             hp = hp_from_group(gspec, group, where)
@@ -325,6 +346,12 @@ class XPOptimizer(Optimizer):
                 params, grads = [p for p, _ in pairs], [g for _, g in pairs]
             if not params:
                 continue
+            sdt_fg = fast.get(id(group))
+            if sdt_fg is not None and sdt_fg[0] == group["state_dtype"] and not group["compile"]:
+                run = _eng.fast_plan(sdt_fg[1], gspec, hp, group["maximize"], params, grads, state.get)
+                if run is not None:
+                    ready.append(run)
+                    continue
             self._check_grads(params, grads, where)
             extras = [self._extra_for(gspec, p, grad_variance) for p in params] if getattr(gspec, "extras", ()) else []
             plans.append((group, gspec, hp, list(params), grads, extras))
@@ -340,10 +367,20 @@ class XPOptimizer(Optimizer):
         # Phase 3: write. New state entries first (the elementwise kernels write into them), then the kernels,
         # then the matrix updates computed above.
         state.update(new_state)
+        for run in ready:
+            run()
         for run in elementwise:
             run()
         for w in writes:
             w()
+        # Groups that passed the full checks: remember their tensors, so the next step can check them in bulk.
+        for group, gspec, hp, params, _grads, _extras in plans:
+            if isinstance(gspec, ElementwiseSpec) and not group["compile"]:
+                fg = _eng.fast_group(gspec, hp, group["maximize"], params, [state[p] for p in params])
+                if fg is None:
+                    fast.pop(id(group), None)
+                else:
+                    fast[id(group)] = (group["state_dtype"], fg)
 
     def _check_grads(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], where: str) -> None:
         """Gradients must be dense tensors of their parameters' shape, dtype and device (checked in bulk; the
@@ -520,6 +557,12 @@ class XPOptimizer(Optimizer):
         defaults (as torch does). Floating state is cast to the state-dtype policy (float32 for bf16/fp16
         parameters unless ``state_dtype`` says otherwise) and moved to the parameter's device.
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups, new_state = build_loaded(self, state_dict)
         self.__setstate__({"state": new_state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
