@@ -18,8 +18,8 @@ def byte_snapshot(opt) -> dict:
 
     def enc(v):
         if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
-            return ("tensor", str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            t = v.detach().cpu()
+            return ("tensor", str(t.dtype), tuple(t.shape), tuple(t.stride()), t.numpy().tobytes())
         return ("value", repr(v))
 
     params = [p for g in opt.param_groups for p in g["params"]]

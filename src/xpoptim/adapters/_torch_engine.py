@@ -90,6 +90,7 @@ _LOCK = threading.Lock()
 _FN_CACHE: dict[tuple, Callable] = {}
 _LIST_CACHE: dict[tuple, Any] = {}
 _COMPILED_CACHE: dict[tuple, Callable] = {}
+_TRACED_FN_CACHE: dict[tuple, Callable] = {}
 
 
 def _key(spec: ElementwiseSpec, static: dict, maximize: bool, dtype: torch.dtype) -> tuple:
@@ -114,13 +115,19 @@ def _make_inplace_step(kernel: Callable, compute_dtype: torch.dtype, name: str) 
     return types.FunctionType(code, inplace_step.__globals__, code.co_name, None, inplace_step.__closure__)
 
 
-def _tensor_fn(spec: ElementwiseSpec, static: dict, maximize: bool, compute_dtype: torch.dtype) -> tuple[tuple, Callable]:
+_EXACT = _fe.ExactTorchNamespace(txp)
+
+
+def _tensor_fn(spec: ElementwiseSpec, static: dict, maximize: bool, compute_dtype: torch.dtype, traced: bool = False) -> tuple[tuple, Callable]:
+    """The in-place step on one tensor: op by op with IEEE ``sqrt`` (``traced=False``), or on the plain torch
+    namespace for ``torch.compile`` to trace (``traced=True``)."""
     key = _key(spec, static, maximize, compute_dtype)
     with _LOCK:
-        fn = _FN_CACHE.get(key)
+        cache = _TRACED_FN_CACHE if traced else _FN_CACHE
+        fn = cache.get(key)
         if fn is None:
-            kernel = make_step_kernel(spec, txp, static, maximize)
-            fn = _FN_CACHE[key] = _make_inplace_step(kernel, compute_dtype, f"{spec.name}_{len(_FN_CACHE)}")
+            kernel = make_step_kernel(spec, txp if traced else _EXACT, static, maximize)
+            fn = cache[key] = _make_inplace_step(kernel, compute_dtype, f"{spec.name}_{len(cache)}")
     return key, fn
 
 
@@ -264,7 +271,7 @@ def _step_at(spec, hp, static, maximize, compile_opt, ck, t, params, grads, extr
         sub_s = [[s[i] for i in idx] for s in states]
         key, fn = _tensor_fn(spec, static, maximize, cdt)
         if compile_opt:
-            cfn = _compiled(key, fn)
+            cfn = _compiled(key, _tensor_fn(spec, static, maximize, cdt, traced=True)[1])
             sc = list(torch.tensor(fscalars, dtype=torch.float64).to(sub_p[0].device).unbind(0))
             for i in range(len(sub_p)):
                 cfn(sub_p[i], sub_g[i], [x[i] for x in sub_x], [s[i] for s in sub_s], sc)
