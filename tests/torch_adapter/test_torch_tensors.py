@@ -151,7 +151,7 @@ def _live_tensor_bytes() -> int:
     seen, total = set(), 0
     with warnings.catch_warnings():  # isinstance on deprecated module-level objects warns
         warnings.simplefilter("ignore")
-        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        objs = [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter)]  # not fake tensors
     for obj in objs:
         if obj.device.type == "cpu" and not obj.is_sparse:
             st = obj.untyped_storage()
