@@ -16,7 +16,7 @@ from ._backend import HOST
 from .directions import sign
 from .factors import adam_star_direction, erf_factor, kappa, svag_direction, svag_factor, unbiasing_weight
 from .moments import bias_correction, centered_variance, ema, ema_sum
-from .spec import ElementwiseSpec, Hyper, beta_hyper, lr_hyper, wd_hyper
+from .spec import ElementwiseSpec, Hyper, beta_hyper, concrete, lr_hyper, wd_hyper
 
 __all__ = [
     "sgd_direction",
@@ -68,11 +68,10 @@ def _sgd_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
 
 def _sgd_check(hp: dict) -> None:
     if hp["nesterov"]:
-        try:
-            bad = float(hp["momentum"]) <= 0 or float(hp["dampening"]) != 0
-        except Exception:
-            return
-        if bad:
+        momentum, dampening = concrete(hp["momentum"]), concrete(hp["dampening"])
+        if momentum is None or dampening is None:
+            return  # traced: checked when concrete
+        if momentum <= 0 or dampening != 0:
             raise ValueError(
                 f"SGD: nesterov=True is invalid with momentum={hp['momentum']!r}, dampening={hp['dampening']!r}: "
                 "Nesterov momentum needs momentum > 0 and dampening = 0"
@@ -195,11 +194,7 @@ def _msvag_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
 
 def _mu_check(title: str):
     def check(hp: dict) -> None:
-        try:
-            zero = float(hp["mu"]) == 0.0
-        except Exception:
-            return
-        if zero:
+        if concrete(hp["mu"]) == 0.0:
             raise ValueError(
                 f"{title}: mu=0.0 is invalid: with mu = 0 the moment estimates equal g and g^2, the variance "
                 "estimate v - m^2 is identically 0 and kappa is undefined (0/0 at t >= 2); expected 0 < mu < 1"
