@@ -213,6 +213,25 @@ class Hyper:
         if not ok:
             raise ValueError(f"{where}: expected {self.allowed()}")
 
+    def is_valid(self, value: Any) -> Any:
+        """The numeric kind's rule as an array expression (comparisons only), for a traced ``value``.
+
+        False for NaN, infinities and values out of range; see :meth:`_HyperparamsMixin.traced_guard`.
+        """
+        finite = abs(value) < math.inf
+        k = self.kind
+        if k in (HyperKind.LR, HyperKind.NONNEG):
+            return finite & (value >= 0)
+        if k is HyperKind.POSITIVE:
+            return finite & (value > 0)
+        if k is HyperKind.BETA:
+            return (value >= 0) & (value < 1)
+        if k is HyperKind.BETA_OPEN:
+            return (value > 0) & (value < 1)
+        if k is HyperKind.BETA_OR_NEGATIVE:
+            return finite & (value < 1)
+        raise ValueError(f"Hyper {self.name!r}: kind {k} is not numeric")
+
 
 def concrete(value: Any) -> float | None:
     """A validated numeric hyperparameter as a Python float, or None while it is traced.
@@ -253,6 +272,37 @@ class _HyperparamsMixin:
     @property
     def defaults(self) -> dict:
         return {h.name: h.default for h in self.hyperparams}
+
+    def traced_guard(self, xp: Any, hp: Mapping[str, Any]) -> Any:
+        """For traced hyperparameters: a 0-D factor that is 1 when every traced value is valid and NaN otherwise.
+
+        Values that are concrete were checked by :meth:`validate`; a traced one (``optax.inject_hyperparams``
+        under ``jax.jit``) can only be checked inside the graph. Multiplying the update by this factor turns an
+        invalid traced value (``lr = -1``, ``beta1 = 1.5``, NaN) into a NaN update, which ``optax.apply_if_finite``
+        skips and which never passes unnoticed. Cross-field rules (``check``) are not re-checked in the graph.
+
+        Args:
+            xp: the namespace of the traced values (``jax.numpy``).
+            hp: the hyperparameters, some of them traced 0-D arrays.
+
+        Returns:
+            The factor (a 0-D array of the hyperparameters' float dtype), or None when no value is traced.
+        """
+        ok = None
+        for h in self.hyperparams:
+            if h.static or h.name not in hp or hp[h.name] is None or callable(hp[h.name]):
+                continue
+            value = hp[h.name]
+            try:
+                if real_scalar(value) is not None:
+                    continue  # concrete: validated already
+            except TypeError:
+                continue
+            cond = h.is_valid(value)
+            ok = cond if ok is None else ok & cond
+        if ok is None:
+            return None
+        return xp.where(ok, 1.0, math.nan)
 
 
 # ----------------------------------------------------------------------------------------------
