@@ -245,6 +245,23 @@ def _check_grad_variance(title: str, tree: Any) -> None:
             )
 
 
+def _traced_guard(spec: Any, hp: Mapping[str, Any]) -> Any:
+    """1, or NaN when a traced hyperparameter is invalid (the update becomes NaN); under
+    ``jax.experimental.checkify.checkify`` the same condition is a check with a message naming the values."""
+    ok, names = spec.traced_validity(hp)
+    if ok is None:
+        return None
+    from jax.experimental import checkify  # noqa: PLC0415
+
+    values = {n: hp[n] for n in names}
+    checkify.debug_check(
+        jnp.all(ok),
+        f"{spec.title}: an injected hyperparameter is invalid: " + ", ".join(f"{n}={{{n}}}" for n in names),
+        **values,
+    )
+    return jnp.where(jnp.all(ok), 1.0, jnp.nan)
+
+
 def _checked(title: str, tx: Any) -> optax.GradientTransformationExtraArgs:
     """``tx`` with the input checks: real floating leaves (params at ``init``, updates at ``update``) and, when
     ``params`` are given to ``update``, updates of the params' structure and shapes. The state is ``tx``'s own."""
@@ -326,7 +343,7 @@ def _scale_by_elementwise(
             _check_same_tree(spec.title, extra_args[name], updates, name, "updates")
             _check_grad_variance(spec.title, extra_args[name])
             extras.append(extra_args[name])
-        guard = spec.traced_guard(jnp, hp)
+        guard = _traced_guard(spec, hp)
         count = optax.safe_increment(state.count)
         t = count.astype(_float_dtype())
         raw = spec.scalars(_hp_for_scalars(hp), t, jnp)
@@ -352,7 +369,11 @@ def _scale_by_elementwise(
             for j, s in enumerate(res[1:]):
                 out_s[j].append(s.astype(sd))
         new = {n: treedef.unflatten(out_s[j]) for j, n in enumerate(names)}
-        return treedef.unflatten(out_d), state_cls(count=count, **new)
+        new_state = state_cls(count=count, **new)
+        if guard is not None:  # an invalid traced hyperparameter: NaN update, the state stays as it was
+            keep = jnp.isnan(guard)
+            new_state = jax.tree.map(lambda n, o: jnp.where(keep, o, n), new_state, state)
+        return treedef.unflatten(out_d), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -380,7 +401,7 @@ def _elementwise_alias(spec: ElementwiseSpec, learning_rate: Any, hp: dict, mask
         parts.append(decay)
     parts.append(optax.scale_by_learning_rate(learning_rate))
     guard = {"lr": learning_rate, "weight_decay": wd}
-    return _checked(spec.title, _preserve_dtypes(optax.chain(*parts), lambda: spec.traced_guard(jnp, guard)))
+    return _checked(spec.title, _preserve_dtypes(optax.chain(*parts), lambda: _traced_guard(spec, guard)))
 
 
 def _preserve_dtypes(inner: optax.GradientTransformation, guard: Callable | None = None) -> optax.GradientTransformationExtraArgs:

@@ -273,22 +273,20 @@ class _HyperparamsMixin:
     def defaults(self) -> dict:
         return {h.name: h.default for h in self.hyperparams}
 
-    def traced_guard(self, xp: Any, hp: Mapping[str, Any]) -> Any:
-        """For traced hyperparameters: a 0-D factor that is 1 when every traced value is valid and NaN otherwise.
+    def traced_validity(self, hp: Mapping[str, Any]) -> tuple[Any, tuple[str, ...]]:
+        """The validity of the *traced* hyperparameters in ``hp``, as one boolean array expression.
 
         Values that are concrete were checked by :meth:`validate`; a traced one (``optax.inject_hyperparams``
-        under ``jax.jit``) can only be checked inside the graph. Multiplying the update by this factor turns an
-        invalid traced value (``lr = -1``, ``beta1 = 1.5``, NaN) into a NaN update, which ``optax.apply_if_finite``
-        skips and which never passes unnoticed. Cross-field rules (``check``) are not re-checked in the graph.
+        under ``jax.jit``) can only be checked inside the graph. Cross-field rules (``check``) are not re-checked.
 
         Args:
-            xp: the namespace of the traced values (``jax.numpy``).
-            hp: the hyperparameters, some of them traced 0-D arrays.
+            hp: the hyperparameters, some of them traced 0-D (or 1-element) arrays.
 
         Returns:
-            The factor (a 0-D array of the hyperparameters' float dtype), or None when no value is traced.
+            ``(ok, names)``: ``ok`` is True where every traced value is valid (None when nothing is traced),
+            ``names`` the traced hyperparameters.
         """
-        ok = None
+        ok, names = None, []
         for h in self.hyperparams:
             if h.static or h.name not in hp or hp[h.name] is None or callable(hp[h.name]):
                 continue
@@ -300,9 +298,19 @@ class _HyperparamsMixin:
                 continue
             cond = h.is_valid(value)
             ok = cond if ok is None else ok & cond
-        if ok is None:
-            return None
-        return xp.where(ok, 1.0, math.nan)
+            names.append(h.name)
+        return ok, tuple(names)
+
+    def traced_guard(self, xp: Any, hp: Mapping[str, Any]) -> Any:
+        """A factor that is 1 when every traced hyperparameter is valid and NaN otherwise (see
+        :meth:`traced_validity`): multiplying the update by it turns an invalid traced value (``lr = -1``,
+        ``beta1 = 1.5``, NaN) into a NaN update, which never passes unnoticed.
+
+        Returns:
+            The factor (a 0-D array), or None when no value is traced.
+        """
+        ok, _ = self.traced_validity(hp)
+        return None if ok is None else xp.where(ok, 1.0, math.nan)
 
 
 # ----------------------------------------------------------------------------------------------
