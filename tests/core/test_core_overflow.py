@@ -303,3 +303,11 @@ def test_mssd_moves_the_same_number_of_steps_after_zero_gradients_on_every_backe
             moves += 1
     assert moves == math.floor(math.log(2.0**-126) / math.log(0.9)) == 828
     np.testing.assert_array_equal(to_numpy(state["momentum"]), np.zeros(2))
+
+
+@pytest.mark.parametrize("kind", ["original", "match_rms_adamw", "deva_muon", "none"])
+@pytest.mark.parametrize(("fan_in", "fan_out"), [(0, 3), (3, 0), (0, 0)])
+def test_shape_scale_of_a_zero_size_matrix_is_finite(kind, fan_in, fan_out):
+    from xpoptim.core.directions import shape_scale
+
+    assert math.isfinite(shape_scale(kind, fan_in, fan_out))

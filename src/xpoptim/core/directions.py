@@ -212,7 +212,7 @@ def shape_scale(kind: str, fan_in: int, fan_out: int) -> float:
         The scale as a Python float.
     """
     if kind == "original":
-        return math.sqrt(max(1.0, fan_out / fan_in))
+        return math.sqrt(max(1.0, fan_out / fan_in)) if fan_in > 0 else 1.0  # a zero-size matrix: nothing to scale
     if kind == "match_rms_adamw":
         return 0.2 * math.sqrt(max(fan_in, fan_out))
     if kind == "deva_muon":
