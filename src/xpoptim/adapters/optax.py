@@ -330,6 +330,11 @@ def _scale_by_elementwise(
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple:
         del params
+        if not isinstance(state, state_cls):
+            raise TypeError(
+                f"{spec.title}: state is a {type(state).__name__}: expected the {state_cls.__name__} built by this "
+                "transformation's init (a state of another optimizer or layout?)"
+            )
         _check_real_leaves(spec.title, updates, "updates")
         _check_same_tree(spec.title, updates, getattr(state, names[0]), "updates", f"state ({names[0]})")
         extras = []
