@@ -17,7 +17,7 @@ from typing import Any
 
 import array_api_compat
 
-__all__ = ["HOST", "array_namespace", "erf", "is_concrete_number", "matmul", "matmul_add", "register_gemm"]
+__all__ = ["HOST", "array_namespace", "erf", "is_concrete_number", "real_scalar", "matmul", "matmul_add", "register_gemm"]
 
 
 def array_namespace(*arrays: Any) -> Any:
@@ -41,17 +41,64 @@ HOST = SimpleNamespace(
 )
 
 
-def is_concrete_number(value: Any) -> bool:
-    """True when ``value`` can be turned into a Python float now (not a traced array)."""
-    if isinstance(value, (bool,)):
-        return False
+def _describe(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, complex):
+        return "a complex number"
+    if isinstance(value, (str, bytes)):
+        return "a string"
+    shape = getattr(value, "shape", None)
+    if shape is not None and getattr(value, "dtype", None) is not None:
+        return f"an array of shape {tuple(shape)} and dtype {value.dtype}"
+    return f"an object of type {type(value).__name__}"
+
+
+def real_scalar(value: Any) -> float | None:
+    """The one check for "is this a number now, a traced value, or neither" (hyperparameters, cross-field rules).
+
+    Accepted: Python ``int`` / ``float`` (not ``bool``), NumPy real scalars, and 0-D or 1-element arrays of a real
+    (integer or floating) dtype of any framework. A 0-D or 1-element real array that cannot be read now (a JAX
+    tracer under ``jax.jit`` / ``optax.inject_hyperparams``, a fake tensor under ``torch.compile``) is *traced*:
+    its value is checked when it is concrete, so this returns None.
+
+    Args:
+        value: the candidate.
+
+    Returns:
+        ``float(value)`` for a concrete real scalar (NaN and infinities included: the caller decides), or None
+        for a traced one.
+
+    Raises:
+        TypeError: naming what the value is, for ``None``, ``bool``, strings, complex numbers (Python, NumPy or
+            complex arrays), arrays of any other size, booleans arrays and any other object.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, complex)):
+        raise TypeError(_describe(value))
     if isinstance(value, (int, float)):
-        return True
+        return float(value)
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(_describe(value))
+    name = str(dtype)
+    if "complex" in name or "bool" in name or not any(k in name for k in ("float", "int")):
+        raise TypeError(f"{_describe(value)} (a real number is needed)")
+    if math.prod(tuple(shape)) != 1:
+        raise TypeError(f"{_describe(value)} (a 0-D or 1-element array is needed)")
     try:
-        float(value)
-    except Exception:  # traced jax values, non-0-D arrays, strings
+        return float(value.reshape(())) if tuple(shape) != () else float(value)
+    except Exception:  # the one place that turns "cannot be read now" into "traced"
+        return None
+
+
+def is_concrete_number(value: Any) -> bool:
+    """True when ``value`` is a real scalar that can be read now (see :func:`real_scalar`)."""
+    try:
+        return real_scalar(value) is not None
+    except TypeError:
         return False
-    return True
 
 
 def erf(xp: Any, x: Any) -> Any:
