@@ -43,11 +43,16 @@ def _builtin() -> list:
 
 
 def _array_type(h: Hyper) -> str:
-    return {"bool": "bool", "int_pos": "int", "choice": "str", "any": "Any"}.get(h.kind, "float")
+    return {"bool": "bool", "int_pos": "int", "choice": "str", "dtype": "Any", "any": "Any"}.get(h.kind, "float")
 
 
 def _optax_type(h: Hyper) -> str:
-    return {"bool": "bool", "int_pos": "Optional[int]", "choice": "str", "any": "Any"}.get(h.kind, "Union[float, jax.Array]")
+    return {"bool": "bool", "int_pos": "Optional[int]", "choice": "str", "dtype": "Any", "any": "Any"}.get(h.kind, "Union[float, jax.Array]")
+
+
+def _lit(value: Any) -> str:
+    """A default as Python source (strings in double quotes, as the rest of the generated code)."""
+    return '"' + value + '"' if isinstance(value, str) and '"' not in value and "\\" not in value else repr(value)
 
 
 def _array_doc(spec: ElementwiseSpec | MatrixSpec) -> str:
@@ -77,7 +82,7 @@ def _array_classes() -> str:
     ]
     for spec in _builtin():
         hps = list(spec.hyperparams)
-        params = [f"        {h.name}: {_array_type(h)} = {h.default!r}," for h in hps]
+        params = [f"        {h.name}: {_array_type(h)} = {_lit(h.default)}," for h in hps]
         matrix = isinstance(spec, MatrixSpec)
         options = [
             "        maximize: bool = False,",
@@ -147,7 +152,7 @@ def _optax_rules() -> str:
     ]
 
     def sig(hps: list) -> list:
-        return [f"    {h.name}: {_optax_type(h)} = {_sig_default(h)!r}," for h in hps]
+        return [f"    {h.name}: {_optax_type(h)} = {_lit(_sig_default(h))}," for h in hps]
 
     for s in specs:
         fields = "".join(f"    {n}: Any\n" for n in s.state)
@@ -169,7 +174,7 @@ def _optax_rules() -> str:
         alias = [h for h in s.hyperparams if h.name != "lr"]
         args = ", ".join(f"{h.name}={h.name}" for h in alias)
         out.append(
-            f"\n\ndef {s.name}(\n    learning_rate: ScalarOrSchedule = {s.defaults['lr']!r},\n" + "\n".join(sig(alias))
+            f"\n\ndef {s.name}(\n    learning_rate: ScalarOrSchedule = {_lit(s.defaults['lr'])},\n" + "\n".join(sig(alias))
             + "\n    *,\n    mask: Any = None,\n    state_dtype: Any = None,\n"
             ") -> optax.GradientTransformationExtraArgs:\n"
             f'    """{_alias_doc(s).rstrip()}\n    """\n'

@@ -362,7 +362,7 @@ def scale_by_mvngrad(
     beta2: Union[float, jax.Array] = 0.999,
     eps: Union[float, jax.Array] = 1e-08,
     eps_s: Union[float, jax.Array] = 0.0,
-    residual: str = 'm_t',
+    residual: str = "m_t",
     *,
     state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -396,7 +396,7 @@ def mvngrad(
     eps: Union[float, jax.Array] = 1e-08,
     eps_s: Union[float, jax.Array] = 0.0,
     weight_decay: Union[float, jax.Array] = 0.0,
-    residual: str = 'm_t',
+    residual: str = "m_t",
     *,
     mask: Any = None,
     state_dtype: Any = None,
@@ -709,7 +709,7 @@ class ScaleByAdamStarState(NamedTuple):
 
 def scale_by_adam_star(
     mu: Union[float, jax.Array] = 0.9,
-    adaptation: str = 'adam',
+    adaptation: str = "adam",
     *,
     state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -737,7 +737,7 @@ def adam_star(
     learning_rate: ScalarOrSchedule = 0.001,
     mu: Union[float, jax.Array] = 0.9,
     weight_decay: Union[float, jax.Array] = 0.0,
-    adaptation: str = 'adam',
+    adaptation: str = "adam",
     *,
     mask: Any = None,
     state_dtype: Any = None,
@@ -843,7 +843,7 @@ class ScaleByAdamStarMBState(NamedTuple):
 
 def scale_by_adam_star_mb(
     mu: Union[float, jax.Array] = 0.9,
-    adaptation: str = 'adam',
+    adaptation: str = "adam",
     *,
     state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -873,7 +873,7 @@ def adam_star_mb(
     learning_rate: ScalarOrSchedule = 0.001,
     mu: Union[float, jax.Array] = 0.9,
     weight_decay: Union[float, jax.Array] = 0.0,
-    adaptation: str = 'adam',
+    adaptation: str = "adam",
     *,
     mask: Any = None,
     state_dtype: Any = None,
@@ -916,7 +916,7 @@ def scale_by_deva_linf(
     beta2: Union[float, jax.Array] = 0.999,
     eps: Union[float, jax.Array] = 1e-05,
     nesterov: bool = False,
-    second_moment_of: str = 'momentum',
+    second_moment_of: str = "momentum",
     bias_correction: bool = False,
     *,
     state_dtype: Any = None,
@@ -952,7 +952,7 @@ def deva_linf(
     eps: Union[float, jax.Array] = 1e-05,
     weight_decay: Union[float, jax.Array] = 0.0,
     nesterov: bool = False,
-    second_moment_of: str = 'momentum',
+    second_moment_of: str = "momentum",
     bias_correction: bool = False,
     *,
     mask: Any = None,

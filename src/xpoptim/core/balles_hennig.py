@@ -16,11 +16,13 @@ from ._backend import HOST
 from .directions import sign
 from .factors import adam_star_direction, erf_factor, kappa, svag_direction, svag_factor, unbiasing_weight
 from .moments import bias_correction, centered_variance, ema, ema_sum
-from .spec import ElementwiseSpec, Hyper, beta_hyper, lr_hyper, wd_hyper
+from .spec import ElementwiseSpec, Hyper, beta_hyper, concrete, lr_hyper, wd_hyper
+from .verification import CANCEL_FLOAT32, CANCEL_FLOAT64, SIGN_FLOAT32, Verification
 
 __all__ = [
     "sgd_direction",
     "mssd_direction",
+    "M_SSD_FLUSH",
     "svag_rule_direction",
     "msvag_direction",
     "adam_star_rule_direction",
@@ -68,11 +70,10 @@ def _sgd_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
 
 def _sgd_check(hp: dict) -> None:
     if hp["nesterov"]:
-        try:
-            bad = float(hp["momentum"]) <= 0 or float(hp["dampening"]) != 0
-        except Exception:
-            return
-        if bad:
+        momentum, dampening = concrete(hp["momentum"]), concrete(hp["dampening"])
+        if momentum is None or dampening is None:
+            return  # traced: checked when concrete
+        if momentum <= 0 or dampening != 0:
             raise ValueError(
                 f"SGD: nesterov=True is invalid with momentum={hp['momentum']!r}, dampening={hp['dampening']!r}: "
                 "Nesterov momentum needs momentum > 0 and dampening = 0"
@@ -97,18 +98,32 @@ SGD = ElementwiseSpec(
     conventions="sum-form momentum seeded with g at t = 1; no bias correction; coupled L2 decay (torch.optim.SGD)",
     source="torch.optim.SGD; Balles & Hennig M-SGD (dampening 0)",
     check=_sgd_check,
+    verification=Verification(
+        hp={"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
+        variants=(("nesterov", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2, "nesterov": True}),),
+    ),
 )
+
+
+#: M-SSD's momentum is set to 0 where its magnitude falls below ``2^-126`` (the smallest normal float32, ~1.2e-38).
+M_SSD_FLUSH = 2.0**-126
 
 
 def mssd_direction(xp: Any, g: Any, m: Any, mu: Any) -> tuple:
     """M-SSD, momentum stochastic sign descent (Alg. 1): ``m <- mu m + g``; ``d = sign(m)``.
 
-    ``sign(0) = 0``, so a zero momentum does not move.
+    ``sign(0) = 0``, so a zero momentum does not move. A nonzero momentum moves by the full step however small
+    it is: after the gradients become 0, ``m = mu^k m_0`` decays but its sign stays, so the parameter keeps moving
+    by ``lr`` per step (the rule's own behaviour) until ``m`` reaches 0. Where that happens depended on the backend
+    (NumPy and torch keep subnormal numbers, XLA flushes them to 0), so the momentum is flushed to 0 below
+    :data:`M_SSD_FLUSH` on every backend: with float32 or float64 state, ``m_0 = 1`` and ``mu = 0.9`` the
+    parameter moves for 828 more steps everywhere (``mu^k >= 2^-126`` for ``k <= 828``).
 
     References:
         Balles & Hennig, Dissecting Adam, Alg. 1; spec 3.2.
     """
     m = ema_sum(xp, m, g, mu)
+    m = xp.where(abs(m) < M_SSD_FLUSH, 0 * m, m)
     return sign(xp, m), m
 
 
@@ -122,6 +137,7 @@ MSSD = ElementwiseSpec(
     arguments={"momentum": "m"},
     conventions="sum-form momentum m = mu m + g; sign(0) = 0; no eps",
     source="Balles & Hennig, Alg. 1",
+    verification=Verification(hp={"lr": 1e-2, "weight_decay": 1e-2}, float32=SIGN_FLOAT32),
 )
 
 
@@ -197,11 +213,7 @@ def _msvag_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
 
 def _mu_check(title: str):
     def check(hp: dict) -> None:
-        try:
-            zero = float(hp["mu"]) == 0.0
-        except Exception:
-            return
-        if zero:
+        if concrete(hp["mu"]) == 0.0:
             raise ValueError(
                 f"{title}: mu=0.0 is invalid: with mu = 0 the moment estimates equal g and g^2, the variance "
                 "estimate v - m^2 is identically 0 and kappa is undefined (0/0 at t >= 2); expected 0 < mu < 1"
@@ -228,6 +240,7 @@ SVAG = ElementwiseSpec(
     conventions="gamma = m^2/(m^2 + s), s = (v - m^2)/(1 - rho) (code) or v - m^2 (paper); bias-corrected EMAs; no eps; 0/0 := 0",
     source="Balles & Hennig section 3.2; lballes/msvag SVAGOptimizer",
     check=_mu_check("SVAG"),
+    verification=Verification(hp={"lr": 2e-2, "weight_decay": 1e-2}, float64=CANCEL_FLOAT64, float32=CANCEL_FLOAT32),
 )
 
 MSVAG = ElementwiseSpec(
@@ -241,6 +254,12 @@ MSVAG = ElementwiseSpec(
     conventions="d = m^3/(m^2 + w (v - m^2)), w = rho/(1-rho) (published, default) or kappa (seed Alg. 2); bias-corrected EMAs; no eps; 0/0 := 0",
     source="Balles & Hennig Alg. 2; arXiv 1705.07774; lballes/msvag",
     check=_mu_check("MSVAG"),
+    verification=Verification(
+        hp={"lr": 2e-2, "weight_decay": 1e-2},
+        variants=(("kappa", {"lr": 2e-2, "weight_decay": 1e-2, "variance_unbiasing": False}),),
+        float64=CANCEL_FLOAT64,
+        float32=CANCEL_FLOAT32,
+    ),
 )
 
 _ADAPT = Hyper(
@@ -263,12 +282,26 @@ ADAM_STAR = ElementwiseSpec(
     source="Balles & Hennig Alg. 4, section 3.1",
     check=_mu_check("AdamStar"),
     fusable=lambda hp: hp["adaptation"] != "erf",
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(("erf", {"lr": 1e-2, "weight_decay": 1e-2, "adaptation": "erf"}),),
+    ),
 )
 
 
 # ----------------------------------------------------------------------------------------------
 # Mini-batch variance variants (Algs 3 and 5)
 # ----------------------------------------------------------------------------------------------
+
+
+def _variance_domain(xp: Any, s_hat: Any) -> Any:
+    """``s_hat`` where it is a variance (``>= 0``), NaN where it is negative (``sqrt`` of a negative number).
+
+    A negative per-example variance would make ``m^2 + s_bar`` small or negative and the factor exceed 1
+    silently; NaN marks the element instead (a NaN ``s_hat`` stays NaN). The eager adapters refuse such input
+    before the step; a traced one (``jax.jit``) gets NaN updates there, which ``optax.apply_if_finite`` skips.
+    """
+    return xp.where(s_hat >= 0, s_hat, xp.sqrt(s_hat))
 
 
 def msvag_mb_direction(xp: Any, g: Any, s_hat: Any, m: Any, s_bar: Any, mu: Any) -> tuple:
@@ -287,7 +320,7 @@ def msvag_mb_direction(xp: Any, g: Any, s_hat: Any, m: Any, s_bar: Any, mu: Any)
         Balles & Hennig, Dissecting Adam, App. C.2/D, Alg. 3, Eq. 44, 48; spec 3.6.
     """
     m = ema_sum(xp, m, g, mu)
-    s_bar = ema_sum(xp, s_bar, s_hat, mu * mu)
+    s_bar = ema_sum(xp, s_bar, _variance_domain(xp, s_hat), mu * mu)
     return svag_direction(xp, m, s_bar), m, s_bar
 
 
@@ -298,7 +331,7 @@ def adam_star_mb_direction(xp: Any, g: Any, s_hat: Any, m: Any, s_bar: Any, mu: 
         Balles & Hennig, Dissecting Adam, Alg. 5, Eq. 48; spec 3.6.
     """
     m = ema_sum(xp, m, g, mu)
-    s_bar = ema_sum(xp, s_bar, s_hat, mu * mu)
+    s_bar = ema_sum(xp, s_bar, _variance_domain(xp, s_hat), mu * mu)
     if adaptation == "erf":
         return erf_factor(xp, m, s_bar) * sign(xp, m), m, s_bar
     return adam_star_direction(xp, m, s_bar), m, s_bar
@@ -315,6 +348,7 @@ MSVAG_MB = ElementwiseSpec(
     arguments={"grad_variance": "s_hat", "momentum": "m", "momentum_var": "s_bar"},
     conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat (unbiased Eq. 44); d = m^3/(m^2 + s_bar); no bias correction; 0/0 := 0",
     source="Balles & Hennig Alg. 3 (Eq. 44 in its unbiased form, Eq. 48)",
+    verification=Verification(hp={"lr": 2e-3, "weight_decay": 1e-2}),
 )
 
 ADAM_STAR_MB = ElementwiseSpec(
@@ -329,4 +363,8 @@ ADAM_STAR_MB = ElementwiseSpec(
     conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat; d = m/sqrt(m^2 + s_bar); erf option; 0/0 := 0",
     source="Balles & Hennig Alg. 5 (Eq. 44 in its unbiased form, Eq. 48)",
     fusable=lambda hp: hp["adaptation"] != "erf",
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(("erf", {"lr": 1e-2, "weight_decay": 1e-2, "adaptation": "erf"}),),
+    ),
 )

@@ -18,6 +18,7 @@ from ._backend import HOST
 from .directions import NS_COEFFICIENTS, NS_PRENORMS, SHAPE_SCALES, newton_schulz, resolve_ns_coefficients
 from .moments import ema
 from .spec import Hyper, MatrixSpec, beta_hyper, lr_hyper, wd_hyper
+from .verification import Bound, Verification
 
 __all__ = [
     "muon_momentum",
@@ -172,7 +173,23 @@ def ns_check(title: str, hp: dict) -> None:
 NS_HYPERS = (
     Hyper("ns_steps", 5, "int_pos", "Newton-Schulz iterations"),
     Hyper("ns_coefficients", "quintic", "any", "'quintic', 'cubic', an (a, b, c) triple or a per-step table"),
-    Hyper("ns_dtype", None, "any", "dtype the iteration runs in (e.g. torch.bfloat16); None keeps the parameter dtype"),
+    Hyper("ns_dtype", None, "dtype", "dtype the iteration runs in (e.g. torch.bfloat16 or 'bfloat16'); None keeps the parameter dtype"),
+)
+
+#: The verifier's settings: a non-default row with the RMS-matching scale and plain momentum.
+MUON_VERIFICATION = Verification(
+    hp={"lr": 2e-2, "weight_decay": 0.1},
+    variants=(
+        (
+            "rms,plain",
+            {"lr": 2e-2, "weight_decay": 0.1, "nesterov": False, "shape_scale": "match_rms_adamw", "ns_prenorm": "frobenius_add"},
+        ),
+    ),
+    float32=Bound(
+        3e-4,
+        "float32 Newton-Schulz: 5 quintic iterations amplify the rounding of small singular values (phi'(0) = 3.4 "
+        "per iteration); matmul precision pinned (no TF32).",
+    ),
 )
 
 MUON = MatrixSpec(
@@ -202,4 +219,5 @@ MUON = MatrixSpec(
     check=lambda hp: ns_check("Muon", hp),
     conventions="EMA momentum, no bias correction, Nesterov on; NS5 quintic, X/max(||X||_F, 1e-7); scale sqrt(max(1, fan_out/fan_in)); decoupled decay before with the unadjusted lr (torch.optim.Muon)",
     source="KellerJordan/Muon; torch.optim.Muon",
+    verification=MUON_VERIFICATION,
 )

@@ -12,7 +12,7 @@ from xpoptim.core.spec import make_step_kernel, step_scalars
 
 from .. import _cfuse
 from . import threads as _threads
-from .cupy_fuse import _make_fused_inplace, _warn_unfused
+from .cupy_fuse import _make_fused_inplace, _warn_unfused, fusion_namespace
 from .layout import _Bucket, _Segment
 from .malloc import _tune_glibc_malloc
 from .namespace import _numpy_dtype, _reshape
@@ -37,7 +37,8 @@ class BucketStepMixin:
                 elif b.state_dtype != b.dtype:
                     b.fuse_note = "state dtype differs from the parameter dtype"
                 else:
-                    fused = _make_fused_inplace(kernel, len(b.spec.extras), len(b.spec.state))
+                    fused_kernel = make_step_kernel(b.spec, fusion_namespace(self.xp), static, maximize=self.maximize)
+                    fused = _make_fused_inplace(fused_kernel, len(b.spec.extras), len(b.spec.state))
                 if fused is False:
                     _warn_unfused(b)
             elif self._kind == "numpy":

@@ -264,7 +264,7 @@ class MVNGrad(Optimizer):
         eps: float = 1e-08,
         eps_s: float = 0.0,
         weight_decay: float = 0.0,
-        residual: str = 'm_t',
+        residual: str = "m_t",
         maximize: bool = False,
         layout: str = "out_in",
         state_dtype: Any = None,
@@ -527,7 +527,7 @@ class AdamStar(Optimizer):
         lr: float = 0.001,
         mu: float = 0.9,
         weight_decay: float = 0.0,
-        adaptation: str = 'adam',
+        adaptation: str = "adam",
         maximize: bool = False,
         layout: str = "out_in",
         state_dtype: Any = None,
@@ -628,7 +628,7 @@ class AdamStarMB(Optimizer):
         lr: float = 0.001,
         mu: float = 0.9,
         weight_decay: float = 0.0,
-        adaptation: str = 'adam',
+        adaptation: str = "adam",
         maximize: bool = False,
         layout: str = "out_in",
         state_dtype: Any = None,
@@ -687,7 +687,7 @@ class DeVALinf(Optimizer):
         eps: float = 1e-05,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        second_moment_of: str = 'momentum',
+        second_moment_of: str = "momentum",
         bias_correction: bool = False,
         maximize: bool = False,
         layout: str = "out_in",
@@ -741,7 +741,7 @@ class DeVASinf(Optimizer):
         shape_scale (default "match_rms_adamw"): scale of O*Gamma (release: 0.2 sqrt(max(n, m)))
         ns_steps (default 5): Newton-Schulz iterations
         ns_coefficients (default "quintic"): "quintic", "cubic", an (a, b, c) triple or a per-step table
-        ns_dtype (default None): dtype the iteration runs in (e.g. torch.bfloat16); None keeps the parameter dtype
+        ns_dtype (default None): dtype the iteration runs in (e.g. torch.bfloat16 or "bfloat16"); None keeps the parameter dtype
 
     See :class:`xpoptim.adapters.array.Optimizer` for the keyword options.
     """
@@ -755,7 +755,7 @@ class DeVASinf(Optimizer):
         lr: float = 0.003,
         beta1: float = 0.95,
         beta2: float = 0.95,
-        shampoo_beta: Any = -1.0,
+        shampoo_beta: float = -1.0,
         eps: float = 1e-08,
         weight_decay: float = 0.01,
         precondition_frequency: int = 10,
@@ -763,9 +763,9 @@ class DeVASinf(Optimizer):
         correct_bias: bool = True,
         nesterov: bool = True,
         normalize_grads: bool = False,
-        shape_scale: str = 'match_rms_adamw',
+        shape_scale: str = "match_rms_adamw",
         ns_steps: int = 5,
-        ns_coefficients: Any = 'quintic',
+        ns_coefficients: Any = "quintic",
         ns_dtype: Any = None,
         maximize: bool = False,
         layout: str = "out_in",
@@ -822,7 +822,7 @@ class Muon(Optimizer):
         nesterov (default True): Nesterov input (1 - mu) g + mu B
         ns_steps (default 5): Newton-Schulz iterations
         ns_coefficients (default "quintic"): "quintic", "cubic", an (a, b, c) triple or a per-step table
-        ns_dtype (default None): dtype the iteration runs in (e.g. torch.bfloat16); None keeps the parameter dtype
+        ns_dtype (default None): dtype the iteration runs in (e.g. torch.bfloat16 or "bfloat16"); None keeps the parameter dtype
         ns_prenorm (default "frobenius"): pre-normalisation of Newton-Schulz
         ns_eps (default 1e-07): guard of the pre-normalisation (max(||X||_F, eps) for "frobenius")
         shape_scale (default "original"): scale of the orthogonalised update, in fan terms
@@ -841,11 +841,11 @@ class Muon(Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
-        ns_coefficients: Any = 'quintic',
+        ns_coefficients: Any = "quintic",
         ns_dtype: Any = None,
-        ns_prenorm: str = 'frobenius',
+        ns_prenorm: str = "frobenius",
         ns_eps: float = 1e-07,
-        shape_scale: str = 'original',
+        shape_scale: str = "original",
         maximize: bool = False,
         layout: str = "out_in",
         fallback: str | None = None,
