@@ -6,7 +6,8 @@ checkpoints with ``step`` negative, fractional or a string, integer state tensor
 group (loaded),
 a checkpoint without ``state_dtype`` (half loaded) or without ``maximize`` / ``compile`` (loaded, then ``step``
 raises ``KeyError``), zero-size matrices for Muon and DeVA_Sinf, DeVA_Sinf gradients whose Kronecker factors
-overflow (``torch.linalg.eigh`` fails inside the step), and a negative ``grad_variance`` (used).
+overflow (``torch.linalg.eigh`` fails inside the step after other parameters were written), and a negative
+``grad_variance`` (used).
 """
 
 from __future__ import annotations
