@@ -1,13 +1,12 @@
 """Bad input to the torch adapter through its public API: a clear error with nothing changed (byte for byte), or the
 documented result (``docs/reliability.md``). Uses the shared case tables of ``_cases.py``.
 
-Not in these tables yet, because the adapter does not meet them: ``lr=None`` (taken as the default),
-checkpoints with ``step`` negative, fractional or a string, integer state tensors, ``lr=-1``, a complex ``lr`` or ``lr=None`` in a
-group (loaded),
-a checkpoint without ``state_dtype`` (half loaded) or without ``maximize`` / ``compile`` (loaded, then ``step``
-raises ``KeyError``), zero-size matrices for Muon and DeVA_Sinf, DeVA_Sinf gradients whose Kronecker factors
-overflow (``torch.linalg.eigh`` fails inside the step after other parameters were written), and a negative
-``grad_variance`` (used).
+Not in these tables yet, because the adapter does not meet them: ``lr=None`` (taken as the default);
+checkpoints with ``step`` negative, fractional or a string, integer state tensors, or a group with ``lr=-1``, a
+complex ``lr`` or ``lr=None`` (loaded); a checkpoint without ``state_dtype`` (half loaded) or without ``maximize`` /
+``compile`` (loaded, then ``step`` raises ``KeyError``); zero-size matrices for Muon and DeVA_Sinf; DeVA_Sinf
+gradients whose Kronecker factors overflow (``torch.linalg.eigh`` fails inside the step after other parameters were
+written); a negative ``grad_variance`` (used).
 """
 
 from __future__ import annotations
