@@ -754,8 +754,9 @@ def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperpar
     return _elementwise_alias(fspec, lr, hp, mask, state_dtype)
 
 
-def _routed(matrix_tx: Any, fallback_tx: Any, dimension_numbers: Any) -> optax.GradientTransformationExtraArgs:
-    return optax.partition({"matrix": matrix_tx, "fallback": fallback_tx}, _matrix_labels(dimension_numbers))
+def _routed(matrix_tx: Any, fallback_tx: Any, dimension_numbers: Any, title: str = "matrix rule") -> optax.GradientTransformationExtraArgs:
+    routed = optax.partition({"matrix": matrix_tx, "fallback": fallback_tx}, _matrix_labels(dimension_numbers))
+    return _checked(title, routed)
 
 
 def _matrix_alias(
@@ -791,7 +792,7 @@ def _matrix_alias(
     fb = _fallback_alias(spec, fallback, fallback_hyperparams, mask, state_dtype)
     guard = {"lr": learning_rate, "weight_decay": weight_decay}
     matrix_tx = _preserve_dtypes(optax.chain(*stages), lambda: _traced_guard(spec, guard))
-    return _checked(spec.title, _routed(matrix_tx, fb, dimension_numbers))
+    return _routed(matrix_tx, fb, dimension_numbers, spec.title)
 
 
 def scale_by_muon(
