@@ -624,6 +624,8 @@ def _scale_by_matrix(
     title = spec.title
 
     def init_fn(params: Any) -> Any:
+        _check_real_leaves(title, params, "params")
+
         def init_leaf(x: Any, lay: Any) -> tuple:
             sd = _default_state_dtype(x.dtype, state_dtype)
             if elementwise_state:  # elementwise state: built like the leaf, so it is placed (sharded) like it
@@ -645,6 +647,13 @@ def _scale_by_matrix(
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple:
         del params, extra_args
+        if not isinstance(state, state_cls):
+            raise TypeError(
+                f"{title}: state is a {type(state).__name__}: expected the {state_cls.__name__} built by this "
+                "transformation's init (a state of another optimizer or layout?)"
+            )
+        _check_real_leaves(title, updates, "updates")
+        guard = _traced_guard(spec, hp)
         hpn = _hp_for_scalars(hp)
         count = optax.safe_increment(state.count)
         t = count.astype(_float_dtype())
@@ -677,7 +686,13 @@ def _scale_by_matrix(
             return out, new
 
         res = _map_matrix_leaves(title, dimension_numbers, updates, leaf_update, *state[1:])
-        return res[0], state_cls(count, *res[1:])
+        new_state = state_cls(count, *res[1:])
+        if guard is None:
+            return res[0], new_state
+        # an invalid traced hyperparameter: NaN update, the state stays as it was
+        keep = jnp.isnan(guard)
+        out = jax.tree.map(lambda u: u if _is_masked(u) else u * guard.astype(u.dtype), res[0], is_leaf=_is_masked)
+        return out, jax.tree.map(lambda n, o: jnp.where(keep, o, n), new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -777,7 +792,9 @@ def _matrix_alias(
     else:
         stages = [rule, _lr_and_decay_after(spec, full, learning_rate, weight_decay, mask)]
     fb = _fallback_alias(spec, fallback, fallback_hyperparams, mask, state_dtype)
-    return _routed(_preserve_dtypes(optax.chain(*stages)), fb, dimension_numbers, spec.title)
+    guard = {"lr": learning_rate, "weight_decay": weight_decay}
+    matrix_tx = _preserve_dtypes(optax.chain(*stages), lambda: _traced_guard(spec, guard))
+    return _routed(matrix_tx, fb, dimension_numbers, spec.title)
 
 
 def scale_by_muon(
