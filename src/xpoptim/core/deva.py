@@ -352,25 +352,34 @@ def _permutation(xp: Any, order: Any, dtype: Any) -> Any:
 def _refresh_basis(xp: Any, factor: Any, q: Any, v: Any, axis: int) -> tuple:
     """SOAP maintenance: sort by estimated eigenvalues, permute Q and V's axis, one power step + QR.
 
-    Then the columns whose estimated eigenvalue ``diag(Q^T L Q)`` (after the QR) is round-off,
-    clustered (:func:`_clusters`, gaps ``<= tau max``) are given the canonical basis of their span
-    (:func:`_canonical_cluster_basis`; not in the release, which keeps the QR's noise columns). Extra cost per
-    refreshed side: one ``eigh`` and six ``n x n`` matmuls, every ``precondition_frequency`` steps.
+    The estimates ``diag(Q^T L Q)`` of the current basis are grouped into clusters (:func:`_clusters`, gaps
+    ``<= tau max``); the columns are ordered by cluster (descending, as the release orders by estimate), keeping
+    their order inside a cluster (the order of estimates closer than ``tau max`` is rounding noise and would
+    permute ``V`` differently per backend). After the power step ``Q, R = qr(L Q)`` the columns of each cluster
+    span ``span(L q_1..L q_end) minus span(L q_1..L q_start-1)`` (QR keeps nested spans), a well-defined space,
+    while the basis QR picks inside it (and with it the individual Rayleigh quotients) is rounding noise wherever
+    ``L q_j`` are nearly dependent: each multi-column cluster gets the canonical basis of that span
+    (:func:`_canonical_cluster_basis`; not in the release, which keeps the QR's columns). The clusters are decided
+    once, on the estimates of the current (well-defined) basis, never on the QR's noise columns. Extra cost per
+    refreshed side: one ``eigh`` and five ``n x n`` matmuls, every ``precondition_frequency`` steps.
     """
     est = xp.sum(q * matmul(xp, factor, q), axis=-2)  # diag(Q^T L Q)
-    # Sort by estimated eigenvalue (as released), but by cluster: columns of one cluster keep their order, since
-    # the order of estimates closer than tau max|est| is rounding noise and would permute V differently per backend.
-    order = xp.argsort(_clusters(xp, est, _tau(xp, q)), axis=-1, stable=True)
+    cid = _clusters(xp, est, _tau(xp, q))
+    order = xp.argsort(cid, axis=-1, stable=True)
     perm = _permutation(xp, order, q.dtype)
     q = matmul(xp, q, perm)
+    cid = matmul(xp, cid[..., None, :], perm)[..., 0, :]  # in the new column order (small integers: exact)
     v = matmul(xp, _mT(xp, perm), v) if axis == -2 else matmul(xp, v, perm)
     q, r = xp.linalg.qr(matmul(xp, factor, q))
     d = xp.linalg.diagonal(r)
     q = q * xp.where(d < 0, -1 + 0 * d, 1 + 0 * d)[..., None, :]
-    # Columns of a cluster of near-equal estimated eigenvalues (the null space of a rank-deficient L Q included)
-    # carry LAPACK's arbitrary basis: replace it with the canonical one (deviation from the release, see ``_eigenbasis``).
-    est = xp.sum(q * matmul(xp, factor, q), axis=-2)
-    return _canonical_basis(xp, q, est), v
+    # Where L q_j is (nearly) dependent on L q_1..L q_(j-1) (a rank-deficient L Q: L's range moved away from the
+    # old basis), QR fills position j with a column only rounding decides. |R_jj| = dist(L q_j, span(L q_<j)) is
+    # computed to ~eps max|R_ii|, so the test |R_jj| <= tau max|R_ii| is stable; such columns join the last cluster.
+    a = xp.abs(d)
+    noise = a <= _tau(xp, q) * xp.max(a, axis=-1, keepdims=True)
+    last = xp.max(cid, axis=-1, keepdims=True)
+    return _canonical_cluster_basis(xp, q, xp.where(noise, last, cid)), v
 
 
 def deva_sinf_init(xp: Any, g: Any, max_precond_dim: int = 10000) -> dict:
