@@ -13,9 +13,10 @@ gradients make such eigenspaces common: one factor of a non-square gradient is r
 in few examples give many tiny, nearly equal eigenvalues. Here the (estimated) eigenvalues are grouped into
 clusters wherever consecutive ones differ by at most ``tau max|w|``, ``tau = sqrt(n eps)`` (derived in
 :func:`cluster_tolerance`), and each cluster of two or more columns gets a canonical basis of its span
-(:func:`_canonical_cluster_basis`), at the seed and after each refresh; the refresh orders columns by cluster,
-keeping their order inside one. Where the release's basis is well defined (eigenvalues separated by more than
-``tau``) nothing changes. In float64 (``tau ~ 1e-7``) every backend then computes the same update to round-off on
+(:func:`_canonical_cluster_basis`), at the seed and after each refresh; the refresh decides its clusters on the
+current basis' estimates, orders columns by cluster (keeping their order inside one) and canonicalises the same
+clusters after the power step (:func:`_refresh_basis`). Where the release's basis is well defined (eigenvalues
+separated by more than ``tau``, full-rank ``L Q``) nothing changes. In float64 (``tau ~ 1e-7``) every backend then computes the same update to round-off on
 real gradients, up to ``eps / tau = sqrt(eps / n)`` (the error left on eigenvectors separated by the smallest kept
 gap). In float32 (``tau ~ 3e-3``) the basis is also only determined up to the cluster decisions, which rounding
 can flip where a gap lies within the estimates' error of ``tau``; ``docs/verification.md`` gives the measured
