@@ -455,8 +455,8 @@ def deva_sinf_update(
     9. ``U = 0.2 sqrt(max(n, m)) (O * Gamma)``; 11. ``dW = Q_L U Q_R^T`` (optionally RMS-normalised);
     14. ``L <- b_s L + (1-b_s) G G^T``, same for R; on refresh steps sort by estimated eigenvalue
     (permuting V), one power iteration + QR, and re-express the momentum in the new basis (V is only
-    permuted, SOAP's approximation). QR columns whose estimated eigenvalue is round-off (a rank-deficient
-    factor) are replaced by the canonical null-space basis (not in the release; see ``_refresh_basis``).
+    permuted, SOAP's approximation). Clusters of near-equal estimates, and the QR's noise columns of a
+    rank-deficient factor, get a canonical basis of their span (not in the release; see ``_refresh_basis``).
 
     The momentum is carried back and forth between bases only on refresh steps (the released code
     does it every step; without a refresh the round trip is the identity up to round-off).
