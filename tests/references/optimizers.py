@@ -365,12 +365,14 @@ class _DevaSinfMatrix:
 
     Cluster convention (xpoptim's, documented in ``core/deva.py`` and ``docs/verification.md``; the release leaves
     it to LAPACK): the trajectory is *not* invariant to the basis inside a near-degenerate eigenspace (V is
-    elementwise in the rotated basis). After the seed's ``eigh`` and after each refresh's QR, the values
-    (eigenvalues, or Rayleigh quotients ``q^T F q`` after the QR) are sorted descending and split into clusters
+    elementwise in the rotated basis). The values (the seed's eigenvalues; at a refresh, the estimates
+    ``q^T F q`` of the current basis, before the power step) are sorted descending and split into clusters
     wherever two consecutive ones differ by more than ``tau max|.|``, ``tau = sqrt(n eps)``; every cluster of two or
     more columns ``N`` is replaced, in column order, by the eigenvectors of ``N^T D N`` (ascending),
     ``D = diag(sqrt(1 + j/n))``, mapped back by ``N``. At a refresh the columns are ordered by cluster (descending),
-    keeping their previous order inside a cluster, before the power step. ``tau_eps`` sets the ``eps`` of ``tau``
+    keeping their previous order inside a cluster, then the power step + QR, then the same clusters (now
+    consecutive columns) are replaced, except that columns with ``|R_jj| <= tau max|R_ii|`` (noise columns of a
+    rank-deficient ``F Q``) join the last cluster. ``tau_eps`` sets the ``eps`` of ``tau``
     (default float64's; a float32 run's reference uses float32's).
     """
 
@@ -478,15 +480,23 @@ class _DevaSinfMatrix:
                     continue
                 F, Q = (self.L, self.QL) if side == "L" else (self.R, self.QR)
                 est = np.diag(Q.T @ F @ Q)
-                order = [j for cluster in self._groups(est) for j in sorted(cluster)]
+                groups = [sorted(cluster) for cluster in self._groups(est)]
+                order = [j for cluster in groups for j in cluster]
                 Q = Q[:, order]
                 self.V = self.V[order, :] if side == "L" else self.V[:, order]
                 Q, Rfac = np.linalg.qr(F @ Q)
                 Q = self._signs(Q, Rfac)
                 n = Q.shape[0]
-                rq = [float(Q[:, j] @ F @ Q[:, j]) for j in range(n)]
-                for cluster in self._groups(rq):
-                    Q = self._fill_null(Q, cluster)
+                rdiag = np.abs(np.diag(Rfac))
+                null = [j for j in range(n) if rdiag[j] <= self._tau(n) * rdiag.max()]
+                start = 0  # the groups, decided before the power step, now sit in consecutive columns
+                blocks = []
+                for cluster in groups:
+                    blocks.append([j for j in range(start, start + len(cluster)) if j not in null])
+                    start += len(cluster)
+                blocks[-1] = sorted(set(blocks[-1]) | set(null))  # QR noise columns join the last cluster
+                for block in blocks:
+                    Q = self._fill_null(Q, block)
                 if side == "L":
                     self.QL = Q
                 else:
