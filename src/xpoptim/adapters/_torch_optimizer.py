@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from xpoptim.core import ELEMENTWISE, SPECS, STATE_VERSION, get_spec
+from xpoptim.core import ELEMENTWISE, SPECS, get_spec
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from . import _torch_engine as _eng
