@@ -1116,6 +1116,18 @@ class Optimizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self._entries)} arrays, {len(self.param_groups)} group(s), step {self._step})"
 
+    def export_state(self) -> Any:
+        """The framework-neutral state (:class:`xpoptim.portable.PortableState`); see :mod:`xpoptim.portable`."""
+        from xpoptim.portable.array_state import export_array  # noqa: PLC0415
+
+        return export_array(self)
+
+    def import_state(self, portable: Any) -> None:
+        """Load a :class:`xpoptim.portable.PortableState` (keys ``str(key)``); hyperparameters are kept."""
+        from xpoptim.portable.array_state import import_array  # noqa: PLC0415
+
+        import_array(self, portable)
+
 
 _POOLS: dict = {}
 if hasattr(os, "register_at_fork"):

@@ -82,6 +82,8 @@ __all__ = [
     "ScaleByMuonState",
     "ScaleByDeVASinfState",
     "DecayAfterState",
+    "export_state",
+    "import_state",
 ]
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -1112,3 +1114,23 @@ def flatten_by_dtype(inner: optax.GradientTransformation) -> optax.GradientTrans
         return unravel(new_u), FlattenByDtypeState(new_s)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Portable state (xpoptim.portable)
+# ----------------------------------------------------------------------------------------------
+
+
+def export_state(state: Any, params: Any, optimizer: str, **kwargs: Any) -> Any:
+    """The framework-neutral state of ``state``: :func:`xpoptim.portable.optax_state.export_optax`."""
+    from xpoptim.portable.optax_state import export_optax  # noqa: PLC0415
+
+    return export_optax(state, params, optimizer, **kwargs)
+
+
+def import_state(portable: Any, params: Any, tx: Any, **kwargs: Any) -> Any:
+    """A state for ``tx`` holding ``portable``: :func:`xpoptim.portable.optax_state.import_optax`."""
+    from xpoptim.portable.optax_state import import_optax  # noqa: PLC0415
+
+    return import_optax(portable, params, tx, **kwargs)
+

@@ -636,6 +636,25 @@ class XPOptimizer(Optimizer):
             self.state[p] = new
         self._xp_invalidate()
 
+    # -- portable state (xpoptim.portable) ----------------------------------------------------------------------
+
+    def export_state(self, names: Any = None) -> Any:
+        """The framework-neutral state (:class:`xpoptim.portable.PortableState`); see :mod:`xpoptim.portable`.
+
+        Args:
+            names: parameter names in param-group order, or ``model.named_parameters()``; default: the groups'
+                ``param_names``, else the positions ``"0"``, ``"1"``, ...
+        """
+        from xpoptim.portable.torch_state import export_torch  # noqa: PLC0415
+
+        return export_torch(self, names)
+
+    def import_state(self, portable: Any, names: Any = None) -> None:
+        """Load a :class:`xpoptim.portable.PortableState` (names as for :meth:`export_state`); hyperparameters are kept."""
+        from xpoptim.portable.torch_state import import_torch  # noqa: PLC0415
+
+        import_torch(self, portable, names)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One class per spec
