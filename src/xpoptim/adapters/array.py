@@ -569,7 +569,7 @@ class Optimizer:
         hp = self.spec.validate(**{k: v for k, v in g.items() if k not in _GROUP_EXTRA_KEYS})
         fb = None
         if self.fallback_spec is not None:
-            fb = self.fallback_spec.validate(**dict(g.get("fallback_hyperparams", {})))
+            fb = self.fallback_spec.validate(**{"lr": hp["lr"], **dict(g.get("fallback_hyperparams", {}))})  # lr follows the group's
         return hp, fb
 
     def set_hyperparams(self, group: int | None = None, **hyperparams: Any) -> None:
@@ -1287,7 +1287,7 @@ class FunctionalOptimizer:
         self.fallback_hyperparams = None
         if isinstance(self.spec, MatrixSpec):
             self.fallback_spec, base = self.spec.resolve_fallback(fallback, fallback_hyperparams)
-            self.fallback_hyperparams = self.fallback_spec.validate(**base)
+            self.fallback_hyperparams = self.fallback_spec.validate(**{"lr": self.hyperparams["lr"], **base})  # lr follows lr
         elif fallback is not None or fallback_hyperparams is not None:
             raise TypeError(f"{self.spec.title} is elementwise: fallback/fallback_hyperparams apply to Muon and DeVASinf only")
 

@@ -687,13 +687,15 @@ def _lr_and_decay_after(learning_rate: ScalarOrSchedule, weight_decay: Any, mask
 # ----------------------------------------------------------------------------------------------
 
 
-def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any) -> Any:
+def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any, learning_rate: Any) -> Any:
+    """The fallback rule's alias; its learning rate is ``learning_rate`` unless ``fallback_hyperparams`` gives one."""
     user = dict(fallback_hyperparams or {})
     if "learning_rate" in user:
         user["lr"] = user.pop("learning_rate")
     fspec, given = spec.resolve_fallback(fallback or None, user)
     hp = {**fspec.defaults, **given}
-    lr = hp.pop("lr")
+    hp.pop("lr")
+    lr = given.get("lr", learning_rate)
     return _ALIASES[fspec.name](lr, **hp, mask=mask, state_dtype=state_dtype)
 
 
@@ -723,8 +725,10 @@ def muon(
 
     Matrix leaves: ``p <- p (1 - lr wd) - lr * scale * NS5(nesterov(B))`` (see :func:`scale_by_muon`).
     Other leaves (default: every leaf that is not 2-D; with ``dimension_numbers`` every leaf mapped to
-    None) go to ``fallback`` (default the spec's: AdamW with lr 3e-4, betas (0.9, 0.95), eps 1e-10,
-    wd 0, KellerJordan/Muon's auxiliary Adam), with ``fallback_hyperparams`` overriding those.
+    None) go to ``fallback`` (default the spec's: AdamW with betas (0.9, 0.95), eps 1e-10, wd 0,
+    KellerJordan/Muon's auxiliary Adam), with ``fallback_hyperparams`` overriding those. The fallback's
+    learning rate is ``learning_rate`` (a float or the same schedule) unless ``fallback_hyperparams``
+    gives one.
 
     Args:
         learning_rate: float or schedule for the matrix leaves.
@@ -759,7 +763,7 @@ def muon(
     if decay is not None:
         mtx.append(decay)
     mtx.append(optax.scale_by_learning_rate(learning_rate))
-    fb = _fallback_alias(SPECS["muon"], fallback, fallback_hyperparams, mask, state_dtype)
+    fb = _fallback_alias(SPECS["muon"], fallback, fallback_hyperparams, mask, state_dtype, learning_rate)
     return _routed(_preserve_dtypes(optax.chain(*mtx)), fb, dimension_numbers)
 
 
@@ -823,7 +827,7 @@ def deva_sinf(
         _leaf_dtype_out=False,
     )
     mtx = _preserve_dtypes(optax.chain(rule, _lr_and_decay_after(learning_rate, weight_decay, mask)))
-    fb = _fallback_alias(SPECS["deva_sinf"], fallback, fallback_hyperparams, mask, state_dtype)
+    fb = _fallback_alias(SPECS["deva_sinf"], fallback, fallback_hyperparams, mask, state_dtype, learning_rate)
     return _routed(mtx, fb, dimension_numbers)
 
 

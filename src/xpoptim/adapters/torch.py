@@ -222,6 +222,8 @@ class XPOptimizer(Optimizer):
             _normalize_betas(fb, fb_hp, f"{where} fallback {fb.title}")
             fb_full = {**_to_group_form(fb, fb.defaults), **fb_hp}
             _hp_from_group(fb, {**fb_full, **({"betas": fb_full["betas"]} if "betas" in fb_full else {})}, f"{where} fallback {fb.title}")
+            if "lr" not in fb_hp:  # the fallback's lr follows the optimizer's (see MatrixSpec.fallback_defaults)
+                del fb_full["lr"]
             defaults["fallback"] = (fb.name, fb_full)  # kept in defaults (pickled), popped from the groups
         elif fallback is not None or fallback_hyperparams is not None:
             raise TypeError(f"{where}: fallback= and fallback_hyperparams= only apply to the matrix rules (Muon, DeVASinf)")
@@ -289,7 +291,7 @@ class XPOptimizer(Optimizer):
         else:
             gspec = self._fallback_spec(rule, where, "rule", spec.name)
             fb_name, fb_full = self._fallback()
-            base = fb_full if fb_name == rule else _to_group_form(gspec, gspec.defaults)
+            base = fb_full if fb_name == rule else {k: v for k, v in _to_group_form(gspec, gspec.defaults).items() if k != "lr"}
             _normalize_betas(gspec, group, where)
             for k, v in base.items():
                 group.setdefault(k, v)

@@ -142,7 +142,7 @@ MUON = MatrixSpec(
         Hyper("shape_scale", "original", "choice", "scale of the orthogonalised update, in fan terms", SHAPE_SCALES),
     ),
     fallback="adamw",
-    fallback_defaults={"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
+    fallback_defaults={"beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
     check=lambda hp: ns_check("Muon", hp),
     conventions="EMA momentum, no bias correction, Nesterov on; NS5 quintic, X/max(||X||_F, 1e-7); scale sqrt(max(1, fan_out/fan_in)); decoupled decay before with the unadjusted lr (torch.optim.Muon)",
     source="KellerJordan/Muon; torch.optim.Muon",
