@@ -1026,6 +1026,8 @@ class Optimizer:
         if state_dict["optimizer"] not in (self.spec.name, self.spec.title):
             raise ValueError(f"state_dict optimizer={state_dict['optimizer']!r} does not match this optimizer ({self.spec.name!r})")
         step = state_dict["step"]
+        if isinstance(step, np.ndarray) and step.ndim == 0 and step.dtype.kind in "iu":
+            step = step.item()  # numpy.savez / numpy.load give a 0-D array
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise ValueError(f"state_dict step={step!r} is invalid: expected an integer >= 0")
         groups = state_dict["param_groups"]

@@ -8,7 +8,8 @@ pickle.
 * torch: ``opt.export_state(names=None)`` / ``opt.import_state(portable, names=None)``;
 * optax: ``xo.export_state(state, params, optimizer=...)`` / ``xo.import_state(portable, params, tx)``;
 * NumPy/CuPy: ``opt.export_state()`` / ``opt.import_state(portable)``;
-* files: ``portable.save(path)`` / :func:`load`;
+* files: ``portable.save(path)`` / :func:`load`; the NumPy/CuPy adapter's own ``state_dict()`` through
+  ``numpy.savez`` with :func:`flatten_state_dict` / :func:`unflatten_state_dict`;
 * peers: :func:`from_torch_optim` / :func:`to_torch_optim` (torch.optim Adam, AdamW, SGD, Muon) and
   :func:`from_optax` (optax adam, adamw, sgd; contrib.muon is refused, with the reason).
 
@@ -17,6 +18,7 @@ The adapters' methods only delegate to the functions here.
 
 from __future__ import annotations
 
+from .array_state import flatten_state_dict, unflatten_state_dict
 from .io import FORMAT, from_arrays, load, save, to_arrays
 from .state import ParamState, PortableState
 
@@ -28,6 +30,8 @@ __all__ = [
     "save",
     "to_arrays",
     "from_arrays",
+    "flatten_state_dict",
+    "unflatten_state_dict",
     "from_torch_optim",
     "to_torch_optim",
     "from_optax",
