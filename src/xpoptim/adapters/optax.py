@@ -358,13 +358,19 @@ def _resolve_dims(dimension_numbers: Any, tree: Any) -> tuple:
     elif _is_dims(dimension_numbers):
         dims = [None if _is_masked(x) else dimension_numbers for x in leaves]
     else:
-        dn = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
-        dims = jax.tree.flatten(dn, is_leaf=lambda x: x is None or _is_dims(x) or _is_masked(x))[0]
-        if len(dims) != len(leaves):
+        # A function is a pytree leaf; a callable pytree (an equinox Module) is a tree of dimension numbers.
+        is_fn = callable(dimension_numbers) and jax.tree_util.treedef_is_leaf(jax.tree.structure(dimension_numbers))
+        dn = dimension_numbers(tree) if is_fn else dimension_numbers
+        is_dim = lambda x: x is None or _is_dims(x) or _is_masked(x)  # noqa: E731
+        try:  # dn is a prefix of the parameters: broadcast each entry over its subtree (None subtrees stay empty)
+            full = jax.tree.map(lambda d, sub: jax.tree.map(lambda _: d, sub, is_leaf=_is_masked), dn, tree, is_leaf=is_dim)
+            dims = treedef.flatten_up_to(full)
+        except (ValueError, TypeError):
+            n = len(jax.tree.flatten(dn, is_leaf=is_dim)[0])
             raise ValueError(
-                f"dimension_numbers has {len(dims)} entries but the parameters have {len(leaves)} leaves: give one "
-                "DimensionNumbers (or None) per leaf"
-            )
+                f"dimension_numbers has {n} entries but the parameters have {len(leaves)} leaves: give one "
+                "DimensionNumbers (or None) per leaf, or per subtree"
+            ) from None
         dims = [None if _is_masked(x) or _is_masked(d) else d for x, d in zip(leaves, dims)]
     return leaves, treedef, dims
 
