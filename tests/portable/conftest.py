@@ -6,3 +6,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """JAX x64 on, matmuls in full precision, for float64 tests (restored afterwards)."""
+    with jax.enable_x64(True), jax.default_matmul_precision("float32"):
+        yield

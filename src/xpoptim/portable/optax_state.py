@@ -7,10 +7,11 @@ sit (``chain``, ``partition``, ``masked``, ``inject_hyperparams``, ...). On impo
 is rebuilt with the portable arrays and every ``count`` beside a rule state (learning-rate schedules, DeVA_Sinf's
 decay stage) set to the rule's step.
 
-Orientation: a leaf with dimension numbers (by default every 2-D leaf, read as a flax ``(in, out)`` kernel, the
-optax adapter's own default for the matrix rules) is permuted to ``(batch, out, in)``; other leaves are kept as
-they are. Pass the optimizer's ``dimension_numbers`` (the same value given to ``xo.muon``), or, for elementwise
-optimizers, a tree with ``None`` for 2-D leaves that are not ``(in, out)`` kernels (e.g. embedding tables).
+Orientation: a leaf with dimension numbers is permuted to ``(batch, out, in)``; by default every 2-D leaf is a
+flax ``(in, out)`` kernel (the optax adapter's own default) and other leaves are kept as they are. Pass the
+optimizer's ``dimension_numbers`` (the value given to ``xo.muon``; its None entries keep the default); a 2-D leaf
+that is not an ``(in, out)`` kernel (an embedding table ``(vocab, features)``, already torch's layout) takes
+``DimensionNumbers(reduction_axis=1, output_axis=0)``, which keeps it as it is.
 """
 
 from __future__ import annotations
@@ -47,10 +48,18 @@ def leaf_names(params: Any) -> list[str]:
 
 
 def leaf_orientations(params: Any, dimension_numbers: Any = None) -> list[Orientation]:
-    """The portable orientation of every leaf (see the module docstring)."""
-    leaves, _treedef, dims = xo._resolve_dims(dimension_numbers, params)
+    """The portable orientation of every leaf (see the module docstring).
+
+    A leaf's layout is its entry in ``dimension_numbers`` when that is not None, else the default: a 2-D leaf is a
+    flax ``(in, out)`` kernel, other leaves are kept as they are. So the optimizer's own ``dimension_numbers``
+    (None for leaves it routes to the fallback, such as an output head) give the right layout; a 2-D leaf that is
+    not an ``(in, out)`` kernel (an embedding table) takes ``DimensionNumbers(reduction_axis=1, output_axis=0)``.
+    """
+    leaves, _treedef, defaults = xo._resolve_dims(None, params)
+    given = xo._resolve_dims(dimension_numbers, params)[2] if dimension_numbers is not None else defaults
     out = []
-    for x, d in zip(leaves, dims):
+    for x, g, dflt in zip(leaves, given, defaults):
+        d = g if g is not None else dflt
         nd = len(x.shape)
         if d is None:
             out.append(Orientation(tuple(range(nd))))

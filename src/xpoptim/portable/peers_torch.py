@@ -35,7 +35,9 @@ from .torch_state import param_names, tensor_to_numpy
 __all__ = ["from_torch_optim", "to_torch_optim", "TORCH_OPTIM"]
 
 #: The torch.optim classes with an xpoptim rule of the same conventions (checked per group).
-TORCH_OPTIM = {torch.optim.Adam: "adam", torch.optim.AdamW: "adamw", torch.optim.SGD: "sgd", torch.optim.Muon: "muon"}
+TORCH_OPTIM = {torch.optim.Adam: "adam", torch.optim.AdamW: "adamw", torch.optim.SGD: "sgd"}
+if hasattr(torch.optim, "Muon"):  # torch >= 2.9
+    TORCH_OPTIM[torch.optim.Muon] = "muon"
 
 
 def _rule(opt: Any) -> str:
