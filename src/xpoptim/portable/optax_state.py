@@ -72,10 +72,12 @@ def leaf_orientations(params: Any, dimension_numbers: Any = None) -> list[Orient
 
 
 def _rule_of(node: Any) -> str | None:
-    """The registry name of an adapter rule state (``ScaleBy<Title>State``), else None."""
+    """The registry name of an adapter rule state (the adapter's ``ScaleBy<Title>State`` classes), else None."""
+    cls = type(node)
+    if cls.__module__ != xo.__name__ or not _is_namedtuple(node):
+        return None
     for s in SPECS.values():
-        cls = getattr(xo, f"ScaleBy{s.title}State", None)
-        if cls is not None and type(node) is cls:
+        if cls.__name__ == f"ScaleBy{s.title}State":
             return s.name
     return None
 

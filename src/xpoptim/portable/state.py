@@ -181,26 +181,16 @@ class PortableState:
 
 
 def state_names(rule: str) -> tuple[str, ...]:
-    """The state names of a rule, from the core (a matrix rule's by initialising it on a probe matrix)."""
-    return tuple(matrix_roles(rule)) if isinstance(SPECS[rule], MatrixSpec) else tuple(SPECS[rule].state)
-
-
-_ROLES: dict[str, dict[str, str]] = {}
+    """The state names of a rule (``spec.state``, elementwise and matrix rules alike)."""
+    return tuple(get_spec(rule).state)
 
 
 def matrix_roles(rule: str) -> dict[str, str]:
     """Role of each state array of a matrix rule: ``"matrix"``, ``"left"`` or ``"right"`` (a Kronecker factor).
 
-    Found from the core itself: the rule's ``init`` on a ``(2, 3)`` probe gives ``(2, 3)`` arrays (the matrix's
-    shape), ``(2, 2)`` (the row side) and ``(3, 3)`` (the column side).
+    Read from the spec's state layout (``spec.state_shapes``) of a ``(2, 3)`` matrix: ``(2, 3)`` arrays have the
+    matrix's shape, ``(2, 2)`` ones sit on its row side and ``(3, 3)`` ones on its column side.
     """
-    if rule not in _ROLES:
-        from xpoptim.core import functional  # noqa: PLC0415
-
-        probe = functional.init(SPECS[rule], np.zeros((2, 3)))
-        roles = {}
-        for k, v in probe.items():
-            shape = tuple(v.shape)
-            roles[k] = {(2, 3): "matrix", (2, 2): "left", (3, 3): "right"}[shape]
-        _ROLES[rule] = roles
-    return _ROLES[rule]
+    spec = get_spec(rule)
+    shapes = spec.state_shapes((2, 3), spec.validate())
+    return {k: {(2, 3): "matrix", (2, 2): "left", (3, 3): "right"}[tuple(shapes[k])] for k in spec.state}
