@@ -53,3 +53,22 @@ def test_torch_jax_numpy_torch_continues_the_run(name, dtype, tmp_path):
     err = trajectory_error(Trajectory([start, *moved], []), Trajectory([start, *ref], []), name)
     bound = tolerance(name, dtype, STEPS).bound
     assert err.error <= bound, f"{name} {dtype}: moved run differs by {err} (bound {bound:.1e})"
+
+
+LONG = (("torch", 7, "a.safetensors"), ("jax", 5, "b.npz"), ("numpy", 11, "c.npz"), ("torch", 7, None))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_long_uneven_segments_continue_the_run(name, dtype, tmp_path):
+    """30 steps in uneven segments: DeVA_Sinf refreshes its eigenbases (every 10 steps) in two frameworks."""
+    steps = sum(s for _, s, _ in LONG)
+    with jax.enable_x64(dtype == "float64"), jax.default_matmul_precision("float32"):
+        moved, _ = moved_run(name, dtype, tmp_path, LONG)
+    p0 = prob.init(dtype)
+    _, ref, _, _ = run_torch(name, _hp(name), p0, 0, steps)
+    start = {k: v.astype(np.float64) for k, v in p0.items()}
+    err = trajectory_error(Trajectory([start, *moved], []), Trajectory([start, *ref], []), name)
+    bound = tolerance(name, dtype, steps).bound
+    assert err.error <= bound, f"{name} {dtype}: moved run differs by {err} (bound {bound:.1e})"

@@ -53,8 +53,8 @@ def _torch_cuda(name, params, t0, steps, portable):
             p.grad = torch.from_numpy(g[k]).cuda()
         var = {tp[k]: torch.from_numpy(v).cuda() for k, v in prob.grad_variance(g).items()} if needs_variance(name) else None
         opt.step(grad_variance=var)
-        traj.append({k: p.detach().cpu().numpy() for k, p in tp.items()})
-    return {k: p.detach().cpu().numpy() for k, p in tp.items()}, traj, opt.export_state()
+        traj.append({k: p.detach().cpu().numpy().copy() for k, p in tp.items()})
+    return {k: p.detach().cpu().numpy().copy() for k, p in tp.items()}, traj, opt.export_state()
 
 
 def _cupy(name, params, t0, steps, portable):
