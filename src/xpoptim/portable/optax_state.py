@@ -230,6 +230,10 @@ def import_optax(portable: PortableState, params: Any, tx: Any, *, dimension_num
     _rule_states(fresh, found)
     if not found:
         raise ValueError("import_state: tx.init(params) holds no xpoptim rule state: expected an xpoptim.adapters.optax transformation")
+    spec = get_spec(portable.optimizer)
+    for rule, _ in found:
+        if rule != spec.name and not (isinstance(spec, MatrixSpec) and rule == (portable.fallback or spec.fallback)):
+            raise ValueError(f"import_state: the portable state is a {portable.optimizer!r} state; tx runs rule {rule!r}")
     served = set()
     new_nodes = {}
     for rule, node in found:
@@ -268,10 +272,6 @@ def import_optax(portable: PortableState, params: Any, tx: Any, *, dimension_num
     unexpected = [n for n in portable.params if n not in served]
     if unexpected:
         raise ValueError(f"import_state: the portable state has parameter(s) {unexpected} that this transformation does not serve")
-    spec = get_spec(portable.optimizer)
-    for rule, _ in found:
-        if rule != spec.name and not (isinstance(spec, MatrixSpec) and rule == (portable.fallback or spec.fallback)):
-            raise ValueError(f"import_state: the portable state is a {portable.optimizer!r} state; tx runs rule {rule!r}")
     return _rebuild(fresh, new_nodes)[0]
 
 
@@ -295,9 +295,16 @@ def _replace_rule_state(node: Any, treedef: Any, repl: list, step: int) -> Any:
 
 
 def _set_count(node: Any, step: int) -> Any:
-    if _is_namedtuple(node) and "count" in node._fields and _rule_of(node) is None:
-        c = node.count
-        return node._replace(count=jnp.asarray(step, dtype=getattr(c, "dtype", jnp.int32)))
+    """Every ``count`` in a subtree without rule states (schedules, ``inject_hyperparams``' schedule states)."""
+    if isinstance(node, Mapping):
+        return type(node)({k: _set_count(v, step) for k, v in node.items()})
+    if _is_namedtuple(node):
+        new = type(node)(*[_set_count(v, step) for v in node])
+        if "count" in node._fields and _rule_of(node) is None:
+            new = new._replace(count=jnp.asarray(step, dtype=getattr(node.count, "dtype", jnp.int32)))
+        return new
+    if isinstance(node, (tuple, list)):
+        return type(node)(_set_count(v, step) for v in node)
     return node
 
 
@@ -319,6 +326,8 @@ def _rebuild(node: Any, new_nodes: dict) -> tuple[Any, int | None]:
             vals = [_set_count(v, step) if s is None else v for v, s in kids]
         if _is_namedtuple(node):
             out = type(node)(*vals)
-            return (_set_count(out, step) if step is not None else out), step
+            if step is not None and "count" in node._fields:  # e.g. inject_hyperparams' own count
+                out = out._replace(count=jnp.asarray(step, dtype=getattr(node.count, "dtype", jnp.int32)))
+            return out, step
         return type(node)(vals), step
     return node, None
