@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 
 import jax
-import numpy as np
 import portable_problem as prob
 import pytest
 from portable_runners import needs_variance

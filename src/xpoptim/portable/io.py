@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .state import ParamState, PortableState
+from .state import ParamState, PortableState, state_names
 
 __all__ = ["FORMAT", "save", "load", "to_arrays", "from_arrays"]
 
@@ -62,8 +62,6 @@ def from_arrays(arrays: Any, meta: str) -> PortableState:
         raise ValueError(f"portable state format={got!r} is not supported: expected {FORMAT!r}")
     params = {}
     for i, e in enumerate(doc["params"]):
-        from .state import state_names  # noqa: PLC0415
-
         st: dict[str, Any] = {}
         for k in state_names(e["rule"]):
             key = f"params.{i}.{k}"

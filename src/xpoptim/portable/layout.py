@@ -17,7 +17,7 @@ import numpy as np
 
 from .state import matrix_roles
 
-__all__ = ["Orientation", "IDENTITY", "swap_sides", "matrix_from_leaf", "leaf_from_matrix"]
+__all__ = ["Orientation", "swap_sides", "matrix_from_leaf", "leaf_from_matrix"]
 
 
 class Orientation(NamedTuple):
@@ -51,11 +51,6 @@ class Orientation(NamedTuple):
         b, o = self.n_batch, self.n_out
         rows = (math.prod(portable_shape[b : b + o]), math.prod(portable_shape[b + o :]))
         return ((math.prod(portable_shape[:b]),) if b else ()) + rows
-
-
-def IDENTITY(ndim: int) -> Orientation:  # noqa: N802  (a constant-like factory)
-    """Arrays already in the portable orientation (torch; NumPy ``layout="out_in"``)."""
-    return Orientation(tuple(range(ndim)))
 
 
 def swap_sides(rule: str, state: dict[str, Any]) -> dict[str, Any]:
