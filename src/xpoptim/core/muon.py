@@ -206,7 +206,7 @@ MUON = MatrixSpec(
         Hyper("shape_scale", "original", "choice", "scale of the orthogonalised update, in fan terms", SHAPE_SCALES),
     ),
     fallback="adamw",
-    fallback_defaults={"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
+    fallback_defaults={"beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
     state=("momentum_buffer",),
     init=muon_init,
     state_shapes=muon_state_shapes,
