@@ -20,10 +20,16 @@ from xpoptim.core import factors
 
 from ._common import Report, parse_args, run_main
 
+#: Library modules whose functions compute this experiment's numbers (see ``_provenance``).
+SOURCES = (
+    "src/xpoptim/core/_backend.py",
+    "src/xpoptim/core/factors.py",
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    rep = Report("bh_factors", "Dissecting Adam, Fig. 5 and Lemma 1: variance-adaptation factors", args.out, args.quick)
+    rep = Report("bh_factors", "Dissecting Adam, Fig. 5 and Lemma 1: variance-adaptation factors", args.out, args.quick, SOURCES)
     n_eta = 2001 if args.quick else 200001
     eta = np.logspace(-2, 2, n_eta)
     one = np.ones_like(eta)

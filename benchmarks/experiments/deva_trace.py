@@ -38,6 +38,19 @@ from xpoptim.core.deva import deva_linf_gamma
 
 from ._common import Report, parse_args, run_main
 
+#: Library modules whose functions compute this experiment's numbers (see ``_provenance``).
+SOURCES = (
+    "src/xpoptim/core/_backend.py",
+    "src/xpoptim/core/adam_family.py",
+    "src/xpoptim/core/balles_hennig.py",
+    "src/xpoptim/core/deva.py",
+    "src/xpoptim/core/directions.py",
+    "src/xpoptim/core/functional.py",
+    "src/xpoptim/core/moments.py",
+    "src/xpoptim/core/muon.py",
+    "src/xpoptim/core/spec.py",
+)
+
 BLOCKS = {
     "heterogeneous": ((1, 2, 3), (99, 100, 101), (4998, 4999, 5000)),
     "homogeneous": ((1, 99, 4998), (2, 100, 4999), (3, 101, 5000)),
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     n_seeds, steps = (6, 60) if args.quick else (100, 400)
     seeds = [1234 + i for i in range(n_seeds)]
-    rep = Report("deva_trace", "DeVA Fig. 2: trace quadratic, heterogeneous vs homogeneous Hessian", args.out, args.quick)
+    rep = Report("deva_trace", "DeVA Fig. 2: trace quadratic, heterogeneous vs homogeneous Hessian", args.out, args.quick, SOURCES)
     rep.note(
         f"{n_seeds} seeds, {steps} steps, float32, lr 0.1 with the released schedule, beta = (0, 0.99). Released "
         "seed values, NumPy PCG64 draws in our own order [I] (the release's torch draw calls were not reproduced); "

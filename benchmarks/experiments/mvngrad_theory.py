@@ -31,6 +31,16 @@ from xpoptim.core import functional, get_spec, make_direction_kernel
 
 from ._common import Report, parse_args, run_main
 
+#: Library modules whose functions compute this experiment's numbers (see ``_provenance``).
+SOURCES = (
+    "src/xpoptim/core/_backend.py",
+    "src/xpoptim/core/adam_family.py",
+    "src/xpoptim/core/functional.py",
+    "src/xpoptim/core/moments.py",
+    "src/xpoptim/core/mvngrad.py",
+    "src/xpoptim/core/spec.py",
+)
+
 B1, B2 = 0.9, 0.999
 
 
@@ -305,7 +315,7 @@ def part_c(rep: Report, quick: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    rep = Report("mvngrad_theory", "MVN-Grad: update-variance gap, spike robustness, low-variance regime", args.out, args.quick)
+    rep = Report("mvngrad_theory", "MVN-Grad: update-variance gap, spike robustness, low-variance regime", args.out, args.quick, SOURCES)
     rep.note("Reconstruction notice: MVN-Grad's equations are the spec's section 2.3 form ([3P]/[I]; the paper's Algorithm 1 "
              "was not readable) and the experiment protocols are ours [I]. Strict checks are exact identities (spec 2.5, [D]).")
     part_a_oracle(rep, args.quick)
