@@ -11,9 +11,10 @@ Modules:
     deva_trace: DeVA Fig. 2, the 9x9 trace quadratic.
     mvngrad_theory: MVN-Grad update-variance gap, spike robustness, low-variance regime.
     real_data: every optimizer on a digits MLP, held-out protocol, torch and JAX side by side.
+    bh_digits: Balles & Hennig section 4 / Appendix D on digits (M-SGD, M-SSD, M-SVAG, ADAM, ADAM*, -mb).
 
 Every result records the SHA-256 of the sources it was computed from (``_provenance``):
 ``python -m benchmarks.experiments --check`` lists the stale ones, ``--stale`` regenerates them.
 """
 
-EXPERIMENTS = ("bh_quadratics", "bh_factors", "deva_trace", "mvngrad_theory", "real_data")
+EXPERIMENTS = ("bh_quadratics", "bh_factors", "deva_trace", "mvngrad_theory", "real_data", "bh_digits")

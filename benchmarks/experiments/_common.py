@@ -59,6 +59,7 @@ class Report:
     def __init__(self, name: str, title: str, out: Path | None, quick: bool, sources: tuple[str, ...] = ()) -> None:
         self.name, self.title, self.quick = name, title, quick
         self.sources = tuple(sources)
+        self.provenance = provenance(name, self.sources)  # the sources as this run read them
         self.out = Path(out) if out is not None else RESULTS
         self.out.mkdir(parents=True, exist_ok=True)
         self.claims: list[Claim] = []
@@ -105,7 +106,9 @@ class Report:
     def finish(self) -> int:
         """Write ``<out>/<name>.md`` and ``<out>/<name>.json``; return the exit code (1 if a strict claim failed)."""
         elapsed = time.perf_counter() - self.t0
-        prov = provenance(self.name, self.sources)
+        prov = self.provenance
+        if provenance(self.name, self.sources)["sources"] != prov["sources"]:
+            print(f"{self.name}: a source file changed during the run; the result records the sources as they were at its start")
         date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         cmd = command(self.name) + (" --quick" if self.quick else "")
         lines = [f"# {self.title}", ""]
@@ -124,7 +127,7 @@ class Report:
         lines += [
             "",
             "PASS/FAIL: a claim of the paper (or an exact identity) that fails the run when it does not hold. "
-            "REPORT: an expectation that rests on our own reconstruction of a protocol ([I]/[3P] in the spec); "
+            "REPORT: an expectation that rests on our own reconstruction of a protocol or a stand-in problem; "
             "reported, never failed.",
         ]
         for s in self.sections:
