@@ -161,3 +161,34 @@ def test_bh_digits_quick(tmp_path):
     rc, claims = _run("bh_digits", tmp_path)
     assert rc == 0 and (tmp_path / "bh_digits.png").exists()
     assert len(claims) == 6 and all(s.startswith("REPORT") for _, s in claims)
+
+
+def test_mvngrad_digits_quick(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    rc, claims = _run("mvngrad_digits", tmp_path)
+    assert rc == 0 and (tmp_path / "mvngrad_digits_batch.png").exists() and (tmp_path / "mvngrad_digits_grid.png").exists()
+    assert len(claims) == 7 and all(s.startswith("REPORT") for _, s in claims)
+
+
+def test_deva_lr_sweep_quick(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    rc, claims = _run("deva_lr_sweep", tmp_path)
+    assert rc == 0 and (tmp_path / "deva_lr_sweep.png").exists()
+    assert len(claims) == 4 and all(s.startswith("REPORT") for _, s in claims)
+
+
+def test_charlm_quick(tmp_path):
+    pytest.importorskip("torch")
+    rc, claims = _run("charlm", tmp_path)
+    assert rc == 0 and (tmp_path / "charlm.png").exists()
+    assert len(claims) == 1 and claims[0][1].startswith("REPORT")  # quick: Adam, MVN-Grad, Muon only
+
+
+def test_charlm_text_is_deterministic_and_split_by_seed():
+    from benchmarks.experiments.charlm import make_text
+
+    a, b = make_text(2000, 1), make_text(2000, 2)
+    assert a == make_text(2000, 1) and len(a) == 2000 and a != b
+    assert set(a) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .")
