@@ -192,3 +192,29 @@ def test_charlm_text_is_deterministic_and_split_by_seed():
     a, b = make_text(2000, 1), make_text(2000, 2)
     assert a == make_text(2000, 1) and len(a) == 2000 and a != b
     assert set(a) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .")
+
+
+def test_digits_protocol_split_and_seeds():
+    """The split has the stated sizes and uses every image once; tuning and evaluation seeds never overlap."""
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    from benchmarks.experiments import _digits as D
+
+    data = D.load()
+    assert tuple(len(data[k][0]) for k in ("train", "val", "test")) == D.SPLIT
+    x, _ = load_digits(return_X_y=True)
+    joined = np.concatenate([data[k][0] for k in ("train", "val", "test")])
+    key = lambda a: sorted(map(tuple, np.round(a, 9)))  # noqa: E731  (the multiset of images)
+    assert key(joined) == key(x / 16.0 - 0.5)
+    assert not set(D.TUNING_SEEDS) & set(D.EVAL_SEEDS) and len(D.EVAL_SEEDS) >= 8
+
+
+def test_compare_and_mean_se():
+    from benchmarks.experiments._digits import compare, mean_se
+
+    m, se = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and abs(se - np.std([1, 2, 3, 4], ddof=1) / 2) < 1e-15
+    assert compare([10.0, 10.2, 9.8], [9.0, 9.2, 8.8])[2] == "better"
+    assert compare([9.0, 9.2, 8.8], [10.0, 10.2, 9.8])[2] == "worse"
+    assert compare([10.0, 11.0, 9.0], [10.1, 11.1, 9.1])[2] == "tie"
