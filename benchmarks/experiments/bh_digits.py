@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    steps = 10 if args.quick else 500
+    steps = 10 if args.quick else 300
     grid = D.GRID[3:5] if args.quick else D.GRID
     tuning, evals = (D.TUNING_SEEDS[:1], D.EVAL_SEEDS[:2]) if args.quick else (D.TUNING_SEEDS[:2], D.EVAL_SEEDS)
     rep = Report("bh_digits", "Dissecting Adam section 4 / Appendix D on digits: M-SGD, M-SSD, M-SVAG, ADAM, ADAM*", args.out, args.quick, SOURCES)
