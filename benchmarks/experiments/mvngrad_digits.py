@@ -69,7 +69,8 @@ def part_a(rep: Report, data: dict, quick: bool) -> dict:
             out[(bs, name)] = {"lr": lr, "train": np.array(train_loss), "acc": np.array(acc), "curves": curves}
             tl, tl_se = D.mean_se(train_loss)
             a, a_se = D.mean_se(acc)
-            rows.append([bs, SPECS[name].title, f"{lr:g}", f"{tl:.4f} +- {tl_se:.4f}", f"{a:.2f} +- {a_se:.2f}"])
+            edge = " (top of grid)" if lr == grid[0] else " (bottom of grid)" if lr == grid[-1] else ""
+            rows.append([bs, SPECS[name].title, f"{lr:g}{edge}", f"{tl:.4f} +- {tl_se:.4f}", f"{a:.2f} +- {a_se:.2f}"])
             print(f"  (a) bs {bs} {name}: lr {lr:g} train {tl:.4f} acc {a:.2f}", flush=True)
     rep.note(f"### (a) Batch sizes (Fig. 1)\n\n{steps} steps; grid {', '.join(f'{g:g}' for g in grid)}; tuning seeds "
              f"{list(tuning)} (validation CE), evaluation seeds {list(evals)}. Final training loss on the whole training "
