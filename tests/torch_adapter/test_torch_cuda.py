@@ -13,7 +13,7 @@ from xpoptim.adapters import torch as xt
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for a CUDA GPU (torch.cuda.is_available() is False; run `nox -s gpu` on a lent GPU machine)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for a CUDA GPU (torch.cuda.is_available() is False; run `nox -s gpu` on a machine with an NVIDIA GPU)"),
 ]
 
 
