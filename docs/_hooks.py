@@ -7,13 +7,19 @@ A page writes a marker and the build replaces it:
   the optimizer ``NAME`` (registry name).
 * ``<!-- xpoptim:memory -->``: the state each rule keeps, counted by allocating it with
   ``xpoptim.core.functional.init`` for sample shapes.
+
+It also publishes the figures under ``benchmarks/results/`` at the same paths in the site (a page links
+``benchmarks/results/matrix/demo_loss.png`` relative to itself), so the docs show the committed results without
+copies that could go stale.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
+from mkdocs.structure.files import File, Files
 
 from xpoptim._docs import conventions_table
 from xpoptim.core import SPECS, get_spec
@@ -87,3 +93,13 @@ def _replace(match: re.Match) -> str:
 
 def on_page_markdown(markdown: str, **kwargs: object) -> str:
     return _MARKER.sub(_replace, markdown)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def on_files(files: Files, config: dict, **kwargs: object) -> Files:
+    for png in sorted((ROOT / "benchmarks" / "results").rglob("*.png")):
+        rel = png.relative_to(ROOT).as_posix()
+        files.append(File(rel, src_dir=str(ROOT), dest_dir=config["site_dir"], use_directory_urls=config["use_directory_urls"]))
+    return files
