@@ -130,7 +130,15 @@ def bench_rules(machine: str, layout: str) -> str:
         title = get_spec(rule).title
         rows.append(f"| `{title}` | {mine[0]['bytes_per_param']} | " + " | ".join(cells) + " |")
     shape = res["layouts"][layout]["shape"]
-    return "\n".join(rows) + f"\n\nLayout {layout} ({shape} float32 parameters). " + _environment(data["environment"])
+    spread = []
+    for peer in res["peers"]:
+        # the peers the ratios use: torch.optim.AdamW(fused=True) and optax.adamw
+        if peer["layout"] == layout and peer["kind"] == "peer" and peer["path"] in ("fused", "jit") and peer.get("block_medians_ms"):
+            lo, hi = min(peer["block_medians_ms"]), max(peer["block_medians_ms"])
+            spread.append(f"{peer['label']} {_ms(lo)}-{_ms(hi)} ms")
+    note = (f" The peers, re-measured in every rule's block, ranged over the blocks: {'; '.join(spread)}; a ratio far from"
+            " the ratio of bytes moved mostly reflects that spread.") if spread else ""
+    return "\n".join(rows) + f"\n\nLayout {layout} ({shape} float32 parameters).{note} " + _environment(data["environment"])
 
 
 def bench_matrix(machine: str, case: str) -> str:
