@@ -8,9 +8,11 @@
 #                                                                       JAX on GPU; about 5 minutes)
 #                            bash benchmarks/gpu_device.sh matrix      (the equivalence matrix on the GPU backends)
 #                            bash benchmarks/gpu_device.sh bench       (python -m benchmarks --device cuda)
-#                            bash benchmarks/gpu_device.sh quick       (GPU tests, CuPy tests, elementwise GPU
-#                                                                       benchmark in one call; about 9 minutes,
+#                            bash benchmarks/gpu_device.sh check       (GPU tests, CuPy tests, the equivalence matrix
+#                                                                       on the GPU backends; about 6 minutes,
 #                                                                       time-boxed)
+#                            bash benchmarks/gpu_device.sh quick       (check's tests, then the elementwise GPU
+#                                                                       benchmark; about 9 minutes, time-boxed)
 #
 # Each stage writes its log and a tarball of its results to $OUT (default /tmp/xpoptim-gpu-out); unpack them into
 # benchmarks/results/<gpu>/. Every stage takes under 10 minutes.
@@ -61,6 +63,19 @@ case "$stage" in
         PYTHONUNBUFFERED=1 python3 -m benchmarks --device cuda --out /tmp/bench-gpu "$@" 2>&1 | tee "$OUT/bench.log"
         tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu
         ;;
+    check)
+        # Correctness on the GPU in one call: GPU-marked tests, the CuPy adapter tests, and the equivalence matrix
+        # on the GPU backends (CuPy, CUDA torch, JAX on GPU) against the float64 NumPy run; each part time-boxed.
+        install
+        PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
+            2>&1 | tee "$OUT/gpu-tests.log" || true
+        PYTHONUNBUFFERED=1 timeout 100 python3 -m pytest -q -p no:cacheprovider \
+            tests/array_adapter/test_array_cupy.py tests/array_adapter/test_array_trajectories.py \
+            2>&1 | tee "$OUT/cupy-tests.log" || true
+        PYTHONUNBUFFERED=1 timeout 150 python3 -m xpoptim.matrix --backends numpy,gpu --no-demo --no-progress \
+            --out /tmp/matrix-gpu 2>&1 | tee "$OUT/matrix.log" || true
+        tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
+        ;;
     quick)
         # Everything in one call of under 10 minutes: the GPU tests, then the elementwise GPU benchmark, each
         # time-boxed so that the call ends with its logs even when a part runs long.
@@ -75,7 +90,7 @@ case "$stage" in
         tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
         ;;
     *)
-        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|matrix|bench|quick [benchmark args]" >&2
+        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|check|matrix|bench|quick [benchmark args]" >&2
         exit 2
         ;;
 esac

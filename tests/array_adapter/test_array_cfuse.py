@@ -16,6 +16,7 @@ import pytest
 
 from xpoptim.adapters import _cfuse
 from xpoptim.adapters import array as A
+from xpoptim.adapters._array import threads as array_threads
 from xpoptim.core import SPECS, ElementwiseSpec
 
 NO_CC = "needs a C compiler (cc, gcc or clang on PATH, or $CC) to build the compiled NumPy step"
@@ -186,14 +187,14 @@ def test_many_arrays_on_two_threads_run_in_grouped_tasks(monkeypatch: pytest.Mon
     """Hundreds of arrays (each its own compiled task) are run in a few groups of tasks on the threads: every array
     is stepped once, with the op-by-op bits."""
     calls = []
-    real = A._grouped
+    real = array_threads._grouped
 
     def spy(tasks, sizes, target):
         out = real(tasks, sizes, target)
         calls.append((len(tasks), len(out)))
         return out
 
-    monkeypatch.setattr(A, "_grouped", spy)
+    monkeypatch.setattr(array_threads, "_grouped", spy)
     rng = np.random.default_rng(8)
     base = [rng.standard_normal(600).astype(np.float32) for _ in range(60)] + [rng.standard_normal(5).astype(np.float32)]
     out = []

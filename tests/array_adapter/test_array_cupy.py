@@ -13,6 +13,7 @@ import pytest
 from array_helpers import CONFIGS, CUPY_SKIP, STEPS, _data, cupy_available, reference
 
 from xpoptim.adapters import cupy as C
+from xpoptim.adapters import numpy as N
 from xpoptim.core import ELEMENTWISE, get_spec
 
 pytestmark = pytest.mark.skipif(not cupy_available(), reason=CUPY_SKIP)
@@ -54,6 +55,34 @@ def test_adamw_is_fused() -> None:
     opt = C.AdamW([p], lr=0.1)
     opt.step([cp.ones(1000, dtype=cp.float32)])
     assert opt.fused is True
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_every_fusable_rule_is_fused(name: str) -> None:
+    """A rule whose ops ``cupy.fuse`` supports runs as one fused kernel (the sign rules included)."""
+    cp = _cp()
+    hp = CONFIGS[name]
+    spec = get_spec(name)
+    if not spec.is_fusable(spec.validate(**hp)):
+        pytest.skip(f"{name} with {hp} calls erf, which cupy.fuse does not support")
+    p = cp.ones(1000, dtype=cp.float32)
+    opt = C.create(name, [p], **hp)
+    ex = {"grad_variance": [cp.ones(1000, dtype=cp.float32)]} if spec.extras else {}
+    opt.step([cp.full(1000, 0.5, dtype=cp.float32)], **ex)
+    assert opt.fused is True
+
+
+def test_fused_sign_propagates_nan_like_numpy() -> None:
+    """MSSD's fused ``sign`` keeps NumPy's ``sign(nan) = nan`` and ``sign(0) = 0``."""
+    cp = _cp()
+    g = np.array([np.nan, 0.0, -2.0, 3.0], dtype=np.float32)
+    p_np = np.zeros(4, dtype=np.float32)
+    N.MSSD([p_np], lr=0.1).step([g.copy()])
+    p_cp = cp.zeros(4, dtype=cp.float32)
+    opt = C.MSSD([p_cp], lr=0.1)
+    opt.step([cp.asarray(g)])
+    assert opt.fused is True
+    np.testing.assert_array_equal(cp.asnumpy(p_cp), p_np)
 
 
 def test_fuse_false_runs_op_by_op_and_says_so() -> None:

@@ -9,6 +9,7 @@ import pytest
 from array_helpers import CONFIGS, STEPS, _data, reference
 
 from xpoptim.adapters import array as A
+from xpoptim.adapters._array import threads as array_threads
 from xpoptim.adapters import numpy as N
 from xpoptim.core import SPECS, get_spec
 from xpoptim.core import functional as F
@@ -64,7 +65,7 @@ def test_chunked_equals_unchunked_exactly(name: str) -> None:
 def test_default_threads_and_chunks_give_the_one_thread_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default NumPy buckets use the available cores (at most ``MAX_AUTO_THREADS``) with larger chunks; on a
     bucket big enough to be shared between threads the bits are those of one thread over the whole bucket."""
-    monkeypatch.setattr(A.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(array_threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     rng = np.random.default_rng(5)
     n = 4 * A.DEFAULT_THREADED_CHUNK_SIZE + 123
     p0 = rng.standard_normal(n).astype(np.float32)
@@ -208,7 +209,7 @@ def test_conv_weight_flattening() -> None:
 
 
 def test_chunked_numpy_step_tunes_glibc_malloc_and_can_be_refused() -> None:
-    """The first chunked op-by-op NumPy step sets glibc's mmap threshold to 4 MiB and its top pad (``A._tune_glibc_malloc``:
+    """The first chunked op-by-op NumPy step sets glibc's mmap threshold to 4 MiB and its top pad (``_array.malloc._tune_glibc_malloc``:
     without them chunk temporaries can page-fault on every chunk, 3.5-6x slower); ``XPOPTIM_MALLOPT=0`` leaves
     malloc alone. Observed in fresh interpreters through glibc's ``mallinfo2``: after the step a 3 MiB allocation is
     served from the heap (no new mmapped bytes) when tuned, and mmapped under glibc's default threshold when not."""
@@ -222,13 +223,13 @@ def test_chunked_numpy_step_tunes_glibc_malloc_and_can_be_refused() -> None:
         pytest.skip("the malloc tuning applies to glibc (>= 2.33 for mallinfo2) only")
     code = (
         "import ctypes, numpy as np\n"
-        "from xpoptim.adapters import array as A, numpy as N\n"
+        "from xpoptim.adapters import numpy as N\nfrom xpoptim.adapters._array import malloc\n"
         "class MI2(ctypes.Structure):\n"
         "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks',"
         " 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
         "libc = ctypes.CDLL(None); libc.mallinfo2.restype = MI2\n"
         "p = [np.zeros(1000)]; N.SGD(p, lr=0.5, chunk_size=100, fuse=False).step([np.ones(1000)])\n"
-        "assert A._MALLOPT_DONE == [True] and (p[0] == -0.5).all()\n"
+        "assert malloc._MALLOPT_DONE == [True] and (p[0] == -0.5).all()\n"
         "before = libc.mallinfo2().hblkhd\n"
         "a = np.empty(3 << 20, np.uint8)\n"
         "print(libc.mallinfo2().hblkhd - before)\n"
