@@ -17,6 +17,10 @@ the committed run, never numbers copied by hand):
 * ``<!-- xpoptim:bench-section MACHINE "HEADING" -->``: one section of ``summary.md`` (up to its first subsection), on a
   top-level page (its relative links are rewritten from the results folder).
 
+After the build it checks that the API reference covers every public name: each string in the ``__all__`` of a
+documented module (read from the source, so no framework is imported) must be rendered somewhere under ``api/``,
+else the build fails.
+
 It also publishes the figures under ``benchmarks/results/`` at the same paths in the site (a page links
 ``benchmarks/results/matrix/demo_loss.png`` relative to itself), so the docs show the committed results without
 copies that could go stale.
@@ -24,7 +28,9 @@ copies that could go stale.
 
 from __future__ import annotations
 
+import ast
 import json
+import logging
 import re
 import shlex
 from pathlib import Path
@@ -193,3 +199,41 @@ def on_files(files: Files, config: dict, **kwargs: object) -> Files:
         rel = png.relative_to(ROOT).as_posix()
         files.append(File(rel, src_dir=str(ROOT), dest_dir=config["site_dir"], use_directory_urls=config["use_directory_urls"]))
     return files
+
+
+#: The modules of the API reference, by source file. Names built at import time (one optimizer class or alias per
+#: spec) are not string literals in ``__all__`` and are listed on the pages in words.
+API_MODULES = {
+    "xpoptim.core": "src/xpoptim/core/__init__.py",
+    "xpoptim.adapters.torch": "src/xpoptim/adapters/torch.py",
+    "xpoptim.adapters.optax": "src/xpoptim/adapters/optax.py",
+    "xpoptim.adapters.numpy": "src/xpoptim/adapters/numpy.py",
+    "xpoptim.adapters.cupy": "src/xpoptim/adapters/cupy.py",
+    "xpoptim.adapters.array": "src/xpoptim/adapters/array.py",
+    "xpoptim.matrix": "src/xpoptim/matrix.py",
+    "xpoptim.testing": "src/xpoptim/testing.py",
+}
+_rendered: set[str] = set()
+log = logging.getLogger("mkdocs.plugins.xpoptim")
+
+
+def public_names(source: str) -> list[str]:
+    """The string literals of a module's ``__all__`` (starred, generated entries are skipped)."""
+    for node in ast.parse((ROOT / source).read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return [e.value for e in node.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    return []
+
+
+def on_page_content(html: str, page: object, **kwargs: object) -> str:
+    if page.file.src_uri.startswith("api/"):
+        _rendered.update(re.findall(r'id="(xpoptim\.[\w.]+)"', html))
+    return html
+
+
+def on_post_build(config: dict, **kwargs: object) -> None:
+    suffixes = {r.rsplit(".", 1)[-1] for r in _rendered}
+    for module, source in API_MODULES.items():
+        missing = [n for n in public_names(source) if f"{module}.{n}" not in _rendered and n not in suffixes]
+        if missing:
+            log.warning(f"API reference: {module} exports {missing}, which no page under api/ renders")
