@@ -38,3 +38,12 @@ def test_every_cited_section_exists():
     assert cited, "the code cites the algorithms reference"
     missing = {n: files for n, files in cited.items() if n.replace(".", "-") not in anchors}
     assert not missing, f"cited sections missing from docs/algorithms.md: {missing}"
+
+
+def test_changelog_has_an_entry_for_this_version():
+    from xpoptim import __version__
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## \[{re.escape(__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M), (
+        f"CHANGELOG.md needs a '## [{__version__}] - YYYY-MM-DD' entry for the version in src/xpoptim/_version.py"
+    )
