@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "discover", "pinned_numerics", "to_numpy", "BACKEND_NAMES", "resolve_names"]
+__all__ = [
+    "Backend",
+    "discover",
+    "discover_required",
+    "pinned_numerics",
+    "to_numpy",
+    "BACKEND_NAMES",
+    "resolve_names",
+]
 
 #: Every backend the verifier knows, in report order.
 BACKEND_NAMES = ("numpy", "array_api_strict", "torch-cpu", "torch-cuda", "jax-cpu", "jax-gpu", "cupy")
@@ -154,6 +162,38 @@ def discover(names: list[str] | None = None) -> tuple[list[Backend], dict[str, s
             missing[name] = f"not installed ({exc.name or exc})"
         except Exception as exc:  # a framework that imports but cannot reach its device
             missing[name] = str(exc) or type(exc).__name__
+    return found, missing
+
+
+def discover_required(spec: str) -> tuple[list[Backend], dict[str, str]]:
+    """Backends the user named explicitly (``"numpy,torch"``): every name must give at least one usable backend.
+
+    An alias names a framework (``torch``: ``torch-cpu`` and ``torch-cuda``) and is satisfied by any of its
+    backends (the others are reported as unavailable); a plain backend name (``torch-cuda``) must be usable itself.
+    A run that silently skipped a named backend would report agreement it never checked.
+
+    Args:
+        spec: the comma-separated selection.
+
+    Returns:
+        ``(backends, unavailable)`` as :func:`discover`.
+
+    Raises:
+        ValueError: an unknown name, or a named backend that is not usable here, with the reason.
+    """
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tokens:
+        raise ValueError(f"backends={spec!r} is invalid: expected at least one name from {list(BACKEND_NAMES)}")
+    found, missing = discover(resolve_names(spec))
+    usable = {b.name for b in found}
+    for token in tokens:
+        names = resolve_names(token) if token != "all" else []
+        if names and not usable.intersection(names):
+            why = "; ".join(f"{n}: {missing.get(n, 'not usable')}" for n in names)
+            raise ValueError(
+                f"backends={spec!r}: {token!r} was named but cannot run here ({why}); install it, or leave it out of "
+                f"the selection (usable here: {sorted(usable) or 'none'})"
+            )
     return found, missing
 
 

@@ -38,18 +38,20 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import _backends
+from . import __version__, _backends
 from ._backends import Backend, to_numpy
-from ._problems import PROBLEMS, Problem, get_problem
+from ._problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, get_problem
 from .core import SPECS, get_spec
 from .core import functional as F
+from .core.deva import cluster_precision
 from .core.spec import ElementwiseSpec, MatrixSpec
+from .core.verification import Bound, verification_of
 
 __all__ = [
     "Config",
@@ -89,57 +91,24 @@ class Config:
     hp: Mapping[str, Any]
 
 
-# Learning rates are chosen so every parameter travels a visible distance in 20 steps without the
-# problem reaching its noise floor (where sign-based rules oscillate); weight decay is non-zero so
-# the decay path is checked.
-#
-# DeVA_Sinf runs with max_precond_dim=8 on the 6x10 matrix problem, so only the full-rank 6x6 side is
-# factored. With both sides factored (the default), the 10x10 seed factor G^T G is rank-deficient; the core
-# canonicalises its null-space basis, so float64 runs agree across backends (tests/core/
-# test_core_deva_determinism.py), but a float32 run is compared here with the float64 reference, and the
-# EMA'd factor's tiny eigenvalues fall on different sides of the null threshold (4 n eps(dtype) max) in the
-# two dtypes: the bases differ by design (measured 1.3e-2), which says nothing about the backends.
-_BASE: dict[str, dict] = {
-    "adam": {"lr": 1e-2, "weight_decay": 1e-2},
-    "adamw": {"lr": 1e-2, "weight_decay": 1e-2},
-    "adabelief": {"lr": 1e-2, "weight_decay": 1e-2},
-    "laprop": {"lr": 1e-2, "weight_decay": 1e-2},
-    "mvngrad": {"lr": 1e-2, "weight_decay": 1e-2},
-    "sgd": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
-    "mssd": {"lr": 1e-2, "weight_decay": 1e-2},
-    "svag": {"lr": 2e-2, "weight_decay": 1e-2},
-    "msvag": {"lr": 2e-2, "weight_decay": 1e-2},
-    "adam_star": {"lr": 1e-2, "weight_decay": 1e-2},
-    "msvag_mb": {"lr": 2e-3, "weight_decay": 1e-2},
-    "adam_star_mb": {"lr": 1e-2, "weight_decay": 1e-2},
-    "deva_linf": {"lr": 1e-2, "weight_decay": 1e-2},
-    "deva_sinf": {"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4, "max_precond_dim": 8},
-    "muon": {"lr": 2e-2, "weight_decay": 0.1},
-}
+# The rows come from the registry: each spec's ``verification`` (``xpoptim.core.verification``) gives the
+# verifier's hyperparameters, its variants and its bounds, with documented defaults for a spec that has none (a
+# rule registered from outside xpoptim gets cells with no edit here). Learning rates are chosen so every parameter
+# travels a visible distance in 20 steps without the problem reaching its noise floor (where sign-based rules
+# oscillate); weight decay is non-zero so the decay path is checked.
 
-_VARIANTS: tuple[tuple[str, str, dict], ...] = (
-    ("sgd[nesterov]", "sgd", {**_BASE["sgd"], "nesterov": True}),
-    ("mvngrad[m_prev]", "mvngrad", {**_BASE["mvngrad"], "residual": "m_prev", "eps_s": 1e-12}),
-    ("msvag[kappa]", "msvag", {**_BASE["msvag"], "variance_unbiasing": False}),
-    ("adam_star[erf]", "adam_star", {**_BASE["adam_star"], "adaptation": "erf"}),
-    ("adam_star_mb[erf]", "adam_star_mb", {**_BASE["adam_star_mb"], "adaptation": "erf"}),
-    (
-        "deva_linf[nesterov,bc,g2]",
-        "deva_linf",
-        {**_BASE["deva_linf"], "nesterov": True, "bias_correction": True, "second_moment_of": "gradient"},
-    ),
-    (
-        "muon[rms,plain]",
-        "muon",
-        {**_BASE["muon"], "nesterov": False, "shape_scale": "match_rms_adamw", "ns_prenorm": "frobenius_add"},
-    ),
-)
 
-#: The matrix's rows: every optimizer at the verifier's settings, then the variants.
-CONFIGS: tuple[Config, ...] = (
-    *(Config(name, name, _BASE[name]) for name in SPECS),
-    *(Config(label, name, hp) for label, name, hp in _VARIANTS),
-)
+def all_configs() -> tuple[Config, ...]:
+    """The matrix's rows for the specs registered now: every optimizer at its verifier settings, then the variants."""
+    base = tuple(Config(name, name, dict(verification_of(spec).hp)) for name, spec in SPECS.items())
+    variants = tuple(
+        Config(f"{name}[{suffix}]", name, dict(hp)) for name, spec in SPECS.items() for suffix, hp in verification_of(spec).variants
+    )
+    return base + variants
+
+
+#: The rows at import time (:func:`all_configs` sees rules registered later).
+CONFIGS: tuple[Config, ...] = all_configs()
 
 
 def select_configs(names: Iterable[str] | None, variants: bool = True) -> list[Config]:
@@ -148,15 +117,16 @@ def select_configs(names: Iterable[str] | None, variants: bool = True) -> list[C
     Raises:
         ValueError: for a name that is neither an optimizer nor a configuration label.
     """
+    rows = all_configs()
     if names is None:
-        return [c for c in CONFIGS if variants or c.label == c.optimizer]
+        return [c for c in rows if variants or c.label == c.optimizer]
     out: list[Config] = []
-    known = {c.label for c in CONFIGS}
+    known = {c.label for c in rows}
     for name in names:
         if name in SPECS:
-            out.extend(c for c in CONFIGS if c.optimizer == name and (variants or c.label == name) and c not in out)
+            out.extend(c for c in rows if c.optimizer == name and (variants or c.label == name) and c not in out)
         elif name in known:
-            out.extend(c for c in CONFIGS if c.label == name and c not in out)
+            out.extend(c for c in rows if c.label == name and c not in out)
         else:
             raise ValueError(
                 f"optimizers={name!r} is unknown: expected one of {sorted(SPECS)} or a configuration label {sorted(known - set(SPECS))}"
@@ -169,93 +139,33 @@ def select_configs(names: Iterable[str] | None, variants: bool = True) -> list[C
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """A bound on a cell's error (see the module docstring) and why it is what it is."""
-
-    bound: float
-    reason: str
+#: A bound on a cell's error and its reason (``xpoptim.core.verification.Bound``).
+Tolerance = Bound
 
 
-_F64 = Tolerance(
-    1e-12,
-    "float64: every backend runs the same operations in IEEE double; differences are reassociation in BLAS and "
-    "reductions, in-graph step scalars under jit (~1e-16 per op), carried through the closed loop. Measured "
-    "<= 5e-14 (CPU backends and adapters, 20 steps).",
-)
-_F64_CANCEL = Tolerance(
-    1e-11,
-    "float64, variance estimate v - m^2 (SVAG, M-SVAG): where the gradient noise is small against its mean the "
-    "subtraction cancels, amplifying rounding by v / (v - m^2) (~1e3 on the MLP's biases). Measured 5.4e-13.",
-)
-_F64_EIG = Tolerance(
-    1e-11,
-    "float64 with eigh/QR (DeVA_Sinf's Kronecker eigenbases): LAPACK implementations differ per backend and "
-    "eigenvectors of close eigenvalues carry error ~ eps / eigen-gap (signs are canonicalised). Measured 4.9e-14.",
-)
+class _Tolerances(Mapping):
+    """``{(optimizer, dtype): Tolerance}`` read from the registered specs' ``verification`` (always current)."""
 
-#: Per (optimizer, dtype): the bound and its reason. Float32 bounds were measured on this machine's CPU
-#: backends (numpy, array-api-strict, torch, jax; ``python -m xpoptim.matrix --measure``) over the three
-#: problems and 20 steps, then set at least 3x above the measured maximum (other BLAS/GPU kernels round
-#: differently) and at least 3x below the error of a rule with a 0.1 % learning-rate error (~1e-3), hence
-#: ~100x below an off-by-one bias correction (5e-2 to 2e-1): ``tests/matrix`` proves both perturbations fail.
-TOLERANCES: dict[tuple[str, str], Tolerance] = {}
+    def __getitem__(self, key: tuple[str, str]) -> Tolerance:
+        name, dtype = key
+        if name not in SPECS or dtype not in DTYPES:
+            raise KeyError(key)
+        return verification_of(SPECS[name]).bound(dtype)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter([(n, d) for n in SPECS for d in DTYPES])
+
+    def __len__(self) -> int:
+        return len(SPECS) * len(DTYPES)
 
 
-def _set(names: Sequence[str], dtype: str, tol: Tolerance) -> None:
-    for n in names:
-        TOLERANCES[(n, dtype)] = tol
-
-
-_set(tuple(SPECS), "float64", _F64)
-_set(("svag", "msvag"), "float64", _F64_CANCEL)
-_set(("deva_sinf",), "float64", _F64_EIG)
-_set(
-    ("adam", "adamw", "adabelief", "laprop", "mvngrad", "sgd", "adam_star", "msvag_mb", "adam_star_mb"),
-    "float32",
-    Tolerance(
-        1e-4,
-        "float32, smooth elementwise rules: every step rounds the parameter (~6e-8 |p|, large against a 1e-2 "
-        "step) and the moments, and the gradients are computed in float32 on the float32 trajectory (closed "
-        "loop). Measured <= 1.1e-5.",
-    ),
-)
-_set(
-    ("svag", "msvag"),
-    "float32",
-    Tolerance(
-        3e-4,
-        "float32, variance estimate v - m^2: cancellation where the noise is small against the mean (the MLP "
-        "biases) amplifies float32 rounding ~1e3x. Measured <= 1.0e-4; 3x below a 0.1 % lr error.",
-    ),
-)
-_set(
-    ("mssd", "deva_linf"),
-    "float32",
-    Tolerance(
-        1e-4,
-        "float32, sign-based rules: sign() is exact away from 0 but a flip where the momentum crosses 0 moves an "
-        "element by 2 lr; the problems keep momenta away from 0 over 20 steps. Measured <= 1.0e-5.",
-    ),
-)
-_set(
-    ("muon",),
-    "float32",
-    Tolerance(
-        3e-4,
-        "float32 Newton-Schulz: 5 quintic iterations amplify the rounding of small singular values (phi'(0) = "
-        "3.4 per iteration); matmul precision pinned (no TF32). Measured <= 6.2e-5.",
-    ),
-)
-_set(
-    ("deva_sinf",),
-    "float32",
-    Tolerance(
-        3e-4,
-        "float32 DeVA_Sinf: eigh/QR of the Kronecker factors (eigenvector error ~ 6e-8 / eigen-gap), an "
-        "eigenvalue sort on refresh steps, then Newton-Schulz. Measured <= 3.6e-5.",
-    ),
-)
+#: Per (optimizer, dtype): the bound and its reason, from each spec's ``verification`` (defaults:
+#: ``core.verification.DEFAULT_FLOAT64`` / ``DEFAULT_FLOAT32``). Bounds sit at least 3x above the largest error
+#: measured over every problem (closed-loop and replayed), backend and adapter (``python -m xpoptim.matrix
+#: --measure``; other BLAS/GPU kernels round differently) and at least 3x below the error of a rule with a 0.1 %
+#: learning-rate error (~1e-3), hence ~100x below an off-by-one bias correction (5e-2 to 2e-1): ``tests/matrix``
+#: proves both perturbations fail.
+TOLERANCES: Mapping[tuple[str, str], Tolerance] = _Tolerances()
 
 
 #: The number of steps the bounds were measured at.
@@ -487,7 +397,18 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        """Every cell passes, and there is at least one (a run that checked nothing does not pass)."""
+        return bool(self.cells) and not self.failed
+
+    @property
+    def compared(self) -> dict:
+        """What the cells actually compared: ``{"backends": [...], "paths": {path: [backends]}}``."""
+        paths: dict[str, list[str]] = {}
+        for c in self.cells:
+            if c["status"] in ("pass", "FAIL", "ERROR") and c["backend"] not in paths.setdefault(c["path"], []):
+                paths[c["path"]].append(c["backend"])
+        backends = sorted({b for bs in paths.values() for b in bs}, key=lambda b: _backends.BACKEND_NAMES.index(b) if b in _backends.BACKEND_NAMES else 99)
+        return {"backends": backends, "paths": paths}
 
     def to_json(self) -> dict:
         used = sorted({(c["optimizer"], c["dtype"]) for c in self.cells})
@@ -500,6 +421,7 @@ class Report:
                 {"optimizer": o, "dtype": d, "bound": tolerance(o, d, steps).bound, "reason": tolerance(o, d, steps).reason}
                 for o, d in used
             ],
+            "compared": self.compared,
             "summary": {
                 "cells": len(self.cells),
                 "passed": sum(c["status"] == "pass" for c in self.cells),
@@ -593,21 +515,18 @@ def run(
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         raise ValueError(f"dtypes={list(dtypes)!r} is invalid: expected a non-empty subset of {list(DTYPES)}")
-    names = list(problems) if problems is not None else list(PROBLEMS)
-    probs = [get_problem(n) for n in names]
+    probs, skipped = _build_problems(problems)
     if configs is None:
         configs = select_configs(list(optimizers) if optimizers is not None else None, variants=variants)
     else:
         configs = list(configs)
         for c in configs:
             get_spec(c.optimizer).validate(**dict(c.hp))
-    if isinstance(backends, str):
-        backend_names = _backends.resolve_names(backends)
-    elif backends is None:
-        backend_names = None
-    else:
-        backend_names = _backends.resolve_names(",".join(backends))
-    found, unavailable = _backends.discover(backend_names)
+    if backends is None:
+        found, unavailable = _backends.discover(None)
+    else:  # named explicitly: each name must be usable here
+        found, unavailable = _backends.discover_required(backends if isinstance(backends, str) else ",".join(backends))
+    unavailable.update(skipped)
     numpy_backend = _backends.discover(["numpy"])[0][0]
     t0 = time.perf_counter()
     cells: list[dict] = []
@@ -619,20 +538,55 @@ def run(
         try:
             for config in configs:
                 ref_spec = get_spec(config.optimizer)
-                refs = {
-                    (p.name, d): run_core(ref_spec, p.rounded(d), numpy_backend, "float64", config.hp, steps) for p in probs for d in dtypes
-                }
+                wanted = verification_of(ref_spec).problems
+                cprobs = [p for p in probs if wanted is None or p.name in wanted]
+                refs = {(p.name, d): _reference(ref_spec, p, d, numpy_backend, config.hp, steps) for p in cprobs for d in dtypes}
                 for cand in cands:
                     for dtype in dtypes:
                         if dtype not in cand.dtypes:
                             continue
                         bar.set_postfix_str(f"{config.label} {cand.path}/{cand.backend} {dtype}")
-                        cells.append(_cell(config, cand, dtype, probs, refs, steps))
+                        cells.append(_cell(config, cand, dtype, cprobs, refs, steps))
                         bar.update(1)
         finally:
             bar.close()
     meta = _meta(steps, probs, [b.name for b in found], dtypes, time.perf_counter() - t0)
     return Report(cells, meta, unavailable)
+
+
+def _build_problems(names: Sequence[str] | None) -> tuple[list[Problem], dict[str, str]]:
+    """The problems to run, and those of the default set that cannot be built here (with the reason).
+
+    A problem named explicitly that cannot be built (``digits`` without scikit-learn) is an error.
+    """
+    if names is not None:
+        names = list(names)
+        if not names:
+            raise ValueError(f"problems=[] is invalid: expected a non-empty subset of {list(PROBLEMS)}")
+        out = []
+        for n in names:
+            try:
+                out.append(get_problem(n))
+            except ImportError as exc:
+                raise ValueError(f"problems={names!r}: {n!r} cannot be built here: {exc}") from None
+        return out, {}
+    out, skipped = [], {}
+    for n in DEFAULT_PROBLEMS:
+        try:
+            out.append(get_problem(n))
+        except ImportError as exc:
+            skipped[f"problem {n}"] = str(exc)
+    return out, skipped
+
+
+def _reference(spec: Any, problem: Problem, dtype: str, numpy_backend: Backend, hp: Mapping[str, Any], steps: int) -> Trajectory:
+    """The float64 NumPy run of ``spec`` on ``problem`` rounded to ``dtype``: the rule a ``dtype`` candidate computes.
+
+    Rules whose definition depends on the working precision (DeVA_Sinf's eigenvalue clusters, ``tau =
+    sqrt(n eps)``) are computed with ``dtype``'s ``eps`` (``core.deva.cluster_precision``), in float64 arithmetic.
+    """
+    with cluster_precision(float(np.finfo(dtype).eps)):
+        return run_core(spec, problem.rounded(dtype), numpy_backend, "float64", hp, steps)
 
 
 def _cell(config: Config, cand: Candidate, dtype: str, probs: list[Problem], refs: dict, steps: int) -> dict:
@@ -724,6 +678,80 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
+#: What each ``path`` of the report means (the ways an optimizer is run).
+PATH_LABELS: dict[str, str] = {
+    "core": "the core rule (xpoptim.core.functional) run directly on the backend's arrays",
+    "torch.optim": "xpoptim.adapters.torch, eager (torch.optim.Optimizer, gradients in p.grad)",
+    "torch.optim[compile]": "xpoptim.adapters.torch with compile=True (the rule under torch.compile)",
+    "optax": "xpoptim.adapters.optax under jax.jit (matrices handed over in the flax (in, out) layout)",
+    "array": "xpoptim.adapters.array, stateful, in place (NumPy: the compiled C loop when a C compiler is found; CuPy: cupy.fuse)",
+    "array[op-by-op]": "xpoptim.adapters.array with fuse=False (one array operation at a time)",
+    "array.functional": "xpoptim.adapters.array.functional, the pure init/update layer (on JAX)",
+}
+
+#: What the bracketed suffix of a row label means: a non-default configuration of the rule.
+VARIANT_NOTE = (
+    "A row `name[variant]` runs the rule with non-default switches, from the spec's verification settings: "
+    "`sgd[nesterov]` Nesterov momentum; `mvngrad[m_prev]` the residual against the previous momentum; "
+    "`msvag[kappa]` the paper's literal kappa weighting; `*[erf]` the erf adaptation factor; "
+    "`deva_linf[nesterov,bc,g2]` Nesterov sign, bias correction, v = EMA(g^2); `muon[rms,plain]` RMS-matching scale, "
+    "plain momentum, Frobenius pre-normalisation."
+)
+
+
+def _variant_lines(report: Report) -> list[str]:
+    out = []
+    for label in sorted({c["config"] for c in report.cells if c["config"] != c["optimizer"]}):
+        opt = next(c["optimizer"] for c in report.cells if c["config"] == label)
+        base = dict(verification_of(get_spec(opt)).hp)
+        hp = next((h for suffix, h in verification_of(get_spec(opt)).variants if f"{opt}[{suffix}]" == label), None)
+        if hp is not None:
+            diff = {k: v for k, v in hp.items() if base.get(k, object()) != v}
+            out.append(f"{label}: {', '.join(f'{k}={v!r}' for k, v in diff.items())}")
+    return out
+
+
+def format_summary(report: Report) -> str:
+    """One line per optimizer: cells passed, the worst error against its bound per dtype."""
+    rows = {}
+    for c in report.cells:
+        r = rows.setdefault(c["optimizer"], {"cells": 0, "passed": 0, "worst": {}})
+        r["cells"] += 1
+        r["passed"] += c["status"] == "pass"
+        e = c["error"]
+        if e is not None:
+            e = math.inf if e == "inf" else e
+            r["worst"][c["dtype"]] = max(r["worst"].get(c["dtype"], 0.0), e)
+    steps = report.meta.get("steps", REFERENCE_STEPS)
+    lines = ["per optimizer (cells passed; worst error / bound per dtype):"]
+    for name, r in rows.items():
+        parts = [f"{d} {_fmt_err(r['worst'][d])} / {tolerance(name, d, steps).bound:.0e}" for d in DTYPES if d in r["worst"]]
+        status = "ok" if r["passed"] == r["cells"] else "FAIL"
+        lines.append(f"  {name:14s} {r['passed']:3d}/{r['cells']:<3d} {status:4s}  " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def format_compared(report: Report) -> str:
+    """Which backends and adapter paths the cells compared (and what the paths and variant labels mean)."""
+    cmp = report.compared
+    lines = [f"compared backends: {', '.join(cmp['backends']) or 'none'}"]
+    for path, backends in cmp["paths"].items():
+        lines.append(f"  {path:18s} on {', '.join(backends)}: {PATH_LABELS.get(path, '')}")
+    variants = _variant_lines(report)
+    if variants:
+        lines.append("variants (non-default settings): " + "; ".join(variants))
+    return "\n".join(lines)
+
+
+def _compile_cache() -> str:
+    """Where the NumPy adapter caches its compiled C loop (empty when the adapter cannot be imported)."""
+    try:
+        from .adapters import _cfuse
+    except Exception:  # noqa: BLE001 (the adapter's own import problems are reported by the cells)
+        return ""
+    return _cfuse._cache_dir()
+
+
 def format_markdown(report: Report) -> str:
     """The Markdown report: environment, the matrix, failures, the tolerance policy, what was not run."""
     m = report.meta
@@ -748,6 +776,14 @@ def format_markdown(report: Report) -> str:
             f"| {c['config']} | {c['path']} | {c['backend']} | {c['dtype']} | {_fmt_err(c['error'])} | "
             f"{c['tolerance']:.0e} | {status} | {c['where']} |"
         )
+    cmp = report.compared
+    out += ["", "## What was compared", "", f"Backends: {', '.join(cmp['backends']) or 'none'}.", "", "| path | backends | what it runs |", "| --- | --- | --- |"]
+    out += [f"| {p} | {', '.join(b)} | {PATH_LABELS.get(p, '')} |" for p, b in cmp["paths"].items()]
+    out += ["", VARIANT_NOTE]
+    variants = _variant_lines(report)
+    if variants:
+        out += [""] + [f"- `{v.split(':')[0]}`:{v.split(':', 1)[1]}" for v in variants]
+    out += ["", "## Per optimizer", "", "```", format_summary(report), "```"]
     if report.unavailable:
         out += ["", "## Not available here", ""]
         out += [f"- `{k}`: {v}" for k, v in sorted(report.unavailable.items())]
@@ -776,15 +812,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", help="comma-separated optimizer names or configuration labels (default: all)")
     p.add_argument("--backends", help="comma-separated backends or aliases (numpy, strict, torch, jax, cupy, gpu; default: $XPOPTIM_BACKENDS or all installed)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of float64,float32")
-    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)}")
+    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)} (default: all; 'digits' needs scikit-learn)")
     p.add_argument("--steps", type=int, default=20, help="steps per trajectory (default 20)")
     p.add_argument("--out", help="write matrix.md and matrix.json into this folder")
     p.add_argument("--no-adapters", action="store_true", help="check the core rules only")
     p.add_argument("--no-variants", action="store_true", help="only the default configuration of each optimizer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--torch-compile", action="store_true", help="also check the torch adapter with compile=True (slow)")
-    p.add_argument("--demo", dest="demo", action="store_true", default=True, help="run the torch-vs-JAX demo afterwards (default)")
-    p.add_argument("--no-demo", dest="demo", action="store_false", help="skip the demo")
+    p.add_argument("--demo", dest="demo", action="store_true", default=False, help="also run the torch-vs-JAX training demo afterwards (writes demo_loss.png into --out when matplotlib is installed)")
+    p.add_argument("--no-demo", dest="demo", action="store_false", help="do not run the demo (the default; kept so older command lines work)")
+    p.add_argument("--version", action="version", version=f"xpoptim {__version__}")
     p.add_argument("--measure", action="store_true", help="also print the largest error per (optimizer, dtype) next to its bound")
     p.add_argument(
         "--perturb",
@@ -845,14 +882,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xpoptim.matrix: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))
+    print()
+    print(format_summary(report))
+    print()
+    print(format_compared(report))
     for name, why in sorted(report.unavailable.items()):
         print(f"not available: {name}: {why}")
+    cache = _compile_cache()
+    if cache:
+        print(f"NumPy adapter compile cache: {cache}")
     if args.measure:
         print(measured(report))
     if args.out:
         md, js = write_report(report, args.out)
         print(f"wrote {md} and {js}")
     s = report.to_json()["summary"]
+    if not report.cells:
+        print("no cell was checked (no usable backend, adapter or problem in this selection): nothing is verified", file=sys.stderr)
     print(f"{s['passed']}/{s['cells']} cells pass in {report.meta['seconds']} s" + ("" if report.ok else f"; {s['failed']} FAIL"))
     for c in report.failed:
         print(f"FAIL {c['config']} {c['path']}/{c['backend']} {c['dtype']}: error {_fmt_err(c['error'])} > {c['tolerance']:.0e} {c['where']} {c.get('message', '')}")

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backends import discover, pinned_numerics, resolve_names, to_numpy
+from ._backends import discover, discover_required, pinned_numerics, to_numpy
 
 __all__ = ["assert_trajectories_close", "assert_backends_agree", "DEFAULT_RTOL", "DEFAULT_ATOL"]
 
@@ -175,12 +175,11 @@ def assert_backends_agree(
     Raises:
         AssertionError: listing every (path, backend, dtype) that disagrees, with the step, the
             parameter and the distance.
-        ValueError: an unknown optimizer, backend or dtype.
+        ValueError: an unknown optimizer, backend or dtype, or a backend named in ``backends`` that is not
+            installed or cannot reach its device here (a named backend is never skipped silently).
     """
-    if backends is None:
-        names = None  # $XPOPTIM_BACKENDS or every installed backend
-    else:
-        names = resolve_names(backends if isinstance(backends, str) else ",".join(backends))
+    # None: $XPOPTIM_BACKENDS or every installed backend; named backends must all be usable (ValueError otherwise).
+    names = None if backends is None else (backends if isinstance(backends, str) else ",".join(backends))
     if isinstance(fn_or_optimizer_name, str):
         _optimizer_agree(fn_or_optimizer_name, names, dtypes, steps, rtol, hyperparams, problems, adapters)
         return
@@ -192,7 +191,7 @@ def assert_backends_agree(
     bad_dtypes = [d for d in dtypes if d not in DEFAULT_RTOL]
     if bad_dtypes:
         raise ValueError(f"dtypes={list(dtypes)!r} is invalid: expected a subset of {list(DEFAULT_RTOL)}")
-    found, _ = discover(names)
+    found, _ = discover(None) if names is None else discover_required(names)
     numpy_backend = discover(["numpy"])[0][0]
     failures = []
     with pinned_numerics():
@@ -208,6 +207,8 @@ def assert_backends_agree(
                     failures.append(str(exc))
                 except Exception as exc:
                     failures.append(f"{b.name} {d}: raised {type(exc).__name__}: {exc}")
+    if not found or not dtypes:
+        raise AssertionError("nothing was compared: no usable backend or dtype in this selection")
     if failures:
         raise AssertionError(f"backends disagree with NumPy float64 ({len(failures)} case(s)):\n" + "\n".join(failures))
 
@@ -222,7 +223,7 @@ def _pick(value: Any, dtype: str, default: Mapping[str, float]) -> float:
 
 def _optimizer_agree(
     name: str,
-    backends: list[str] | None,
+    backends: str | None,
     dtypes: Sequence[str],
     steps: int,
     rtol: Any,
@@ -241,6 +242,8 @@ def _optimizer_agree(
     report = matrix.run(
         configs=configs, backends=backends, dtypes=tuple(dtypes), steps=steps, problems=problems, adapters=adapters
     )
+    if not report.cells:
+        raise AssertionError(f"{spec.title}: nothing was compared (no usable backend, adapter or problem in this selection)")
     failures = []
     for c in report.cells:
         bound = c["tolerance"] if rtol is None else _pick(rtol, c["dtype"], {c["dtype"]: c["tolerance"]})

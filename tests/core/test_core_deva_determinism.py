@@ -4,7 +4,7 @@ For a non-square gradient one Kronecker factor (``G G^T`` or ``G^T G``) is rank-
 returns inside its null space is arbitrary (torch's ``eigh`` differs from NumPy's by O(1) there; measured before
 the fix: float64 trajectories of 12x5 / 5x12 / 64x32 problems differed by 1.5e-3..4.5e-3 between torch and
 NumPy). The trajectory depends on that basis (``V`` is elementwise in the rotated basis), so the core replaces
-the null columns with a canonical basis of the null space (``core/deva.py``, ``_canonical_null_basis``), at the
+the null columns with a canonical basis of the null space (``core/deva.py``, ``_canonical_cluster_basis``), at the
 seed and after each refresh's QR. The reference (``tests/references/optimizers.py``) implements the same
 convention independently (compression of ``D`` onto the null columns, explicit loop).
 """
@@ -121,15 +121,16 @@ def test_rotated_null_basis_gives_the_same_canonical_basis(shape, backend):
     n, r = shape[-2], shape[-1]
     w, q = xp.linalg.eigh(lf + D.EIGH_RIDGE * xp.eye(n, dtype=lf.dtype))
     w, q = xp.flip(w, axis=-1), D._canonical_signs(xp, xp.flip(q, axis=-1))
-    null = D._null_mask(xp, w, D.EIGH_RIDGE)
-    assert np.array_equal(to_numpy(null), np.broadcast_to(np.arange(n) >= r, to_numpy(null).shape))
+    cid = D._clusters(xp, w, D._tau(xp, q))
+    null = to_numpy(cid) == np.max(to_numpy(cid), axis=-1, keepdims=True)  # the last cluster: the null space
+    assert np.array_equal(null, np.broadcast_to(np.arange(n) >= r, null.shape))
     q_np = to_numpy(q)
     rng = np.random.default_rng(1)
     rot = q_np.copy()
     for idx in np.ndindex(*q_np.shape[:-2]):
         rot[idx][:, r:] = q_np[idx][:, r:] @ _orthogonal(rng, n - r)
-    base = to_numpy(D._canonical_null_basis(xp, q, null))
-    other = to_numpy(D._canonical_null_basis(xp, backend.asarray(rot, "float64"), null))
+    base = to_numpy(D._canonical_cluster_basis(xp, q, cid))
+    other = to_numpy(D._canonical_cluster_basis(xp, backend.asarray(rot, "float64"), cid))
     assert np.max(np.abs(base - other)) <= 1e-12
     # and it is the eigenbasis the seed uses
     assert np.max(np.abs(to_numpy(D._eigenbasis(xp, lf)) - base)) <= 1e-12
@@ -176,7 +177,8 @@ def test_full_rank_seed_is_plain_eigh(backend):
     xp = backend.xp
     lf = _factor(backend, (2, 6, 9))  # 6x6 of rank 6
     w, q = xp.linalg.eigh(lf + D.EIGH_RIDGE * xp.eye(6, dtype=lf.dtype))
-    assert not np.any(to_numpy(D._null_mask(xp, xp.flip(w, axis=-1), D.EIGH_RIDGE)))
+    cid = to_numpy(D._clusters(xp, xp.flip(w, axis=-1), D._tau(xp, lf)))
+    assert np.array_equal(cid, np.broadcast_to(np.arange(6.0), cid.shape))  # six singleton clusters
     plain = D._canonical_signs(xp, xp.flip(q, axis=-1))
     assert np.array_equal(to_numpy(D._eigenbasis(xp, lf)), to_numpy(plain))
     # and it is NumPy's plain eigh up to column signs, to round-off

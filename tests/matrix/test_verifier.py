@@ -18,11 +18,12 @@ CELL_KEYS = {"optimizer", "config", "path", "backend", "dtype", "tolerance", "st
 def test_small_run_writes_wellformed_reports(tmp_path):
     pytest.importorskip("array_api_strict", reason="needs array-api-strict (the second backend of this run)")
     rc = M.main(
-        ["--optimizers", "adam,muon", "--backends", "numpy,strict", "--steps", "4", "--out", str(tmp_path), "--no-demo", "--no-progress", "--no-variants"]
+        ["--optimizers", "adam,muon", "--backends", "numpy,strict", "--steps", "4", "--out", str(tmp_path), "--no-progress", "--no-variants",
+         "--problems", "quadratic,mlp,matrix"]
     )
     assert rc == 0
     data = json.loads((tmp_path / "matrix.json").read_text())
-    assert set(data) == {"meta", "cells", "unavailable", "tolerances", "summary"}
+    assert set(data) == {"meta", "cells", "unavailable", "tolerances", "compared", "summary"}
     cells = data["cells"]
     # core on numpy, core on strict, the array adapter on both; two dtypes; two optimizers
     assert {(c["config"], c["path"], c["backend"], c["dtype"]) for c in cells} >= {

@@ -363,17 +363,21 @@ class _DevaSinfMatrix:
     to these column signs in exact arithmetic (a flipped basis vector flips the matching row of the rotated
     momentum and of msign's output; row/column norms, V and Gamma do not change).
 
-    Null-space convention (xpoptim's, documented in ``core/deva.py``; the release leaves it to LAPACK): it is
-    *not* invariant to the basis inside a factor's null space (V is elementwise in the rotated basis). After the
-    seed's ``eigh`` and after each refresh's QR, the columns whose eigenvalue (seed, minus the 1e-30 ridge) or
-    Rayleigh quotient ``q^T F q`` (refresh) is ``<= 4 n eps max|.|`` are "null"; they are replaced, in column
-    order, by the eigenvectors of ``N^T D N`` (ascending), ``D = diag(sqrt(1 + j/n))``, mapped back by ``N``,
-    where ``N`` holds the null columns themselves (an orthonormal basis of the complement of the others).
+    Cluster convention (xpoptim's, documented in ``core/deva.py`` and ``docs/verification.md``; the release leaves
+    it to LAPACK): the trajectory is *not* invariant to the basis inside a near-degenerate eigenspace (V is
+    elementwise in the rotated basis). After the seed's ``eigh`` and after each refresh's QR, the values
+    (eigenvalues, or Rayleigh quotients ``q^T F q`` after the QR) are sorted descending and split into clusters
+    wherever two consecutive ones differ by more than ``tau max|.|``, ``tau = sqrt(n eps)``; every cluster of two or
+    more columns ``N`` is replaced, in column order, by the eigenvectors of ``N^T D N`` (ascending),
+    ``D = diag(sqrt(1 + j/n))``, mapped back by ``N``. At a refresh the columns are ordered by cluster (descending),
+    keeping their previous order inside a cluster, before the power step. ``tau_eps`` sets the ``eps`` of ``tau``
+    (default float64's; a float32 run's reference uses float32's).
     """
 
-    def __init__(self, shape, hp, sign_mode="raw", rng=None):
+    def __init__(self, shape, hp, sign_mode="raw", rng=None, tau_eps=None):
         n, m = shape
         self.hp, self.sign_mode, self.rng = hp, sign_mode, rng
+        self.tau_eps = float(np.finfo(F64).eps) if tau_eps is None else float(tau_eps)
         self.bs = hp["beta2"] if hp["shampoo_beta"] < 0 else hp["shampoo_beta"]
         self.has_l, self.has_r = n <= hp["max_precond_dim"], m <= hp["max_precond_dim"]
         self.QL, self.QR = np.eye(n), np.eye(m)
@@ -393,14 +397,32 @@ class _DevaSinfMatrix:
     def _eig_desc(self, A):
         w, Q = np.linalg.eigh(A + 1e-30 * np.eye(A.shape[0]))
         w, Q = w[::-1], Q[:, ::-1]
-        n = A.shape[0]
-        null = [j for j in range(n) if w[j] - 1e-30 <= 4 * n * np.finfo(F64).eps * np.max(np.abs(w))]
-        return self._signs(self._fill_null(Q, null))
+        Q = self._signs(Q)
+        for cluster in self._groups(w):
+            Q = self._fill_null(Q, cluster)
+        return Q
+
+    def _tau(self, n):
+        return math.sqrt(n * self.tau_eps)
+
+    def _groups(self, values):
+        """Clusters (lists of column indices, descending by value) of values closer than tau max|values|."""
+        values = [float(v) for v in values]
+        order = sorted(range(len(values)), key=lambda j: (-values[j], j))
+        tol = self._tau(len(values)) * max(abs(v) for v in values)
+        groups = [[order[0]]]
+        for prev, j in zip(order, order[1:]):
+            if values[prev] - values[j] > tol:
+                groups.append([j])
+            else:
+                groups[-1].append(j)
+        return groups
 
     def _fill_null(self, Q, null):
         """Canonical basis of span(Q[:, null]): eigenvectors of the compression of D = diag(sqrt(1 + j/n))."""
-        if not null:
+        if len(null) < 2:
             return Q
+        null = sorted(null)
         n = Q.shape[0]
         N = Q[:, null]
         D = np.diag([math.sqrt(1 + j / n) for j in range(n)])
@@ -456,15 +478,15 @@ class _DevaSinfMatrix:
                     continue
                 F, Q = (self.L, self.QL) if side == "L" else (self.R, self.QR)
                 est = np.diag(Q.T @ F @ Q)
-                order = np.argsort(-est, kind="stable")
+                order = [j for cluster in self._groups(est) for j in sorted(cluster)]
                 Q = Q[:, order]
                 self.V = self.V[order, :] if side == "L" else self.V[:, order]
                 Q, Rfac = np.linalg.qr(F @ Q)
                 Q = self._signs(Q, Rfac)
                 n = Q.shape[0]
                 rq = [float(Q[:, j] @ F @ Q[:, j]) for j in range(n)]
-                tol = 4 * n * np.finfo(F64).eps * max(abs(x) for x in rq)
-                Q = self._fill_null(Q, [j for j in range(n) if rq[j] <= tol])
+                for cluster in self._groups(rq):
+                    Q = self._fill_null(Q, cluster)
                 if side == "L":
                     self.QL = Q
                 else:

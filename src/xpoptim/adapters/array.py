@@ -107,6 +107,34 @@ def _make_class(spec: Any, backend: str | None = None, module: str = __name__) -
     return type(spec.title, (Optimizer,), {"__init__": __init__, "__doc__": doc, "optimizer_name": spec.name, "backend": backend, "__module__": module})
 
 
+_REGISTERED_CLASSES: dict = {}
+
+
+def _class_for(spec: Any, backend: str | None, module: str, namespace: dict) -> type:
+    """The class of ``spec`` in an adapter module: the module's own (built-in rules), else one made once for a rule
+    added with ``xpoptim.core.register`` (replaced when the registration is)."""
+    cls = namespace.get(spec.title)
+    if isinstance(cls, type) and getattr(cls, "optimizer_name", None) == spec.name:
+        return cls
+    key = (module, spec.name)
+    made = _REGISTERED_CLASSES.get(key)
+    if made is None or made[0] is not spec:
+        made = _REGISTERED_CLASSES[key] = (spec, _make_class(spec, backend=backend, module=module))
+    return made[1]
+
+
+def _module_getattr(name: str, backend: str | None, module: str, namespace: dict) -> type:
+    """``module.<Title>`` for a rule added with ``xpoptim.core.register`` (PEP 562 module ``__getattr__``)."""
+    for spec in SPECS.values():
+        if spec.title == name:
+            return _class_for(spec, backend, module, namespace)
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+
+def __getattr__(name: str) -> type:
+    return _module_getattr(name, None, __name__, globals())
+
+
 for _spec in SPECS.values():
     globals()[_spec.title] = _make_class(_spec)
 del _spec

@@ -12,7 +12,7 @@ from typing import Any
 
 from xpoptim.core import SPECS
 
-from .array import DEFAULT_CHUNK_SIZE, FunctionalOptimizer, Optimizer, _make_class, functional
+from .array import DEFAULT_CHUNK_SIZE, FunctionalOptimizer, Optimizer, _class_for, _make_class, _module_getattr, functional
 
 __all__ = ["create", "functional", "FunctionalOptimizer", "Optimizer", "DEFAULT_CHUNK_SIZE", *(s.title for s in SPECS.values())]
 
@@ -24,7 +24,13 @@ del _spec
 
 
 def create(name: str, params: Any, **hyperparams: Any) -> Optimizer:
-    """``create("adamw", [w, b], lr=1e-3)`` over NumPy arrays (registry name or title)."""
+    """``create("adamw", [w, b], lr=1e-3)`` over NumPy arrays (registry name or title; rules added with
+    ``xpoptim.core.register`` included)."""
     from xpoptim.core import get_spec  # noqa: PLC0415
 
-    return globals()[get_spec(name).title](params, **hyperparams)
+    return _class_for(get_spec(name), BACKEND, __name__, globals())(params, **hyperparams)
+
+
+def __getattr__(name: str) -> type:
+    """``xpoptim.adapters.numpy.<Title>`` for a rule added with ``xpoptim.core.register``."""
+    return _module_getattr(name, BACKEND, __name__, globals())

@@ -65,9 +65,7 @@ import numpy as np
 import optax
 
 from xpoptim.core import SPECS, get_spec, make_direction_kernel
-from xpoptim.core import deva as _deva
 from xpoptim.core import moments as _moments
-from xpoptim.core import muon as _muon
 from xpoptim.core.functional import matrix_scale
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
@@ -193,7 +191,7 @@ def _scale_by_elementwise(
     their chain, so a bf16 leaf's update is rounded once, not after every stage)."""
     static = spec.static(hp)
     kernel = make_direction_kernel(spec, jnp, static)
-    state_cls = _STATE_CLASSES[spec.name]
+    state_cls = _state_class(spec)
     names = spec.state
 
     def init_fn(params: Any) -> Any:
@@ -215,7 +213,7 @@ def _scale_by_elementwise(
             extras.append(extra_args[name])
         count = optax.safe_increment(state.count)
         t = count.astype(_float_dtype())
-        raw = spec.scalars(_hp_for_scalars(hp), t, jnp)
+        raw = spec.rule_scalars(_hp_for_scalars(hp), t, jnp)
         cache: dict = {}
 
         def scalars_for(dtype: Any) -> tuple:
@@ -398,7 +396,7 @@ def _map_matrix_leaves(title: str, dimension_numbers: Any, tree: Any, fn: Callab
 
 
 # ----------------------------------------------------------------------------------------------
-# Muon
+# Matrix rules: one transformation for every MatrixSpec
 # ----------------------------------------------------------------------------------------------
 
 
@@ -407,6 +405,227 @@ class ScaleByMuonState(NamedTuple):
 
     count: jax.Array
     momentum_buffer: Any
+
+
+class ScaleByDeVASinfState(NamedTuple):
+    """State of :func:`scale_by_deva_sinf`.
+
+    ``count``: int32 calls so far (the first call seeds the preconditioner); ``preconditioner``: per
+    matrix leaf the core's state dict (``L``, ``R``, ``QL``, ``QR`` (None on a side larger than
+    ``max_precond_dim``), ``exp_avg``, ``exp_avg_sq``, ``gamma``) in the ``(batch, fan_in, fan_out)``
+    layout.
+    """
+
+    count: jax.Array
+    preconditioner: Any
+
+
+def _matrix_state_class(spec: MatrixSpec) -> type:
+    """The state class of ``scale_by_<name>``: ``count`` plus one pytree like the params per state array when the
+    state is elementwise (``spec.sharding == "elementwise"``: it shards like the params), else ``count`` and
+    ``preconditioner`` (one state dict per matrix leaf, in the ``(batch, fan_in, fan_out)`` layout)."""
+    known = {"muon": ScaleByMuonState, "deva_sinf": ScaleByDeVASinfState}
+    if spec.name in known and known[spec.name]._fields[1:] == _matrix_state_fields(spec):
+        return known[spec.name]
+    cls = _STATE_CLASSES.get(spec.name)
+    if cls is None or cls._fields[1:] != _matrix_state_fields(spec):
+        fields = [("count", jax.Array)] + [(n, Any) for n in _matrix_state_fields(spec)]
+        cls = NamedTuple(f"ScaleBy{spec.title}State", fields)  # type: ignore[misc]
+        cls.__module__ = __name__
+        cls.__doc__ = f"State of :func:`scale_by_{spec.name}`: ``count`` (int32) and {', '.join(_matrix_state_fields(spec))}."
+        _STATE_CLASSES[spec.name] = cls
+    return cls
+
+
+def _matrix_state_fields(spec: MatrixSpec) -> tuple:
+    return tuple(spec.state) if spec.sharding == "elementwise" else ("preconditioner",)
+
+
+def _hp_in(hpn: Mapping[str, Any], dtype: Any) -> dict:
+    """Array hyperparameters (traced, ``inject_hyperparams``) cast to the state dtype; Python values as they are."""
+    return {k: _cast_scalar(v, dtype) for k, v in hpn.items()}
+
+
+def _scale_by_matrix(
+    spec: MatrixSpec, hp: Mapping[str, Any], dimension_numbers: Any, state_dtype: Any, leaf_dtype_out: bool = True
+) -> optax.GradientTransformationExtraArgs:
+    """The direction layer of a matrix spec on matrix leaves (no learning rate, no decay).
+
+    Each leaf is seen as ``(batch, fan_in, fan_out)`` matrices (:class:`DimensionNumbers`); the spec's
+    ``direction`` runs on them in the state dtype, and the update is ``scale * d`` (``d`` when the spec's direction
+    includes the shape scale), zero in a still phase. With several phases (DeVA_Sinf's seed / step / refresh) the
+    phase is chosen on the traced counter with ``jax.lax.switch`` (control flow only; the math is the core's), so
+    the jitted update never recompiles.
+
+    Args:
+        spec: the matrix spec.
+        hp: its validated hyperparameters (``lr`` and ``weight_decay`` are not used here).
+        dimension_numbers: see :func:`scale_by_muon`.
+        state_dtype: dtype of the state (default: the leaf's, float32 for bf16/fp16).
+        leaf_dtype_out: return updates in the leaf dtype (False: in the state dtype, for the aliases).
+
+    Returns:
+        A ``GradientTransformationExtraArgs`` with state :func:`_matrix_state_class` ``(spec)``.
+    """
+    state_cls = _matrix_state_class(spec)
+    elementwise_state = spec.sharding == "elementwise"
+    names = tuple(spec.state)
+    title = spec.title
+
+    def init_fn(params: Any) -> Any:
+        def init_leaf(x: Any, lay: Any) -> tuple:
+            sd = _default_state_dtype(x.dtype, state_dtype)
+            if elementwise_state:  # elementwise state: built like the leaf, so it is placed (sharded) like it
+                st = spec.init(jnp, jnp.zeros_like(x, dtype=sd), hp)
+                return tuple(st[n] for n in names)
+            like = jnp.zeros(_to_matrix(x, lay).shape, dtype=sd)
+            # Built under jit so that every buffer has the same placement (the core passes device= to its creation
+            # calls, which would commit some buffers and not others, and a jitted update would then compile twice).
+            return (jax.jit(lambda a: spec.init(jnp, a, hp))(like),)
+
+        leaves, treedef, dims = _resolve_dims(dimension_numbers, params)
+        k = len(state_cls._fields) - 1
+        columns: list[list] = [[] for _ in range(k)]
+        for x, d in zip(leaves, dims):
+            res = (x,) * k if _is_masked(x) else init_leaf(x, _require_matrix(title, x, d))
+            for col, r in zip(columns, res):
+                col.append(r)
+        return state_cls(_zero_count(params), *(treedef.unflatten(col) for col in columns))
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple:
+        del params, extra_args
+        hpn = _hp_for_scalars(hp)
+        count = optax.safe_increment(state.count)
+        t = count.astype(_float_dtype())
+        index = spec.phase(hp, count, jnp) if len(spec.phases) > 1 else 0
+
+        def leaf_update(g: Any, lay: Any, *sts: Any) -> tuple:
+            st = {n: _to_matrix(s, lay) for n, s in zip(names, sts)} if elementwise_state else sts[0]
+            sd = next(v for v in (st[n] for n in names) if v is not None).dtype
+            hps = _hp_in(hpn, sd)
+            g3 = _to_matrix(g.astype(sd), lay)
+            scale = matrix_scale(spec, hp, lay.fans, layout="in_out")
+
+            def run(phase: str) -> Callable:
+                def branch(st: dict) -> tuple:
+                    d, new = spec.direction(jnp, phase, g3, st, hps, t, scale, jnp)
+                    d = jnp.zeros_like(g3) if d is None else d.astype(sd)
+                    return d, _same_types(new, st)
+
+                return branch
+
+            if len(spec.phases) == 1:
+                d, new = spec.direction(jnp, spec.phases[0], g3, st, hps, t, scale, jnp)
+                d = jnp.zeros_like(g3) if d is None else d
+            else:
+                d, new = jax.lax.switch(index, [run(ph) for ph in spec.phases], st)
+            out = _from_matrix(d if spec.direction_includes_scale else scale * d, lay)
+            out = out.astype(g.dtype) if leaf_dtype_out else out
+            if elementwise_state:
+                return (out, *(_from_matrix(new[n], lay).astype(sd) for n in names))
+            return out, new
+
+        res = _map_matrix_leaves(title, dimension_numbers, updates, leaf_update, *state[1:])
+        return res[0], state_cls(count, *res[1:])
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _same_types(new: dict, like: dict) -> dict:
+    """Cast every array of ``new`` to the dtype of the matching entry of ``like`` (switch branches must agree)."""
+    return {k: (None if v is None else jnp.asarray(v).astype(like[k].dtype)) for k, v in new.items()}
+
+
+class DecayAfterState(NamedTuple):
+    """State of the lr/decay stage of a matrix rule that decays after its step: ``count`` (int32) for schedules."""
+
+    count: jax.Array
+
+
+def _lr_and_decay_after(spec: MatrixSpec, hp: Mapping[str, Any], learning_rate: ScalarOrSchedule, weight_decay: Any, mask: Any) -> optax.GradientTransformationExtraArgs:
+    """``delta -> spec.apply(W, delta, lr, wd) - W`` (for DeVA_Sinf ``(W - lr delta)(1 - lr wd) - W``: the decay
+    *after* the step, with the base lr). ``delta`` comes from :func:`_scale_by_matrix` (shape scale included).
+
+    In a still phase of the spec (DeVA_Sinf's seed call) the parameter does not move, so no decay is applied then.
+    """
+    still = tuple(i for i, ph in enumerate(spec.phases) if ph in spec.still_phases)
+
+    def init_fn(params: Any) -> DecayAfterState:
+        return DecayAfterState(count=_zero_count(params))
+
+    def update_fn(updates: Any, state: DecayAfterState, params: Any = None, **extra_args: Any) -> tuple:
+        del extra_args
+        if params is None:
+            raise ValueError(f"{spec.name}: update() needs params (the decay is applied to the updated weights)")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        m = mask(params) if callable(mask) else mask
+        leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
+        ps = treedef.flatten_up_to(params)
+        ms = [True] * len(leaves) if m is None else treedef.flatten_up_to(m)
+        out = []
+        index = spec.phase(hp, state.count + 1, jnp) if len(spec.phases) > 1 else 0
+        resting = jnp.zeros((), bool)  # a still phase does not move the parameter at all (no decay either)
+        for i in still:
+            resting = resting | (index == i)
+        for dlt, p, use in zip(leaves, ps, ms):
+            if _is_masked(dlt):
+                out.append(dlt)
+                continue
+            wd = jnp.where(resting, 0.0, weight_decay) if use else 0.0
+            p = p.astype(dlt.dtype)  # the state dtype (float32 for bf16 leaves); the alias casts back once
+            new_p = spec.apply(jnp, p, dlt, _cast_scalar(lr, p.dtype), _cast_scalar(wd, p.dtype), 1.0)
+            out.append(new_p - p)
+        return treedef.unflatten(out), DecayAfterState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any) -> Any:
+    user = dict(fallback_hyperparams or {})
+    if "learning_rate" in user:
+        user["lr"] = user.pop("learning_rate")
+    fspec, given = spec.resolve_fallback(fallback or None, user)
+    hp = {**fspec.defaults, **given}
+    lr = hp.pop("lr")
+    return _elementwise_alias(fspec, lr, hp, mask, state_dtype)
+
+
+def _routed(matrix_tx: Any, fallback_tx: Any, dimension_numbers: Any) -> optax.GradientTransformationExtraArgs:
+    return optax.partition({"matrix": matrix_tx, "fallback": fallback_tx}, _matrix_labels(dimension_numbers))
+
+
+def _matrix_alias(
+    spec: MatrixSpec,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: Any,
+    rule_hp: Mapping[str, Any],
+    *,
+    dimension_numbers: Any,
+    fallback: Optional[str],
+    fallback_hyperparams: Optional[Mapping[str, Any]],
+    mask: Any,
+    state_dtype: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """A matrix spec as an optax alias: the rule on matrix leaves, its fallback on the others (``optax.partition``).
+
+    Matrix leaves: ``_scale_by_matrix``, then the learning rate and the decay as the spec says (``decay="before"``:
+    ``optax.add_decayed_weights`` then ``optax.scale_by_learning_rate``, i.e. ``p (1 - lr wd) - lr d``;
+    ``"after"``: the spec's ``apply`` on the stepped parameter). The chain runs in the state dtype and casts the
+    update to the leaf dtype once.
+    """
+    lr_check = learning_rate if not callable(learning_rate) else spec.defaults["lr"]
+    full = _check_static(spec, {**rule_hp, "lr": lr_check, "weight_decay": weight_decay})
+    rule = _scale_by_matrix(spec, full, dimension_numbers, state_dtype, leaf_dtype_out=False)
+    if spec.decay == "before":
+        stages = [rule]
+        decay = _decay(weight_decay, mask)
+        if decay is not None:
+            stages.append(decay)
+        stages.append(optax.scale_by_learning_rate(learning_rate))
+    else:
+        stages = [rule, _lr_and_decay_after(spec, full, learning_rate, weight_decay, mask)]
+    fb = _fallback_alias(spec, fallback, fallback_hyperparams, mask, state_dtype)
+    return _routed(_preserve_dtypes(optax.chain(*stages)), fb, dimension_numbers)
 
 
 def scale_by_muon(
@@ -421,7 +640,6 @@ def scale_by_muon(
     *,
     dimension_numbers: Any = None,
     state_dtype: Any = None,
-    _leaf_dtype_out: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Muon's direction ``scale * NS5(nesterov(EMA momentum))`` for matrix leaves (no lr, no decay).
 
@@ -438,79 +656,14 @@ def scale_by_muon(
         state_dtype: dtype of the momentum buffer (default: the leaf's, float32 for bf16/fp16).
 
     Returns:
-        A ``GradientTransformationExtraArgs``.
+        A ``GradientTransformationExtraArgs`` with state :class:`ScaleByMuonState`.
 
     References:
         K. Jordan et al., Muon (2024); torch.optim.Muon; spec 5.
     """
-    spec = SPECS["muon"]
-    hp = _check_static(
-        spec,
-        dict(
-            momentum=momentum,
-            nesterov=nesterov,
-            ns_steps=ns_steps,
-            ns_coefficients=ns_coefficients,
-            ns_dtype=ns_dtype,
-            ns_prenorm=ns_prenorm,
-            ns_eps=ns_eps,
-            shape_scale=shape_scale,
-        ),
-    )
-
-    def init_fn(params: Any) -> ScaleByMuonState:
-        def zeros(x: Any, lay: Any) -> tuple:
-            return (jnp.zeros_like(x, dtype=_default_state_dtype(x.dtype, state_dtype)),)
-
-        (bufs,) = _map_matrix_leaves("Muon", dimension_numbers, params, zeros)
-        return ScaleByMuonState(count=_zero_count(params), momentum_buffer=bufs)
-
-    def update_fn(updates: Any, state: ScaleByMuonState, params: Any = None, **extra_args: Any) -> tuple:
-        del params, extra_args
-        hpn = _hp_for_scalars(hp)
-
-        def leaf_update(g: Any, lay: Any, buf: Any) -> tuple:
-            sd = buf.dtype
-            fi, fo = lay.fans
-            o, b = _muon.muon_direction(
-                jnp,
-                _to_matrix(g.astype(sd), lay),
-                _to_matrix(buf, lay),
-                _cast_scalar(hpn["momentum"], sd),
-                nesterov=hp["nesterov"],
-                ns_steps=hp["ns_steps"],
-                ns_coefficients=hp["ns_coefficients"],
-                ns_prenorm=hp["ns_prenorm"],
-                ns_eps=_cast_scalar(hpn["ns_eps"], sd),
-                ns_dtype=hp["ns_dtype"],
-            )
-            scale = matrix_scale(spec, hp, (fi, fo), layout="in_out")
-            d = _from_matrix(scale * o, lay)
-            return (d.astype(g.dtype) if _leaf_dtype_out else d), _from_matrix(b, lay).astype(sd)
-
-        out, bufs = _map_matrix_leaves("Muon", dimension_numbers, updates, leaf_update, state.momentum_buffer)
-        count = optax.safe_increment(state.count)
-        return out, ScaleByMuonState(count=count, momentum_buffer=bufs)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# ----------------------------------------------------------------------------------------------
-# DeVA_Sinf
-# ----------------------------------------------------------------------------------------------
-
-
-class ScaleByDeVASinfState(NamedTuple):
-    """State of :func:`scale_by_deva_sinf`.
-
-    ``count``: int32 calls so far (the first call seeds the preconditioner); ``preconditioner``: per
-    matrix leaf the core's state dict (``L``, ``R``, ``QL``, ``QR`` (None on a side larger than
-    ``max_precond_dim``), ``exp_avg``, ``exp_avg_sq``, ``gamma``) in the ``(batch, fan_in, fan_out)``
-    layout.
-    """
-
-    count: jax.Array
-    preconditioner: Any
+    hp = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
+              ns_prenorm=ns_prenorm, ns_eps=ns_eps, shape_scale=shape_scale)
+    return _scale_by_matrix(SPECS["muon"], _check_static(SPECS["muon"], hp), dimension_numbers, state_dtype)
 
 
 def scale_by_deva_sinf(
@@ -530,7 +683,6 @@ def scale_by_deva_sinf(
     *,
     dimension_numbers: Any = None,
     state_dtype: Any = None,
-    _leaf_dtype_out: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """DeVA_Sinf's step ``delta`` for matrix leaves (no lr, no decay; see ``xpoptim.core.deva``).
 
@@ -545,158 +697,16 @@ def scale_by_deva_sinf(
         state_dtype: dtype of the preconditioner state (default: the leaf's, float32 for bf16/fp16).
 
     Returns:
-        A ``GradientTransformationExtraArgs``; the alias :func:`deva_sinf` applies
-        ``W <- (W - lr delta)(1 - lr wd)`` (decay after the step, as released).
+        A ``GradientTransformationExtraArgs`` with state :class:`ScaleByDeVASinfState`; the alias
+        :func:`deva_sinf` applies ``W <- (W - lr delta)(1 - lr wd)`` (decay after the step, as released).
 
     References:
         arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVASchattenNorm``; spec 4.2.
     """
-    spec = SPECS["deva_sinf"]
-    hp = _check_static(
-        spec,
-        dict(
-            beta1=beta1,
-            beta2=beta2,
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
-            correct_bias=correct_bias,
-            nesterov=nesterov,
-            normalize_grads=normalize_grads,
-            shape_scale=shape_scale,
-            ns_steps=ns_steps,
-            ns_coefficients=ns_coefficients,
-            ns_dtype=ns_dtype,
-        ),
-    )
-
-    def init_fn(params: Any) -> ScaleByDeVASinfState:
-        def init_state(x: Any, lay: Any) -> tuple:
-            like = jnp.zeros(_to_matrix(x, lay).shape, dtype=_default_state_dtype(x.dtype, state_dtype))
-            # Built under jit so that every buffer has the same placement (the core passes device=
-            # to its creation calls, which would commit some buffers and not others, and a jitted
-            # update would then compile twice).
-            return (jax.jit(_deva.deva_sinf_init, static_argnums=(0, 2))(jnp, like, hp["max_precond_dim"]),)
-
-        (states,) = _map_matrix_leaves("DeVASinf", dimension_numbers, params, init_state)
-        return ScaleByDeVASinfState(count=_zero_count(params), preconditioner=states)
-
-    def update_fn(updates: Any, state: ScaleByDeVASinfState, params: Any = None, **extra_args: Any) -> tuple:
-        del params, extra_args
-        hpn = _hp_for_scalars(hp)
-        count = optax.safe_increment(state.count)
-        t = count.astype(_float_dtype())
-        k = jnp.maximum(t - 1, 1)  # the real step; the seed branch ignores it
-        k_int = count - 1
-        index = jnp.where(count == 1, 0, jnp.where(k_int % hp["precondition_frequency"] == 0, 2, 1))
-        sb_raw = _deva.resolve_shampoo_beta(hpn)
-        if isinstance(hpn["shampoo_beta"], jax.Array):  # injected: "< 0 means beta2" decided in the graph
-            sb_raw = jnp.where(hpn["shampoo_beta"] < 0, hpn["beta2"], hpn["shampoo_beta"])
-        factor = _deva.deva_sinf_step_factor(hpn, k, jnp)
-
-        def leaf_update(g: Any, lay: Any, st: dict) -> tuple:
-            sd = st["exp_avg"].dtype
-            g3 = _to_matrix(g.astype(sd), lay)
-            fi, fo = lay.fans
-            scale = matrix_scale(spec, hp, (fi, fo), layout="in_out")
-            c = {n: _cast_scalar(hpn[n], sd) for n in ("beta1", "beta2", "eps")}
-            sb = _cast_scalar(sb_raw, sd)
-            f = _cast_scalar(factor, sd)
-
-            def seed(st: dict, g3: Any = g3, sb: Any = sb) -> tuple:
-                return jnp.zeros_like(g3), _same_types(_deva.deva_sinf_seed(jnp, st, g3, sb), st)
-
-            def make_update(refresh: bool, g3: Any = g3, c: dict = c, sb: Any = sb, f: Any = f, scale: float = scale) -> Callable:
-                def update(st: dict) -> tuple:
-                    delta, new = _deva.deva_sinf_update(
-                        jnp,
-                        st,
-                        g3,
-                        f,
-                        beta1=c["beta1"],
-                        beta2=c["beta2"],
-                        shampoo_beta=sb,
-                        eps=c["eps"],
-                        refresh=refresh,
-                        scale=scale,
-                        **_deva.deva_sinf_options(hp),
-                    )
-                    return delta.astype(sd), _same_types(new, st)
-
-                return update
-
-            delta, new = jax.lax.switch(index, [seed, make_update(False), make_update(True)], st)
-            d = _from_matrix(delta, lay)
-            return (d.astype(g.dtype) if _leaf_dtype_out else d), new
-
-        out, states = _map_matrix_leaves("DeVASinf", dimension_numbers, updates, leaf_update, state.preconditioner)
-        return out, ScaleByDeVASinfState(count=count, preconditioner=states)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _same_types(new: dict, like: dict) -> dict:
-    """Cast every array of ``new`` to the dtype of the matching entry of ``like`` (switch branches must agree)."""
-    return {k: (None if v is None else jnp.asarray(v).astype(like[k].dtype)) for k, v in new.items()}
-
-
-class DecayAfterState(NamedTuple):
-    """State of the DeVA_Sinf lr/decay stage: ``count`` (int32) for learning-rate schedules."""
-
-    count: jax.Array
-
-
-def _lr_and_decay_after(learning_rate: ScalarOrSchedule, weight_decay: Any, mask: Any) -> optax.GradientTransformationExtraArgs:
-    """``delta -> (W - lr delta)(1 - lr wd) - W`` (DeVA_Sinf's decay *after* the step, with the base lr).
-
-    The first call is DeVA_Sinf's seed: the parameter does not move, so no decay is applied then.
-    """
-
-    def init_fn(params: Any) -> DecayAfterState:
-        return DecayAfterState(count=_zero_count(params))
-
-    def update_fn(updates: Any, state: DecayAfterState, params: Any = None, **extra_args: Any) -> tuple:
-        del extra_args
-        if params is None:
-            raise ValueError("deva_sinf: update() needs params (the decay is applied to the updated weights)")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        m = mask(params) if callable(mask) else mask
-        leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
-        ps = treedef.flatten_up_to(params)
-        ms = [True] * len(leaves) if m is None else treedef.flatten_up_to(m)
-        out = []
-        seeding = state.count == 0  # the seed call does not move the parameter at all (no decay either)
-        for dlt, p, use in zip(leaves, ps, ms):
-            if _is_masked(dlt):
-                out.append(dlt)
-                continue
-            wd = jnp.where(seeding, 0.0, weight_decay) if use else 0.0
-            p = p.astype(dlt.dtype)  # the state dtype (float32 for bf16 leaves); the alias casts back once
-            new_p = _deva.deva_sinf_apply(jnp, p, dlt, _cast_scalar(lr, p.dtype), _cast_scalar(wd, p.dtype))
-            out.append(new_p - p)
-        return treedef.unflatten(out), DecayAfterState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# ----------------------------------------------------------------------------------------------
-# Matrix aliases
-# ----------------------------------------------------------------------------------------------
-
-
-def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any) -> Any:
-    user = dict(fallback_hyperparams or {})
-    if "learning_rate" in user:
-        user["lr"] = user.pop("learning_rate")
-    fspec, given = spec.resolve_fallback(fallback or None, user)
-    hp = {**fspec.defaults, **given}
-    lr = hp.pop("lr")
-    return _ALIASES[fspec.name](lr, **hp, mask=mask, state_dtype=state_dtype)
-
-
-def _routed(matrix_tx: Any, fallback_tx: Any, dimension_numbers: Any) -> optax.GradientTransformationExtraArgs:
-    return optax.partition({"matrix": matrix_tx, "fallback": fallback_tx}, _matrix_labels(dimension_numbers))
+    hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
+              max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
+              shape_scale=shape_scale, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype)
+    return _scale_by_matrix(SPECS["deva_sinf"], _check_static(SPECS["deva_sinf"], hp), dimension_numbers, state_dtype)
 
 
 def muon(
@@ -737,28 +747,10 @@ def muon(
     Returns:
         A ``GradientTransformationExtraArgs`` (an ``optax.partition``).
     """
-    mtx = [
-        scale_by_muon(
-            momentum,
-            nesterov,
-            ns_steps,
-            ns_coefficients,
-            ns_dtype,
-            ns_prenorm,
-            ns_eps,
-            shape_scale,
-            dimension_numbers=dimension_numbers,
-            state_dtype=state_dtype,
-            _leaf_dtype_out=False,
-        )
-    ]
-    _check_static(SPECS["muon"], {"lr": learning_rate if not callable(learning_rate) else 1e-3, "weight_decay": weight_decay})
-    decay = _decay(weight_decay, mask)
-    if decay is not None:
-        mtx.append(decay)
-    mtx.append(optax.scale_by_learning_rate(learning_rate))
-    fb = _fallback_alias(SPECS["muon"], fallback, fallback_hyperparams, mask, state_dtype)
-    return _routed(_preserve_dtypes(optax.chain(*mtx)), fb, dimension_numbers)
+    hp = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
+              ns_prenorm=ns_prenorm, ns_eps=ns_eps, shape_scale=shape_scale)
+    return _matrix_alias(SPECS["muon"], learning_rate, weight_decay, hp, dimension_numbers=dimension_numbers, fallback=fallback,
+                         fallback_hyperparams=fallback_hyperparams, mask=mask, state_dtype=state_dtype)
 
 
 def deva_sinf(
@@ -801,28 +793,11 @@ def deva_sinf(
     References:
         arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation; spec 4.2.
     """
-    _check_static(SPECS["deva_sinf"], {"lr": learning_rate if not callable(learning_rate) else 3e-3, "weight_decay": weight_decay})
-    rule = scale_by_deva_sinf(
-        beta1,
-        beta2,
-        shampoo_beta,
-        eps,
-        precondition_frequency,
-        max_precond_dim,
-        correct_bias,
-        nesterov,
-        normalize_grads,
-        shape_scale,
-        ns_steps,
-        ns_coefficients,
-        ns_dtype,
-        dimension_numbers=dimension_numbers,
-        state_dtype=state_dtype,
-        _leaf_dtype_out=False,
-    )
-    mtx = _preserve_dtypes(optax.chain(rule, _lr_and_decay_after(learning_rate, weight_decay, mask)))
-    fb = _fallback_alias(SPECS["deva_sinf"], fallback, fallback_hyperparams, mask, state_dtype)
-    return _routed(mtx, fb, dimension_numbers)
+    hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
+              max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
+              shape_scale=shape_scale, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype)
+    return _matrix_alias(SPECS["deva_sinf"], learning_rate, weight_decay, hp, dimension_numbers=dimension_numbers, fallback=fallback,
+                         fallback_hyperparams=fallback_hyperparams, mask=mask, state_dtype=state_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,21 +898,103 @@ def _make_alias(spec: ElementwiseSpec) -> Callable:
     return alias
 
 
-_STATE_CLASSES: dict[str, type] = {}
+def _make_matrix_scale_by(spec: MatrixSpec) -> Callable:
+    """``scale_by_<name>`` of a matrix rule added with ``xpoptim.core.register`` (see :func:`_scale_by_matrix`)."""
+    hypers = [h for h in spec.hyperparams if h.name not in ("lr", "weight_decay")]
+    params = [_P(h.name, _P.POSITIONAL_OR_KEYWORD, default=_sig_default(h)) for h in hypers]
+    params += [_P("dimension_numbers", _P.KEYWORD_ONLY, default=None), _P("state_dtype", _P.KEYWORD_ONLY, default=None)]
+    sig = inspect.Signature(params, return_annotation=optax.GradientTransformationExtraArgs)
+
+    def scale_by(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        b = sig.bind(*args, **kwargs)
+        b.apply_defaults()
+        kw = dict(b.arguments)
+        dims, state_dtype = kw.pop("dimension_numbers"), kw.pop("state_dtype")
+        return _scale_by_matrix(spec, _check_static(spec, kw), dims, state_dtype)
+
+    scale_by.__signature__ = sig  # type: ignore[attr-defined]
+    scale_by.__name__ = scale_by.__qualname__ = f"scale_by_{spec.name}"
+    scale_by.__module__ = __name__
+    scale_by.__doc__ = f"The {spec.title} rule's direction on matrix leaves (no learning rate, no decay).\n\n    Args:\n{_doc_args(spec, ('lr', 'weight_decay'))}\n"
+    return scale_by
+
+
+def _make_matrix_alias(spec: MatrixSpec) -> Callable:
+    """The alias of a matrix rule added with ``xpoptim.core.register`` (see :func:`_matrix_alias`)."""
+    hypers = [h for h in spec.hyperparams if h.name != "lr"]
+    params = [_P("learning_rate", _P.POSITIONAL_OR_KEYWORD, default=spec.defaults["lr"])]
+    params += [_P(h.name, _P.POSITIONAL_OR_KEYWORD, default=_sig_default(h)) for h in hypers]
+    params += [_P(n, _P.KEYWORD_ONLY, default=None) for n in ("dimension_numbers", "fallback", "fallback_hyperparams", "mask", "state_dtype")]
+    sig = inspect.Signature(params, return_annotation=optax.GradientTransformationExtraArgs)
+
+    def alias(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        b = sig.bind(*args, **kwargs)
+        b.apply_defaults()
+        kw = dict(b.arguments)
+        lr, wd = kw.pop("learning_rate"), kw.pop("weight_decay")
+        opts = {n: kw.pop(n) for n in ("dimension_numbers", "fallback", "fallback_hyperparams", "mask", "state_dtype")}
+        return _matrix_alias(spec, lr, wd, kw, **opts)
+
+    alias.__signature__ = sig  # type: ignore[attr-defined]
+    alias.__name__ = alias.__qualname__ = spec.name
+    alias.__module__ = __name__
+    alias.__doc__ = f"The {spec.title} optimizer as an optax alias: the rule on matrix leaves, its fallback on the others.\n\n    Args:\n        learning_rate: a float or an optax schedule.\n{_doc_args(spec, ('lr',))}\n"
+    return alias
+
+
+def _state_class(spec: ElementwiseSpec | MatrixSpec) -> type:
+    """The state class of ``scale_by_<name>`` (made once per rule)."""
+    if isinstance(spec, MatrixSpec):
+        return _matrix_state_class(spec)
+    cls = _STATE_CLASSES.get(spec.name)
+    if cls is None or cls._fields[1:] != tuple(spec.state):
+        cls = _STATE_CLASSES[spec.name] = _make_state_class(spec)
+    return cls
+
+
+_STATE_CLASSES: dict[str, Any] = {}
 _ALIASES: dict[str, Callable] = {"muon": muon, "deva_sinf": deva_sinf}
 _SCALE_BY: dict[str, Callable] = {"muon": scale_by_muon, "deva_sinf": scale_by_deva_sinf}
+_MADE: dict[tuple, tuple] = {}  # (kind, name) -> (spec, function), for rules added with xpoptim.core.register
 
 for _spec in SPECS.values():
     if isinstance(_spec, ElementwiseSpec):
-        _cls = _make_state_class(_spec)
-        _STATE_CLASSES[_spec.name] = _cls
+        _cls = _state_class(_spec)
         globals()[_cls.__name__] = _cls
         __all__.append(_cls.__name__)
         _ALIASES[_spec.name] = globals()[_spec.name] = _make_alias(_spec)
         _SCALE_BY[_spec.name] = globals()[f"scale_by_{_spec.name}"] = _make_scale_by(_spec)
 for _name in SPECS:
     __all__ += [_name, f"scale_by_{_name}"]
+_BUILTIN = frozenset(SPECS)
 del _spec, _name
+
+
+def _function_for(kind: str, spec: ElementwiseSpec | MatrixSpec) -> Callable:
+    """The alias (``kind="alias"``) or ``scale_by_<name>`` (``"scale_by"``) of ``spec``: this module's own for the
+    built-in rules, else made once for a rule added with ``xpoptim.core.register``."""
+    if spec.name in _BUILTIN:
+        return (_ALIASES if kind == "alias" else _SCALE_BY)[spec.name]
+    made = _MADE.get((kind, spec.name))
+    if made is None or made[0] is not spec:
+        if isinstance(spec, MatrixSpec):
+            fn = _make_matrix_alias(spec) if kind == "alias" else _make_matrix_scale_by(spec)
+        else:
+            fn = _make_alias(spec) if kind == "alias" else _make_scale_by(spec)
+        made = _MADE[(kind, spec.name)] = (spec, fn)
+    return made[1]
+
+
+def __getattr__(name: str) -> Any:
+    """``<name>``, ``scale_by_<name>`` and ``ScaleBy<Title>State`` of a rule added with ``xpoptim.core.register``."""
+    for spec in SPECS.values():
+        if name == spec.name:
+            return _function_for("alias", spec)
+        if name == f"scale_by_{spec.name}":
+            return _function_for("scale_by", spec)
+        if name == f"ScaleBy{spec.title}State":
+            return _state_class(spec)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create(name: str, **hp: Any) -> optax.GradientTransformationExtraArgs:
@@ -960,7 +1017,7 @@ def create(name: str, **hp: Any) -> optax.GradientTransformationExtraArgs:
     if "betas" in hp:
         b1, b2 = hp.pop("betas")
         hp["beta1"], hp["beta2"] = b1, b2
-    fn = _ALIASES[spec.name]
+    fn = _function_for("alias", spec)
     sig = inspect.signature(fn)
     unknown = sorted(set(hp) - set(sig.parameters))
     if unknown:

@@ -17,6 +17,7 @@ from .directions import sign
 from .factors import adam_star_direction, erf_factor, kappa, svag_direction, svag_factor, unbiasing_weight
 from .moments import bias_correction, centered_variance, ema, ema_sum
 from .spec import ElementwiseSpec, Hyper, beta_hyper, lr_hyper, wd_hyper
+from .verification import CANCEL_FLOAT32, CANCEL_FLOAT64, SIGN_FLOAT32, Verification
 
 __all__ = [
     "sgd_direction",
@@ -92,10 +93,15 @@ SGD = ElementwiseSpec(
     state=("momentum_buffer",),
     scalars=_sgd_scalars,
     direction=sgd_direction,
+    arguments={"momentum_buffer": "buf"},
     weight_decay="coupled",
     conventions="sum-form momentum seeded with g at t = 1; no bias correction; coupled L2 decay (torch.optim.SGD)",
     source="torch.optim.SGD; Balles & Hennig M-SGD (dampening 0)",
     check=_sgd_check,
+    verification=Verification(
+        hp={"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
+        variants=(("nesterov", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2, "nesterov": True}),),
+    ),
 )
 
 
@@ -118,8 +124,10 @@ MSSD = ElementwiseSpec(
     state=("momentum",),
     scalars=lambda hp, t, ops=HOST: (hp["mu"],),
     direction=mssd_direction,
+    arguments={"momentum": "m"},
     conventions="sum-form momentum m = mu m + g; sign(0) = 0; no eps",
     source="Balles & Hennig, Alg. 1",
+    verification=Verification(hp={"lr": 1e-2, "weight_decay": 1e-2}, float32=SIGN_FLOAT32),
 )
 
 
@@ -222,9 +230,11 @@ SVAG = ElementwiseSpec(
     state=("exp_avg", "exp_avg_sq"),
     scalars=_svag_scalars,
     direction=svag_rule_direction,
+    arguments={"exp_avg": "m", "exp_avg_sq": "v"},
     conventions="gamma = m^2/(m^2 + s), s = (v - m^2)/(1 - rho) (code) or v - m^2 (paper); bias-corrected EMAs; no eps; 0/0 := 0",
     source="Balles & Hennig section 3.2; lballes/msvag SVAGOptimizer",
     check=_mu_check("SVAG"),
+    verification=Verification(hp={"lr": 2e-2, "weight_decay": 1e-2}, float64=CANCEL_FLOAT64, float32=CANCEL_FLOAT32),
 )
 
 MSVAG = ElementwiseSpec(
@@ -234,9 +244,16 @@ MSVAG = ElementwiseSpec(
     state=("exp_avg", "exp_avg_sq"),
     scalars=_msvag_scalars,
     direction=msvag_direction,
+    arguments={"exp_avg": "m", "exp_avg_sq": "v"},
     conventions="d = m^3/(m^2 + w (v - m^2)), w = rho/(1-rho) (published, default) or kappa (seed Alg. 2); bias-corrected EMAs; no eps; 0/0 := 0",
     source="Balles & Hennig Alg. 2; arXiv 1705.07774; lballes/msvag",
     check=_mu_check("MSVAG"),
+    verification=Verification(
+        hp={"lr": 2e-2, "weight_decay": 1e-2},
+        variants=(("kappa", {"lr": 2e-2, "weight_decay": 1e-2, "variance_unbiasing": False}),),
+        float64=CANCEL_FLOAT64,
+        float32=CANCEL_FLOAT32,
+    ),
 )
 
 _ADAPT = Hyper(
@@ -254,10 +271,15 @@ ADAM_STAR = ElementwiseSpec(
     state=("exp_avg", "exp_avg_sq"),
     scalars=lambda hp, t, ops=HOST: (hp["mu"], bias_correction(hp["mu"], t), kappa(hp["mu"], t)),
     direction=adam_star_rule_direction,
+    arguments={"exp_avg": "m", "exp_avg_sq": "v"},
     conventions="d = m/sqrt(m^2 + kappa (v - m^2)) (Adam with beta1 = beta2 = mu, eps = 0, plus kappa); erf option; 0/0 := 0",
     source="Balles & Hennig Alg. 4, section 3.1",
     check=_mu_check("AdamStar"),
     fusable=lambda hp: hp["adaptation"] != "erf",
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(("erf", {"lr": 1e-2, "weight_decay": 1e-2, "adaptation": "erf"}),),
+    ),
 )
 
 
@@ -307,8 +329,10 @@ MSVAG_MB = ElementwiseSpec(
     extras=("grad_variance",),
     scalars=lambda hp, t, ops=HOST: (hp["mu"],),
     direction=msvag_mb_direction,
+    arguments={"grad_variance": "s_hat", "momentum": "m", "momentum_var": "s_bar"},
     conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat (unbiased Eq. 44); d = m^3/(m^2 + s_bar); no bias correction; 0/0 := 0",
     source="Balles & Hennig Alg. 3 (Eq. 44 in its unbiased form, Eq. 48)",
+    verification=Verification(hp={"lr": 2e-3, "weight_decay": 1e-2}),
 )
 
 ADAM_STAR_MB = ElementwiseSpec(
@@ -319,7 +343,12 @@ ADAM_STAR_MB = ElementwiseSpec(
     extras=("grad_variance",),
     scalars=lambda hp, t, ops=HOST: (hp["mu"],),
     direction=adam_star_mb_direction,
+    arguments={"grad_variance": "s_hat", "momentum": "m", "momentum_var": "s_bar"},
     conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat; d = m/sqrt(m^2 + s_bar); erf option; 0/0 := 0",
     source="Balles & Hennig Alg. 5 (Eq. 44 in its unbiased form, Eq. 48)",
     fusable=lambda hp: hp["adaptation"] != "erf",
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(("erf", {"lr": 1e-2, "weight_decay": 1e-2, "adaptation": "erf"}),),
+    ),
 )

@@ -5,17 +5,36 @@ DeVA writes an adaptive step as *(variance-adaptation factor) x (scale-invariant
 case. **Provenance:** the paper's algorithm boxes could not be read; both rules follow the authors'
 released code exactly (Tsedao/Decoupled-Variance-Adaptation ``optimizers/deva.py``, classes
 ``DeVAEuclideanNorm`` and ``DeVASchattenNorm``, HEAD 2e4d26e), spec section 4.
+
+**DeVA_Sinf as a well-defined function (departure from the release).** The update is not invariant to the
+basis chosen inside a near-degenerate eigenspace of a Kronecker factor (``V`` and ``Gamma`` are elementwise in
+the rotated basis), and ``eigh``/``qr`` choose that basis by rounding, differently in every LAPACK. Real
+gradients make such eigenspaces common: one factor of a non-square gradient is rank-deficient, and inputs active
+in few examples give many tiny, nearly equal eigenvalues. Here the (estimated) eigenvalues are grouped into
+clusters wherever consecutive ones differ by at most ``tau max|w|``, ``tau = sqrt(n eps)`` (derived in
+:func:`cluster_tolerance`), and each cluster of two or more columns gets a canonical basis of its span
+(:func:`_canonical_cluster_basis`), at the seed and after each refresh; the refresh orders columns by cluster,
+keeping their order inside one. Where the release's basis is well defined (eigenvalues separated by more than
+``tau``) nothing changes. In float64 (``tau ~ 1e-7``) every backend then computes the same update to round-off on
+real gradients. In float32 (``tau ~ 3e-3``) the basis is only determined up to the cluster decisions, which
+rounding can flip for a gap within ~1e-4 of ``tau``; see ``docs/verification.md`` for the measured consequence
+and the float64-state remedy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ._backend import HOST, matmul
+from ._backend import HOST, is_concrete_number, matmul
 from .directions import SHAPE_SCALES, newton_schulz, sign
 from .moments import bias_correction, ema
 from .muon import NS_HYPERS, ns_check
 from .spec import ElementwiseSpec, Hyper, MatrixSpec, beta_hyper, eps_hyper, lr_hyper, wd_hyper
+from .verification import SIGN_FLOAT32, Bound, Verification
 
 __all__ = [
     "deva_linf_direction",
@@ -29,9 +48,16 @@ __all__ = [
     "deva_sinf_options",
     "deva_sinf_step_factor",
     "resolve_shampoo_beta",
+    "deva_sinf_state_init",
+    "deva_sinf_state_shapes",
+    "deva_sinf_phase",
+    "deva_sinf_rule",
+    "deva_sinf_apply_step",
+    "DEVA_SINF_PHASES",
     "DEVA_SINF",
     "EIGH_RIDGE",
-    "NULL_TOL_FACTOR",
+    "cluster_tolerance",
+    "cluster_precision",
 ]
 
 
@@ -109,8 +135,19 @@ DEVA_LINF = ElementwiseSpec(
     state=("exp_avg", "exp_avg_sq"),
     scalars=_deva_linf_scalars,
     direction=deva_linf_direction,
+    arguments={"exp_avg": "m", "exp_avg_sq": "v"},
     conventions="Gamma = |m|/sqrt(v + eps), v = EMA(m^2) of the updated m; eps inside the sqrt; no bias correction (option); decoupled decay before",
     source="arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation DeVAEuclideanNorm (released code; paper box not read)",
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(
+            (
+                "nesterov,bc,g2",
+                {"lr": 1e-2, "weight_decay": 1e-2, "nesterov": True, "bias_correction": True, "second_moment_of": "gradient"},
+            ),
+        ),
+        float32=SIGN_FLOAT32,
+    ),
 )
 
 
@@ -168,86 +205,147 @@ def _canonical_signs(xp: Any, q: Any) -> Any:
     return q * xp.where(lead < 0, -1 + 0 * lead, 1 + 0 * lead)
 
 
-#: Relative tolerance factor of the null-space test: an eigenvalue (seed) or estimated eigenvalue
-#: (refresh) ``w_j <= NULL_TOL_FACTOR * n * eps(dtype) * max|w|`` counts as zero. Measured: the null
-#: eigenvalues of ``fl((1-b_s) G G^T)`` stay below ``2.5 eps max|w|`` (float32 and float64, n up to 1024),
-#: and ``diag(Q^T L Q)`` of the null columns after the power step + QR below ``100 eps max`` (float32,
-#: n = 512), so the threshold sits above round-off with margin; an eigenvalue this small has an
-#: eigenvector that round-off alone decides, so replacing it by the canonical one loses nothing.
-NULL_TOL_FACTOR = 4.0
+def cluster_tolerance(n: int, dtype_eps: float) -> float:
+    """Relative eigen-gap ``tau = sqrt(n eps)`` below which eigenvectors are treated as one cluster.
 
+    Derivation. ``eigh`` (and the QR of the refresh) is backward stable: it returns the exact eigenvectors of
+    ``A + E`` with ``||E|| <= p(n) eps ||A||``, ``p(n) ~ n`` for Householder tridiagonalisation. By Davis-Kahan, the
+    invariant subspace of a group of eigenvalues separated from the rest of the spectrum by a gap ``delta`` is then
+    computed with an angle error ``<= ||E|| / delta``; two backends (two LAPACKs, two roundings) can differ by that
+    much, and *inside* a group the individual vectors are not determined at all once their own gaps are
+    ``<~ ||E||``. Grouping eigenvalues whose consecutive gaps are ``<= tau ||A||`` and giving each group a canonical
+    basis of its span trades two errors: the canonical basis diagonalises ``A`` only up to the group's spread
+    (``<= (k-1) tau ||A||``, a modelling error: it is an approximate eigenbasis), while the spans of separated groups
+    carry the numerical error ``n eps / tau``. Balancing ``tau = n eps / tau`` gives ``tau = sqrt(n eps)``: float64,
+    n = 64: 1.2e-7 (eigenvalues closer than ~1e-7 ||A|| are one cluster; everything the release resolves to better
+    than ~1e-9 is kept); float32, n = 64: 2.8e-3.
 
-def _null_mask(xp: Any, w: Any, shift: float = 0.0) -> Any:
-    """``w_j - shift <= NULL_TOL_FACTOR * n * eps * max_j |w_j|`` along the last axis (``shift``: the ridge).
+    Args:
+        n: the factor's side.
+        dtype_eps: unit round-off of the arithmetic, ``finfo(dtype).eps``.
 
-    With ``shift = EIGH_RIDGE`` the all-zero factor (``w = 1e-30`` everywhere) is all null, so its basis is
-    the canonical one (the identity), the same on every backend.
+    Returns:
+        ``tau``, relative to ``max_j |w_j|``.
     """
-    n = w.shape[-1]
-    eps = xp.finfo(w.dtype).eps
-    tol = (NULL_TOL_FACTOR * n * eps) * xp.max(xp.abs(w), axis=-1, keepdims=True)
-    return (w - shift) <= tol
+    return math.sqrt(n * float(dtype_eps))
 
 
-def _canonical_null_basis(xp: Any, q: Any, null: Any) -> Any:
-    """Replace the columns of the orthogonal ``q`` marked by ``null`` with a canonical basis of their span.
+def _clusters(xp: Any, w: Any, tau: float) -> Any:
+    """Cluster index of each column, from the (estimated) eigenvalues ``w`` (``(..., n)``, any order).
 
-    The span of the null columns is fixed by the others (it is their orthogonal complement), but the basis
-    inside it is not: ``eigh`` and ``qr`` return whatever their LAPACK's rounding produced (torch and NumPy
-    differ). We take the eigenvectors of ``P D P`` with ``P = I - Q_r Q_r^T`` the projector onto the
-    complement of the kept columns ``Q_r`` and ``D = diag(sqrt(1 + j/n))`` (fixed, distinct entries in
-    [1, sqrt 2], chosen concave so that pair sums such as ``d_a + d_b`` rarely coincide: the null space of
-    duplicated rows is spanned by ``e_a - e_b``). ``P D P`` has eigenvalue 0 on the kept span and
-    eigenvalues in [1, sqrt 2] on the complement, so ``eigh`` (ascending) lists the ``k`` complement
-    vectors last, by ascending Rayleigh quotient of ``D``; they fill the null positions in column order,
-    each with a canonical sign (``_canonical_signs``). A coordinate direction ``e_i`` inside the null space
-    (a dead row) is itself one of these eigenvectors. Fixed shapes only (a mask, a selection matmul):
-    safe under ``jax.jit``. Cost: one ``eigh`` and four matmuls of ``n x n`` matrices.
+    Sorted descending, ``w_(1) >= ... >= w_(n)``; a new cluster starts where ``w_(i-1) - w_(i) > tau max|w|``. The
+    returned ids (floats ``0, 1, ...``, by descending eigenvalue) are computed by comparisons and sums only (no
+    matmul, so TF32-like matmul modes cannot change them): ``id_j = sum_i start_i [w_(i) >= w_j]``.
+    """
+    ws = xp.flip(xp.sort(w, axis=-1), axis=-1)  # descending
+    scale = xp.max(xp.abs(w), axis=-1, keepdims=True)
+    start = xp.astype(ws[..., :-1] - ws[..., 1:] > tau * scale, w.dtype)  # start_i for i = 1..n-1
+    above = xp.astype(ws[..., 1:, None] >= w[..., None, :], w.dtype)  # [w_(i) >= w_j], i = 1..n-1
+    return xp.sum(start[..., :, None] * above, axis=-2)
+
+
+def _canonical_cluster_basis(xp: Any, q: Any, cid: Any) -> Any:
+    """Replace the columns of every cluster of size >= 2 with a canonical orthonormal basis of the cluster's span.
+
+    The span of a cluster's columns is well determined (the cluster is separated from the rest of the spectrum by
+    more than ``tau``, see :func:`cluster_tolerance`), the basis inside it is not: ``eigh`` and ``qr`` return whatever
+    their LAPACK's rounding produced (torch and NumPy differ), and the DeVA_Sinf trajectory depends on it (``V`` and
+    ``Gamma`` are elementwise in the rotated basis). For a cluster with columns ``Q_C`` the canonical basis is the
+    eigenvectors of ``Q_C^T D Q_C`` (the compression of ``D = diag(sqrt(1 + j/n))`` onto the span), mapped back,
+    ``Q_C W_C``: independent of the basis ``Q_C`` (for ``Q_C R``, ``R`` orthogonal, the eigenvectors are ``R^T W_C``),
+    in ascending order of the Rayleigh quotient of ``D``, each with a canonical sign (:func:`_canonical_signs`). ``D``
+    has fixed distinct entries in ``[1, sqrt 2]``, concave in ``j`` so that pair sums such as ``d_a + d_b`` rarely
+    coincide (the null space of duplicated rows is spanned by ``e_a - e_b``); a coordinate direction ``e_i`` inside a
+    cluster's span (a dead row) is itself one of these eigenvectors.
+
+    All clusters at once with fixed shapes (safe under ``jax.jit``): the columns are sorted by cluster (a
+    permutation ``P``), ``B = (QP)^T D (QP)`` is masked to its same-cluster blocks (exact zeros elsewhere, contiguous
+    blocks), and one ``eigh`` of that block-diagonal matrix returns each block's eigenvectors supported on its own
+    rows (Householder reflectors of a block-diagonal matrix keep the zeros exactly and the tridiagonal solver splits
+    at the zero couplings, so no block's error depends on another's). Each eigenvector's block is read off its
+    support, the vectors are grouped by block (ascending eigenvalue inside), and ``P^T`` puts the ``i``-th vector of
+    a cluster in the cluster's ``i``-th column. No shift separates the blocks: a shift ``s`` would raise the
+    backward error of ``eigh`` to ``eps (sqrt 2 + s)`` against within-block gaps of ``~0.4 / k``. Singleton columns
+    keep ``q`` bit for bit (an isolated eigenvector is determined up to its sign). Cost: one ``eigh`` and four
+    ``n x n`` matmuls.
 
     Args:
         xp: array namespace.
         q: ``(..., n, n)`` matrix with orthonormal columns.
-        null: ``(..., n)`` boolean mask of the columns to replace (any positions; none or all allowed).
+        cid: ``(..., n)`` cluster id of each column (:func:`_clusters`).
 
     Returns:
-        ``q`` with the masked columns replaced (the others are untouched).
+        ``q`` with the columns of multi-column clusters replaced.
     """
     n = q.shape[-1]
     dt = q.dtype
     dev = _device(q)
-    nul = xp.astype(null, dt)
-    kept = q * (1 - nul)[..., None, :]
-    proj = _eye_like(xp, q) - matmul(xp, kept, _mT(xp, kept))
-    j = xp.arange(n, dtype=dt, device=dev)
-    d = xp.sqrt(1 + j / n)
-    a = matmul(xp, proj * d, proj)  # P D P
-    _, c = xp.linalg.eigh((a + _mT(xp, a)) / 2)
-    # The i-th null column (in column order) takes eigh's column n - k + i: a selection matmul.
-    before = xp.astype(j[:, None] <= j[None, :], dt)  # before[i, j] = (i <= j)
-    count = matmul(xp, nul[..., None, :], before)[..., 0, :]  # null columns at positions <= j
-    k = xp.sum(nul, axis=-1, keepdims=True)
-    target = (n - k) + count - 1
-    sel = xp.astype((j[:, None] == target[..., None, :]) & null[..., None, :], dt)
-    fill = _canonical_signs(xp, matmul(xp, c, sel))
-    return xp.where(null[..., None, :], fill, q)
+    d = xp.sqrt(1 + xp.arange(n, dtype=dt, device=dev) / n)
+    perm = _permutation(xp, xp.argsort(cid, axis=-1, stable=True), dt)  # columns by (cluster, position)
+    qs = matmul(xp, q, perm)
+    cs = matmul(xp, cid[..., None, :], perm)[..., 0, :]  # cluster ids, sorted (small integers: exact)
+    same = cs[..., :, None] == cs[..., None, :]
+    b = matmul(xp, _mT(xp, qs) * d, qs)  # (QP)^T D (QP)
+    _, w = xp.linalg.eigh(xp.where(same, (b + _mT(xp, b)) / 2, 0 * b))
+    block = xp.round(xp.sum(w * w * cs[..., :, None], axis=-2))  # the block each eigenvector lives in
+    w = matmul(xp, w, _permutation(xp, xp.argsort(block, axis=-1, stable=True), dt))
+    fill = matmul(xp, matmul(xp, qs, w), _mT(xp, perm))
+    multi = xp.sum(xp.astype(cid[..., :, None] == cid[..., None, :], dt), axis=-1) > 1
+    return xp.where(multi[..., None, :], _canonical_signs(xp, fill), q)
+
+
+#: The unit round-off the cluster test assumes when it must be coarser than the arithmetic's (see
+#: :func:`cluster_precision`); ``None``: the factors' own dtype.
+_CLUSTER_EPS: contextvars.ContextVar[float | None] = contextvars.ContextVar("deva_cluster_eps", default=None)
+
+
+@contextlib.contextmanager
+def cluster_precision(dtype_eps: float | None) -> Iterator[None]:
+    """Within the block, the cluster test uses ``tau = cluster_tolerance(n, max(eps(dtype), dtype_eps))``.
+
+    The float32 rule groups eigenvalues at float32's ``tau``; a float64 computation of *that* rule (the
+    verifier's reference for a float32 run, on the float32-rounded inputs) runs inside
+    ``cluster_precision(numpy.finfo(numpy.float32).eps)``. Host-side only: the tolerance is a Python float read
+    when a step is traced or run.
+
+    Args:
+        dtype_eps: the unit round-off to assume, or ``None`` for the factors' own.
+    """
+    token = _CLUSTER_EPS.set(dtype_eps)
+    try:
+        yield
+    finally:
+        _CLUSTER_EPS.reset(token)
+
+
+def _tau(xp: Any, q: Any) -> float:
+    """:func:`cluster_tolerance` for the ``(..., n, n)`` basis ``q`` in its dtype (or :func:`cluster_precision`'s)."""
+    eps = float(xp.finfo(q.dtype).eps)
+    forced = _CLUSTER_EPS.get()
+    return cluster_tolerance(q.shape[-1], eps if forced is None else max(eps, float(forced)))
+
+
+def _canonical_basis(xp: Any, q: Any, w: Any) -> Any:
+    """``q`` with every cluster of near-equal (estimated) eigenvalues ``w`` given its canonical basis."""
+    return _canonical_cluster_basis(xp, q, _clusters(xp, w, _tau(xp, q)))
 
 
 def _eigenbasis(xp: Any, factor: Any) -> Any:
     """Eigenvectors of a PSD factor, columns by descending eigenvalue (spec 4.2, first call).
 
-    **Deviation from the release:** the released code keeps whatever basis LAPACK returns inside the null
-    space of the factor. For any non-square gradient one factor is rank-deficient (``G G^T`` has rank
-    ``<= m < n``), and that basis is not deterministic: torch's ``eigh`` and NumPy's differ by O(1) there.
-    The trajectory depends on it, because ``V`` (the EMA of ``r c^T``) and ``Gamma`` are elementwise in the
-    rotated basis, and later gradients are not confined to the first gradient's range. Here the null
-    columns (eigenvalue ``<= 4 n eps max``, see ``NULL_TOL_FACTOR``) are replaced by a canonical basis of
-    the null space (``_canonical_null_basis``), so every backend gets the same basis; in the full-rank
-    case nothing changes.
+    **Deviation from the release:** the released code keeps whatever basis LAPACK returns inside a factor's
+    near-degenerate eigenspaces: its null space (one factor of any non-square gradient is rank-deficient) and any
+    cluster of eigenvalues closer than ``tau max|w|`` (:func:`cluster_tolerance`; real gradients produce many:
+    inputs active in few examples give tiny, nearly equal eigenvalues). That basis is not deterministic (torch's
+    ``eigh`` and NumPy's differ by O(1) there), and the trajectory depends on it, because ``V`` (the EMA of
+    ``r c^T``) and ``Gamma`` are elementwise in the rotated basis. Here every such cluster gets the canonical basis
+    of its span (:func:`_canonical_cluster_basis`), so every backend gets the same basis; with a full-rank factor
+    and separated eigenvalues nothing changes.
     """
     w, q = xp.linalg.eigh(factor + EIGH_RIDGE * _eye_like(xp, factor))
     w, q = xp.flip(w, axis=-1), xp.flip(q, axis=-1)
     q = _canonical_signs(xp, q)
-    return _canonical_null_basis(xp, q, _null_mask(xp, w, EIGH_RIDGE))
+    return _canonical_basis(xp, q, w)
 
 
 def _permutation(xp: Any, order: Any, dtype: Any) -> Any:
@@ -261,22 +359,24 @@ def _refresh_basis(xp: Any, factor: Any, q: Any, v: Any, axis: int) -> tuple:
     """SOAP maintenance: sort by estimated eigenvalues, permute Q and V's axis, one power step + QR.
 
     Then the columns whose estimated eigenvalue ``diag(Q^T L Q)`` (after the QR) is round-off,
-    ``<= 4 n eps max`` (``NULL_TOL_FACTOR``), are replaced by the canonical basis of their span
-    (``_canonical_null_basis``; not in the release, which keeps the QR's noise columns). Extra cost per
+    clustered (:func:`_clusters`, gaps ``<= tau max``) are given the canonical basis of their span
+    (:func:`_canonical_cluster_basis`; not in the release, which keeps the QR's noise columns). Extra cost per
     refreshed side: one ``eigh`` and six ``n x n`` matmuls, every ``precondition_frequency`` steps.
     """
     est = xp.sum(q * matmul(xp, factor, q), axis=-2)  # diag(Q^T L Q)
-    order = xp.argsort(-est, axis=-1, stable=True)
+    # Sort by estimated eigenvalue (as released), but by cluster: columns of one cluster keep their order, since
+    # the order of estimates closer than tau max|est| is rounding noise and would permute V differently per backend.
+    order = xp.argsort(_clusters(xp, est, _tau(xp, q)), axis=-1, stable=True)
     perm = _permutation(xp, order, q.dtype)
     q = matmul(xp, q, perm)
     v = matmul(xp, _mT(xp, perm), v) if axis == -2 else matmul(xp, v, perm)
     q, r = xp.linalg.qr(matmul(xp, factor, q))
     d = xp.linalg.diagonal(r)
     q = q * xp.where(d < 0, -1 + 0 * d, 1 + 0 * d)[..., None, :]
-    # Columns whose estimated eigenvalue is round-off (QR of a rank-deficient L Q) are LAPACK noise:
-    # replace them with the canonical null basis (deviation from the release, see ``_eigenbasis``).
+    # Columns of a cluster of near-equal estimated eigenvalues (the null space of a rank-deficient L Q included)
+    # carry LAPACK's arbitrary basis: replace it with the canonical one (deviation from the release, see ``_eigenbasis``).
     est = xp.sum(q * matmul(xp, factor, q), axis=-2)
-    return _canonical_null_basis(xp, q, _null_mask(xp, est)), v
+    return _canonical_basis(xp, q, est), v
 
 
 def deva_sinf_init(xp: Any, g: Any, max_precond_dim: int = 10000) -> dict:
@@ -309,7 +409,7 @@ def deva_sinf_seed(xp: Any, state: dict, g: Any, shampoo_beta: Any) -> dict:
     """First call: ``L = (1-b_s) G G^T``, ``R = (1-b_s) G^T G``, eigenbases by descending eigenvalue.
 
     The parameter does not move on this call (spec 4.2). Inside a factor's null space (one side of any
-    non-square ``G`` is rank-deficient) the basis is the canonical one of ``_canonical_null_basis``, not
+    non-square ``G`` is rank-deficient) and in every cluster of near-equal eigenvalues the basis is the canonical one of ``_canonical_cluster_basis``, not
     LAPACK's arbitrary one as in the release, so every backend seeds the same basis (see ``_eigenbasis``).
     """
     out = dict(state)
@@ -425,23 +525,80 @@ def deva_sinf_host_step(xp: Any, state: dict, g: Any, hp: dict, t: int, scale: f
         ``(delta, new_state)``; ``delta`` is ``None`` on the seed call (the parameter does not move), else apply
         it with ``deva_sinf_apply``. Step ``k = t - 1`` refreshes the bases when ``k % precondition_frequency == 0``.
     """
-    sb = resolve_shampoo_beta(hp)
-    if t == 1:
-        return None, deva_sinf_seed(xp, state, g, sb)
-    k = t - 1
+    return deva_sinf_rule(xp, DEVA_SINF_PHASES[deva_sinf_phase(hp, t)], g, state, hp, t, scale)
+
+
+#: The phases of a DeVA_Sinf step: the first call seeds the factors and bases (the parameter does not move), then
+#: plain steps, and a refresh of the eigenbases every ``precondition_frequency`` steps.
+DEVA_SINF_PHASES = ("seed", "step", "refresh")
+
+
+def deva_sinf_phase(hp: Mapping[str, Any], t: Any, ops: Any = HOST) -> Any:
+    """Index into :data:`DEVA_SINF_PHASES` of call ``t`` (``t >= 1``): seed at ``t = 1``; step ``k = t - 1``
+    refreshes when ``k % precondition_frequency == 0``. ``t`` is a host int, or an int array with ``ops`` its
+    namespace (then the index is an array)."""
+    f = hp["precondition_frequency"]
+    if ops is HOST:
+        return 0 if t == 1 else 2 if (t - 1) % f == 0 else 1
+    return ops.where(t == 1, 0, ops.where((t - 1) % f == 0, 2, 1))
+
+
+def _shampoo_beta(hp: Mapping[str, Any], ops: Any) -> Any:
+    """:func:`resolve_shampoo_beta`, also for a traced ``shampoo_beta`` (then decided in the graph)."""
+    sb = hp["shampoo_beta"]
+    if is_concrete_number(sb) or ops is HOST:
+        return resolve_shampoo_beta(dict(hp))
+    return ops.where(sb < 0, hp["beta2"], sb)
+
+
+def deva_sinf_rule(xp: Any, phase: str, g: Any, state: Mapping[str, Any], hp: Mapping[str, Any], t: Any, scale: float, ops: Any = HOST) -> tuple:
+    """DeVA_Sinf's direction for ``MatrixSpec.direction``: ``(None, seeded state)`` in the seed phase, else
+    ``deva_sinf_update`` at ``k = t - 1`` (refreshing the bases in the refresh phase).
+
+    ``t`` is a host int (``ops = HOST``) or a traced float (``ops`` an array namespace: the step factor is then
+    computed in the graph and cast to ``g``'s dtype).
+    """
+    sb = _shampoo_beta(hp, ops)
+    if phase == "seed":
+        return None, deva_sinf_seed(xp, dict(state), g, sb)
+    factor = deva_sinf_step_factor(dict(hp), t - 1, ops)
+    if ops is not HOST and hasattr(factor, "dtype"):
+        factor = xp.astype(factor, g.dtype)
     return deva_sinf_update(
         xp,
-        state,
+        dict(state),
         g,
-        deva_sinf_step_factor(hp, k),
+        factor,
         beta1=hp["beta1"],
         beta2=hp["beta2"],
         shampoo_beta=sb,
         eps=hp["eps"],
-        refresh=k % hp["precondition_frequency"] == 0,
+        refresh=phase == "refresh",
         scale=scale,
-        **deva_sinf_options(hp),
+        **deva_sinf_options(dict(hp)),
     )
+
+
+def deva_sinf_state_init(xp: Any, like: Any, hp: Mapping[str, Any]) -> dict:
+    """``MatrixSpec.init``: :func:`deva_sinf_init` with the spec's ``max_precond_dim``."""
+    return deva_sinf_init(xp, like, hp["max_precond_dim"])
+
+
+def deva_sinf_state_shapes(shape: tuple, hp: Mapping[str, Any]) -> dict:
+    """DeVA_Sinf's state layout for an ``(n, m)`` matrix: ``n x n`` / ``m x m`` factors and bases (``None`` on a side
+    larger than ``max_precond_dim``), and ``(n, m)`` rotated moments and ``Gamma``."""
+    n, m = shape
+    mp = hp["max_precond_dim"]
+
+    def sq(k: int) -> tuple | None:
+        return (k, k) if k <= mp else None
+
+    return {"L": sq(n), "R": sq(m), "QL": sq(n), "QR": sq(m), "exp_avg": (n, m), "exp_avg_sq": (n, m), "gamma": (n, m)}
+
+
+def deva_sinf_apply_step(xp: Any, p: Any, delta: Any, lr: Any, weight_decay: Any, scale: float) -> Any:
+    """``MatrixSpec.apply``: :func:`deva_sinf_apply` (the shape scale is already in ``delta``)."""
+    return deva_sinf_apply(xp, p, delta, lr, weight_decay)
 
 
 def deva_sinf_apply(xp: Any, p: Any, delta: Any, lr: Any, weight_decay: Any) -> Any:
@@ -484,6 +641,23 @@ def _deva_sinf_check(hp: dict) -> None:
         )
 
 
+#: The verifier's settings: a refresh every 4 steps so 20 steps cross four refreshes; sides up to 8 factored (the
+#: 6x10 problem factors its full-rank 6x6 side).
+DEVA_SINF_VERIFICATION = Verification(
+    hp={"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4, "max_precond_dim": 8},
+    float64=Bound(
+        1e-11,
+        "float64 with eigh/QR (the Kronecker eigenbases): LAPACKs differ per backend; eigenvectors of eigenvalues "
+        "separated by a gap delta carry ~eps ||A|| / delta, and clusters closer than tau = sqrt(n eps) ||A|| get "
+        "the canonical basis, so the error is at most ~eps / tau per refresh, carried through Newton-Schulz.",
+    ),
+    float32=Bound(
+        3e-4,
+        "float32 eigh/QR of the Kronecker factors (eigenvector error ~6e-8 ||A|| / gap, gaps >= tau = sqrt(n eps) "
+        "||A|| after clustering), then Newton-Schulz; the float64 reference computes the float32 rule (same tau).",
+    ),
+)
+
 DEVA_SINF = MatrixSpec(
     name="deva_sinf",
     title="DeVASinf",
@@ -504,7 +678,19 @@ DEVA_SINF = MatrixSpec(
     ),
     fallback="deva_linf",
     fallback_defaults={},
+    state=("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "gamma"),
+    init=deva_sinf_state_init,
+    state_shapes=deva_sinf_state_shapes,
+    direction=deva_sinf_rule,
+    apply=deva_sinf_apply_step,
+    decay="after",
+    direction_includes_scale=True,
+    phases=DEVA_SINF_PHASES,
+    phase_of=deva_sinf_phase,
+    still_phases=("seed",),
+    sharding="replicated",
     conventions="first call seeds L, R, Q without moving W; Gamma = sqrt(r c^T)/sqrt(V + eps); U = 0.2 sqrt(max(n,m)) msign(N)*Gamma; step lr sqrt(bc2)/bc1; decay after the step; refresh every f steps (power iteration + QR)",
     source="arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation DeVASchattenNorm (released code; SOAP maintenance)",
     check=_deva_sinf_check,
+    verification=DEVA_SINF_VERIFICATION,
 )

@@ -12,9 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._backend import HOST, array_namespace
-from .deva import deva_sinf_apply, deva_sinf_host_step, deva_sinf_init
 from .directions import shape_scale
-from .muon import muon_apply, muon_direction, muon_options
 from .spec import ElementwiseSpec, MatrixSpec, make_step_kernel, step_scalars
 
 __all__ = ["init", "step", "matrix_scale"]
@@ -35,10 +33,8 @@ def init(spec: ElementwiseSpec | MatrixSpec, param: Any, hp: Mapping[str, Any] |
     xp = array_namespace(param)
     hp = spec.validate(**(hp or {}))
     like = param if state_dtype is None or state_dtype == param.dtype else xp.astype(param, state_dtype)
-    if spec.name == "muon":
-        return {"momentum_buffer": xp.zeros_like(like)}
-    if spec.name == "deva_sinf":
-        return deva_sinf_init(xp, like, hp["max_precond_dim"])
+    if isinstance(spec, MatrixSpec):
+        return spec.init(xp, like, hp)
     return {name: xp.zeros_like(like) for name in spec.state}
 
 
@@ -98,12 +94,5 @@ def step(
         out = kernel(p32, g32, *extras, *(state[n] for n in names), *step_scalars(spec, hp, t, HOST))
         new_p = out[0] if out[0].dtype == param.dtype else xp.astype(out[0], param.dtype)
         return new_p, dict(zip(names, out[1:]))
-    scale = matrix_scale(spec, hp, tuple(param.shape), layout)
-    if spec.name == "muon":
-        o, buf = muon_direction(xp, grad, state["momentum_buffer"], hp["momentum"], **muon_options(hp))
-        return muon_apply(xp, param, o, hp["lr"], hp["weight_decay"], scale), {"momentum_buffer": buf}
-    # DeVA_Sinf: the first call seeds the preconditioner and leaves the parameter unchanged.
-    delta, new_state = deva_sinf_host_step(xp, dict(state), grad, hp, t, scale)
-    if delta is None:
-        return param, new_state
-    return deva_sinf_apply(xp, param, delta, hp["lr"], hp["weight_decay"]), new_state
+    # The spec's own step (its phases decide, e.g. DeVA_Sinf's first call seeds and leaves the parameter as it is).
+    return spec.step(xp, param, grad, state, hp, t, matrix_scale(spec, hp, tuple(param.shape), layout))

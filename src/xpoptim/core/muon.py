@@ -11,13 +11,30 @@ default with KellerJordan/Muon's auxiliary-Adam settings.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
+from ._backend import HOST
 from .directions import NS_COEFFICIENTS, NS_PRENORMS, SHAPE_SCALES, newton_schulz, resolve_ns_coefficients
 from .moments import ema
 from .spec import Hyper, MatrixSpec, beta_hyper, lr_hyper, wd_hyper
+from .verification import Bound, Verification
 
-__all__ = ["muon_momentum", "muon_direction", "muon_options", "muon_ns_options", "muon_apply", "MUON", "NS_HYPERS", "ns_check"]
+__all__ = [
+    "muon_momentum",
+    "muon_direction",
+    "muon_options",
+    "muon_ns_options",
+    "muon_apply",
+    "muon_init",
+    "muon_state_shapes",
+    "muon_elementwise_stage",
+    "muon_matrix_stage",
+    "muon_rule",
+    "MUON",
+    "NS_HYPERS",
+    "ns_check",
+]
 
 
 def muon_momentum(xp: Any, g: Any, buf: Any, momentum: Any, *, nesterov: bool = True) -> tuple:
@@ -103,6 +120,37 @@ def muon_apply(xp: Any, p: Any, o: Any, lr: Any, weight_decay: Any, scale: float
     return p * (1 - lr * weight_decay) - (lr * scale) * o
 
 
+def muon_init(xp: Any, like: Any, hp: Mapping[str, Any]) -> dict:
+    """Muon's state at ``t = 0``: ``{"momentum_buffer": 0}`` shaped and typed like ``like``."""
+    return {"momentum_buffer": xp.zeros_like(like)}
+
+
+def muon_state_shapes(shape: tuple, hp: Mapping[str, Any]) -> dict:
+    """Muon's state layout for an ``(n, m)`` matrix: the momentum buffer has the matrix's shape."""
+    return {"momentum_buffer": tuple(shape)}
+
+
+def muon_elementwise_stage(xp: Any, g: Any, state: Mapping[str, Any], hp: Mapping[str, Any]) -> tuple:
+    """The elementwise part of Muon's step: ``(N, {"momentum_buffer": B})`` (see :func:`muon_momentum`)."""
+    n, buf = muon_momentum(xp, g, state["momentum_buffer"], hp["momentum"], nesterov=hp["nesterov"])
+    return n, {"momentum_buffer": buf}
+
+
+def muon_matrix_stage(xp: Any, n: Any, hp: Mapping[str, Any]) -> Any:
+    """The whole-matrix part of Muon's step: ``O = NS(N)`` (Newton-Schulz, ``core.directions.newton_schulz``)."""
+    return newton_schulz(xp, n, **muon_ns_options(dict(hp)))
+
+
+def muon_rule(xp: Any, phase: str, g: Any, state: Mapping[str, Any], hp: Mapping[str, Any], t: Any, scale: float, ops: Any = HOST) -> tuple:
+    """Muon's direction ``(O, new_state)`` for ``MatrixSpec.direction`` (one phase; ``t`` and ``ops`` unused).
+
+    ``(N, B) = muon_momentum(g, B)``; ``O = NS(N)``; the update ``p (1 - lr wd) - lr * scale * O`` is
+    :func:`muon_apply`.
+    """
+    n, new_state = muon_elementwise_stage(xp, g, state, hp)
+    return muon_matrix_stage(xp, n, hp), new_state
+
+
 def ns_check(title: str, hp: dict) -> None:
     """Validate ``ns_coefficients`` against ``ns_steps`` when the hyperparameters are validated (not at the
     first step), with a message naming the argument and its value."""
@@ -128,6 +176,22 @@ NS_HYPERS = (
     Hyper("ns_dtype", None, "any", "dtype the iteration runs in (e.g. torch.bfloat16); None keeps the parameter dtype"),
 )
 
+#: The verifier's settings: a non-default row with the RMS-matching scale and plain momentum.
+MUON_VERIFICATION = Verification(
+    hp={"lr": 2e-2, "weight_decay": 0.1},
+    variants=(
+        (
+            "rms,plain",
+            {"lr": 2e-2, "weight_decay": 0.1, "nesterov": False, "shape_scale": "match_rms_adamw", "ns_prenorm": "frobenius_add"},
+        ),
+    ),
+    float32=Bound(
+        3e-4,
+        "float32 Newton-Schulz: 5 quintic iterations amplify the rounding of small singular values (phi'(0) = 3.4 "
+        "per iteration); matmul precision pinned (no TF32).",
+    ),
+)
+
 MUON = MatrixSpec(
     name="muon",
     title="Muon",
@@ -143,7 +207,17 @@ MUON = MatrixSpec(
     ),
     fallback="adamw",
     fallback_defaults={"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
+    state=("momentum_buffer",),
+    init=muon_init,
+    state_shapes=muon_state_shapes,
+    direction=muon_rule,
+    apply=muon_apply,
+    decay="before",
+    sharding="elementwise",
+    elementwise_stage=muon_elementwise_stage,
+    matrix_stage=muon_matrix_stage,
     check=lambda hp: ns_check("Muon", hp),
     conventions="EMA momentum, no bias correction, Nesterov on; NS5 quintic, X/max(||X||_F, 1e-7); scale sqrt(max(1, fan_out/fan_in)); decoupled decay before with the unadjusted lr (torch.optim.Muon)",
     source="KellerJordan/Muon; torch.optim.Muon",
+    verification=MUON_VERIFICATION,
 )

@@ -16,6 +16,7 @@ from typing import Any
 from ._backend import HOST
 from .moments import bias_correction, ema, residual_variance_update
 from .spec import ElementwiseSpec, Hyper, beta_hyper, eps_hyper, lr_hyper, wd_hyper
+from .verification import Verification
 
 __all__ = ["mvngrad_direction", "MVNGRAD"]
 
@@ -101,7 +102,12 @@ MVNGRAD = ElementwiseSpec(
     state=("exp_avg", "exp_avg_var", "momentum"),
     scalars=_mvngrad_scalars,
     direction=mvngrad_direction,
+    arguments={"exp_avg": "m", "exp_avg_var": "v", "momentum": "u"},
     conventions="normalise (by EMA of (g - m_t)^2 + eps_s, bias-corrected) then momentum; eps outside the sqrt; momentum bias-corrected; decoupled decay before [I]",
     source="arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, spec 2)",
     check=_mvngrad_check,
+    verification=Verification(
+        hp={"lr": 1e-2, "weight_decay": 1e-2},
+        variants=(("m_prev", {"lr": 1e-2, "weight_decay": 1e-2, "residual": "m_prev", "eps_s": 1e-12}),),
+    ),
 )

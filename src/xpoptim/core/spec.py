@@ -7,11 +7,15 @@ set of defaults and one set of numbers in every framework.
 
 Two kinds of rule:
 
-* ``ElementwiseSpec``: ``direction(xp, g, *extras, *state, *scalars, **static) -> (d, *new_state)``
+* ``ElementwiseSpec``: ``direction(xp, g, <extras>, <state>, <scalars>, *, <static>) -> (d, *new_state)``
   where every operation is elementwise (fusable: no array creation, no Python branch on array values,
   no in-place writes). The parameter update is ``p <- p * (1 - lr*wd) - lr * d`` (decoupled decay,
   before the step, AdamW/torch order), or ``g <- g + wd * p`` before the rule (coupled L2, torch
-  Adam/SGD), built by :func:`make_step_kernel`.
+  Adam/SGD), built by :func:`make_step_kernel`. The rule's arguments are bound **by name**: each
+  extra input and state buffer goes to the parameter of the same name (or the one named in the
+  spec's ``arguments``), the values of ``scalars`` go to the remaining parameters, and the new state
+  comes back in the order the rule lists its state parameters. The spec checks this when it is built
+  (:func:`bind_rule`), so a spec whose names do not match its rule is refused.
 * ``MatrixSpec``: a rule over one matrix or a stack of same-shape matrices (Muon, DeVA_Sinf), plus
   the elementwise spec that non-matrix parameters are routed to.
 """
@@ -34,6 +38,8 @@ __all__ = [
     "make_step_kernel",
     "make_direction_kernel",
     "step_scalars",
+    "RuleBinding",
+    "bind_rule",
     "STATE_VERSION",
     "lr_hyper",
     "beta_hyper",
@@ -172,6 +178,13 @@ class ElementwiseSpec(_HyperparamsMixin):
         check: cross-field validation, ``check(hp)`` raising ``ValueError``.
         fusable: False when the rule calls a non-standard function (``erf``) that the fusing compilers
             may not accept.
+        arguments: the rule's parameter name for an extra input or state buffer whose name differs
+            (``{"exp_avg": "m", "exp_avg_sq": "v"}``: papers' symbols in the rule, framework names in
+            checkpoints). Names not listed are passed to the parameter of the same name.
+
+    Raises:
+        TypeError, ValueError: at construction, when the rule's parameters do not match ``extras``,
+            ``state``, ``arguments`` and the values ``scalars`` returns (:func:`bind_rule`).
     """
 
     name: str
@@ -187,6 +200,24 @@ class ElementwiseSpec(_HyperparamsMixin):
     check: Callable[[dict], None] | None = None
     fusable: Callable[[dict], bool] | bool = True
     kind: str = "elementwise"
+    #: The verifier's settings and bounds (``core.verification.Verification``; ``None``: the documented defaults).
+    verification: Any = None
+    arguments: Mapping[str, str] | None = dataclasses.field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        bind_rule(self)  # refuse a spec whose names do not match its rule (cached for the kernels)
+
+    @property
+    def binding(self) -> RuleBinding:
+        """How the kernels call ``direction`` (see :func:`bind_rule`)."""
+        return bind_rule(self)
+
+    def rule_scalars(self, hp: Mapping[str, Any], t: Any, ops: Any = HOST) -> tuple:
+        """``scalars(hp, t, ops)`` as a tuple in the order of ``binding.scalars`` (a mapping is ordered by name)."""
+        raw = self.scalars(hp, t, ops)
+        if isinstance(raw, Mapping):
+            return tuple(raw[n] for n in self.binding.scalars)
+        return tuple(raw)
 
     def static(self, hp: Mapping[str, Any]) -> dict:
         """The static switches ``direction`` takes as keyword arguments (others only shape scalars)."""
@@ -195,6 +226,114 @@ class ElementwiseSpec(_HyperparamsMixin):
 
     def is_fusable(self, hp: Mapping[str, Any]) -> bool:
         return self.fusable(dict(hp)) if callable(self.fusable) else bool(self.fusable)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleBinding:
+    """How the step and direction kernels call an elementwise rule, derived from its signature.
+
+    Attributes:
+        inputs: the rule's parameter for each of ``(*spec.extras, *spec.state)``, in that order.
+        scalars: the rule's parameters that receive ``spec.scalars(...)``, in the order it returns them
+            (the rule's own order).
+        outputs: for each buffer of ``spec.state``, the position of its new value among the state values
+            the rule returns after ``d`` (the rule returns them in the order of its state parameters).
+    """
+
+    inputs: tuple[str, ...]
+    scalars: tuple[str, ...]
+    outputs: tuple[int, ...]
+
+
+_BINDINGS: dict[int, tuple[Any, RuleBinding]] = {}
+
+
+def bind_rule(spec: ElementwiseSpec) -> RuleBinding:
+    """Match an elementwise rule's parameters to the spec's names, by name; refuse a mismatch.
+
+    The rule is ``direction(xp, g, ..., *, <static switches>)``. Every extra input and state buffer of the spec is
+    passed to the parameter of the same name (or ``spec.arguments[name]``); the remaining positional parameters
+    receive the values of ``spec.scalars(hp, t, ops)``: by name when it returns a mapping, in the rule's order
+    when it returns a tuple. The rule returns ``(d, *new_state)`` in the order of its own state parameters.
+
+    Args:
+        spec: the elementwise spec.
+
+    Returns:
+        The binding (cached per spec).
+
+    Raises:
+        TypeError: the rule is not a function of named parameters, or a keyword-only parameter is neither a
+            static hyperparameter nor defaulted.
+        ValueError: a name in ``extras`` / ``state`` / ``arguments`` that the rule does not take, two names
+            bound to one parameter, or a number or names of scalars that do not match the rule's remaining
+            parameters. The message names the spec, the names and the rule's signature.
+    """
+    cached = _BINDINGS.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    title = getattr(spec, "title", "?")
+    fn = spec.direction
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise TypeError(f"{title}: direction={fn!r} is invalid: expected a Python function with named parameters") from None
+    P = inspect.Parameter
+    params = list(sig.parameters.values())
+    positional = [p.name for p in params if p.kind is P.POSITIONAL_OR_KEYWORD]
+    first_kw = next((i for i, p in enumerate(params) if p.kind is P.KEYWORD_ONLY), -1)
+    rule = f"{getattr(fn, '__name__', 'direction')}({', '.join(('*, ' if p.kind is P.KEYWORD_ONLY and i == first_kw else '') + p.name for i, p in enumerate(params))})"
+    bad = [p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+    if bad or len(positional) < 2:
+        raise TypeError(
+            f"{title}: the rule {rule} is invalid: expected direction(xp, g, <named inputs>, *, <static switches>), "
+            "with no positional-only, *args or **kwargs parameters (the arguments are passed by name)"
+        )
+    static_names = {h.name for h in spec.hyperparams if h.static}
+    for p in params:
+        if p.kind is P.KEYWORD_ONLY and p.name not in static_names and p.default is P.empty:
+            raise TypeError(
+                f"{title}: the rule's keyword-only parameter {p.name!r} is neither a static hyperparameter "
+                f"(one of {sorted(static_names)}) nor defaulted; rule: {rule}"
+            )
+    named = positional[2:]
+    arguments = dict(spec.arguments or {})
+    declared = (*spec.extras, *spec.state)
+    unknown = sorted(set(arguments) - set(declared))
+    if unknown:
+        raise ValueError(f"{title}: arguments names {unknown}, which are not extras or state of the spec: expected keys among {list(declared)}")
+    inputs = tuple(arguments.get(n, n) for n in declared)
+    missing = [(n, a) for n, a in zip(declared, inputs) if a not in named]
+    if missing:
+        what = ", ".join(f"{n!r}" + (f" (as {a!r})" if a != n else "") for n, a in missing)
+        raise ValueError(
+            f"{title}: the rule {rule} has no parameter for {what}: name the rule's parameter after the spec's "
+            f"extras {list(spec.extras)} and state {list(spec.state)}, or map it with arguments={{name: parameter}}"
+        )
+    if len(set(inputs)) != len(inputs):
+        raise ValueError(f"{title}: two of the spec's extras/state {list(declared)} are bound to one rule parameter ({list(inputs)})")
+    scalar_params = tuple(n for n in named if n not in inputs)
+    hp = {h.name: h.default for h in spec.hyperparams}
+    try:
+        sample = spec.scalars(hp, 1, HOST)
+    except Exception as exc:
+        raise ValueError(f"{title}: scalars(defaults, t=1) raised {type(exc).__name__}: {exc}") from None
+    if isinstance(sample, Mapping):
+        if set(sample) != set(scalar_params):
+            raise ValueError(
+                f"{title}: scalars returns the names {sorted(sample)} but the rule {rule} takes the scalars "
+                f"{list(scalar_params)} (its parameters after the extras and state)"
+            )
+    elif len(tuple(sample)) != len(scalar_params):
+        raise ValueError(
+            f"{title}: scalars returns {len(tuple(sample))} value(s) but the rule {rule} takes "
+            f"{len(scalar_params)} scalar(s) {list(scalar_params)} (its parameters after the extras and state)"
+        )
+    state_params = [n for n in named if n in inputs[len(spec.extras):]]
+    outputs = tuple(state_params.index(a) for a in inputs[len(spec.extras):])
+    binding = RuleBinding(inputs=inputs, scalars=scalar_params, outputs=outputs)
+    _BINDINGS[id(spec)] = (spec, binding)
+    return binding
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,14 +360,15 @@ def step_scalars(spec: ElementwiseSpec, hp: Mapping[str, Any], t: Any, ops: Any 
     """
     lr, wd = hp["lr"], hp["weight_decay"]
     wd_term = 1 - lr * wd if spec.weight_decay == "decoupled" else wd
-    return (lr, wd_term, *spec.scalars(hp, t, ops))
+    return (lr, wd_term, *spec.rule_scalars(hp, t, ops))
 
 
 def make_step_kernel(spec: ElementwiseSpec, xp: Any, static: Mapping[str, Any], maximize: bool = False) -> Callable:
     """Build the fusable full step ``kernel(p, g, *extras, *state, lr, wd_term, *scalars)``.
 
-    The kernel returns ``(p_new, *new_state)``. It is a named ``def`` over positional arrays and
-    scalars only, so ``jax.jit``, ``torch.compile`` and ``cupy.fuse`` can compile it to one kernel.
+    The kernel returns ``(p_new, *new_state)``, the state in ``spec.state`` order. It is a named ``def``
+    over positional arrays and scalars only, so ``jax.jit``, ``torch.compile`` and ``cupy.fuse`` can compile
+    it to one kernel; inside, the rule is called by name (``spec.binding``).
 
     Args:
         spec: the optimizer.
@@ -239,23 +379,19 @@ def make_step_kernel(spec: ElementwiseSpec, xp: Any, static: Mapping[str, Any], 
     Returns:
         The kernel.
     """
-    direction = spec.direction
-    n_extra, n_state = len(spec.extras), len(spec.state)
+    call = _bound_call(spec, xp, static)
+    n_in = len(spec.extras) + len(spec.state)
     coupled = spec.weight_decay == "coupled"
-    static = dict(static)
 
     def step_kernel(p: Any, g: Any, *args: Any) -> tuple:
-        extras = args[:n_extra]
-        state = args[n_extra : n_extra + n_state]
-        lr, wd_term = args[n_extra + n_state], args[n_extra + n_state + 1]
-        scalars = args[n_extra + n_state + 2 :]
+        lr, wd_term = args[n_in], args[n_in + 1]
         if maximize:
             g = -g
         if coupled:
             g = g + wd_term * p
-            out = direction(xp, g, *extras, *state, *scalars, **static)
+            out = call(g, args[:n_in], args[n_in + 2 :])
             return (p - lr * out[0], *out[1:])
-        out = direction(xp, g, *extras, *state, *scalars, **static)
+        out = call(g, args[:n_in], args[n_in + 2 :])
         return (p * wd_term - lr * out[0], *out[1:])
 
     step_kernel.__name__ = f"{spec.name}_step_kernel"
@@ -267,14 +403,31 @@ def make_direction_kernel(spec: ElementwiseSpec, xp: Any, static: Mapping[str, A
 
     This is the optax ``scale_by_<rule>`` layer: the alias adds decay and the learning rate.
     """
-    direction = spec.direction
-    static = dict(static)
+    call = _bound_call(spec, xp, static)
+    n_in = len(spec.extras) + len(spec.state)
 
     def direction_kernel(g: Any, *args: Any) -> tuple:
-        return direction(xp, g, *args, **static)
+        return call(g, args[:n_in], args[n_in:])
 
     direction_kernel.__name__ = f"{spec.name}_direction_kernel"
     return direction_kernel
+
+
+def _bound_call(spec: ElementwiseSpec, xp: Any, static: Mapping[str, Any]) -> Callable:
+    """``call(g, inputs, scalars) -> (d, *new_state)``: the rule called by name, its new state in ``spec.state`` order."""
+    direction = spec.direction
+    binding = spec.binding
+    inputs, scalar_names, outputs = binding.inputs, binding.scalars, binding.outputs
+    static = dict(static)
+
+    def call(g: Any, values: tuple, scalars: tuple) -> tuple:
+        kwargs = dict(zip(inputs, values))
+        kwargs.update(zip(scalar_names, scalars))
+        out = direction(xp, g, **kwargs, **static)
+        new_state = out[1:]
+        return (out[0], *(new_state[i] for i in outputs))
+
+    return call
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +437,16 @@ def make_direction_kernel(spec: ElementwiseSpec, xp: Any, static: Mapping[str, A
 
 @dataclasses.dataclass(frozen=True)
 class MatrixSpec(_HyperparamsMixin):
-    """Spec of a matrix optimizer (Muon, DeVA_Sinf).
+    """Spec of a matrix optimizer (Muon, DeVA_Sinf): its hyperparameters and its behaviour.
+
+    The rule acts on one matrix or a stack of same-shape matrices ``(..., n, m)`` (the adapters flatten conv
+    weights and choose the fan layout). One step ``t >= 1`` is, for ``phase = phases[phase_of(hp, t, ops)]``::
+
+        d, new_state = direction(xp, phase, g, state, hp, t, scale, ops)
+        p_new = p if d is None else apply(xp, p, d, lr, weight_decay, scale)
+
+    :meth:`step` does exactly this on the host; the optax adapter runs the same functions under ``jax.jit``
+    (one ``lax.switch`` branch per phase, ``t`` a traced step counter, ``ops = jax.numpy``).
 
     Attributes:
         name, title, hyperparams, conventions, source, check: as for ``ElementwiseSpec``.
@@ -292,6 +454,31 @@ class MatrixSpec(_HyperparamsMixin):
             (overridable per optimizer with the ``fallback`` argument of the adapters).
         fallback_defaults: hyperparameter overrides for the fallback rule (e.g. Muon's AdamW at
             lr 3e-4, betas (0.9, 0.95), eps 1e-10 as in KellerJordan/Muon's ``MuonWithAuxAdam``).
+        state: the names of the state arrays, in checkpoint order.
+        init: ``init(xp, like, hp) -> dict``: the state at ``t = 0`` for matrices shaped and typed like ``like``
+            (the state dtype); every name of ``state`` is a key (``None`` for an array the rule does not keep).
+        state_shapes: ``state_shapes(shape, hp) -> {name: shape or None}``: the state layout of one
+            ``(n, m)`` matrix (what checkpoints are checked against).
+        direction: ``direction(xp, phase, g, state, hp, t, scale, ops) -> (d, new_state)``: the rule; ``d`` is
+            ``None`` in a phase that does not move the parameter. ``scale`` is the shape scale
+            (:func:`xpoptim.core.functional.matrix_scale`). Hyperparameters that are arrays (traced) come in
+            ``g``'s dtype (the adapter casts them); scalars the rule derives from a traced ``t`` it casts itself.
+        apply: ``apply(xp, p, d, lr, weight_decay, scale) -> p_new``: the parameter update with its decay.
+        decay: ``"before"`` (``p (1 - lr wd) - lr d``: optax chains ``add_decayed_weights`` then the learning
+            rate) or ``"after"`` (``apply`` decays the stepped parameter; optax runs ``apply`` itself).
+        direction_includes_scale: True when ``direction`` already multiplies by ``scale`` (otherwise ``apply``
+            does, and the optax ``scale_by_<name>`` returns ``scale * d``).
+        phases: the names of the step's phases (``("step",)``; DeVA_Sinf: seed, step, refresh).
+        phase_of: ``phase_of(hp, t, ops) -> index`` into ``phases`` (a Python int on the host, an int array
+            when ``t`` is traced). Default: always 0.
+        still_phases: the phases in which the parameter does not move (no step, no decay).
+        sharding: ``"elementwise"``: every state array has the parameter's shape and is updated elementwise,
+            so it can be sharded like the parameter; only :attr:`matrix_stage` needs the whole matrix
+            (``d = matrix_stage(xp, elementwise_stage(xp, g, state, hp)[0], hp)``, and ``apply`` is
+            elementwise). ``"replicated"``: the state is per whole matrix (factors, eigenbases), kept whole on
+            every device and the whole step runs on the gathered matrix.
+        elementwise_stage: ``"elementwise"`` sharding: ``(xp, g, state, hp) -> (x, new_state)``, elementwise.
+        matrix_stage: ``"elementwise"`` sharding: ``(xp, x, hp) -> d``, on the whole matrix.
     """
 
     name: str
@@ -299,13 +486,76 @@ class MatrixSpec(_HyperparamsMixin):
     hyperparams: tuple[Hyper, ...]
     fallback: str
     fallback_defaults: Mapping[str, Any]
+    state: tuple[str, ...] = ()
+    init: Callable[..., dict] | None = None
+    state_shapes: Callable[[tuple, Mapping[str, Any]], dict] | None = None
+    direction: Callable[..., tuple] | None = None
+    apply: Callable[..., Any] | None = None
+    decay: str = "before"
+    direction_includes_scale: bool = False
+    phases: tuple[str, ...] = ("step",)
+    phase_of: Callable[..., Any] | None = None
+    still_phases: tuple[str, ...] = ()
+    sharding: str = "replicated"
+    elementwise_stage: Callable[..., tuple] | None = None
+    matrix_stage: Callable[..., Any] | None = None
     conventions: str = ""
     source: str = ""
     check: Callable[[dict], None] | None = None
     kind: str = "matrix"
+    #: The verifier's settings and bounds (``core.verification.Verification``; ``None``: the documented defaults).
+    verification: Any = None
+
+    def __post_init__(self) -> None:
+        where = f"{self.title} (MatrixSpec)"
+        for field in ("init", "state_shapes", "direction", "apply"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"{where}: {field}={getattr(self, field)!r} is invalid: expected a function")
+        if not self.state or not all(isinstance(n, str) for n in self.state):
+            raise ValueError(f"{where}: state={self.state!r} is invalid: expected the names of the state arrays")
+        if self.decay not in ("before", "after"):
+            raise ValueError(f"{where}: decay={self.decay!r} is invalid: expected 'before' or 'after'")
+        if not self.phases or len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"{where}: phases={self.phases!r} is invalid: expected distinct phase names")
+        if len(self.phases) > 1 and not callable(self.phase_of):
+            raise TypeError(f"{where}: phase_of is required with several phases {self.phases}")
+        if set(self.still_phases) - set(self.phases):
+            raise ValueError(f"{where}: still_phases={self.still_phases!r} names phases not in {self.phases}")
+        if self.sharding not in ("elementwise", "replicated"):
+            raise ValueError(f"{where}: sharding={self.sharding!r} is invalid: expected 'elementwise' or 'replicated'")
+        if self.sharding == "elementwise" and not (callable(self.elementwise_stage) and callable(self.matrix_stage)):
+            raise TypeError(f"{where}: sharding='elementwise' needs elementwise_stage and matrix_stage")
+        shapes = self.state_shapes((3, 2), self.defaults)
+        if set(shapes) != set(self.state):
+            raise ValueError(f"{where}: state_shapes returns {sorted(shapes)}: expected the state names {sorted(self.state)}")
 
     def static(self, hp: Mapping[str, Any]) -> dict:
         return {h.name: hp[h.name] for h in self.hyperparams if h.static}
+
+    def phase(self, hp: Mapping[str, Any], t: Any, ops: Any = HOST) -> Any:
+        """The index into :attr:`phases` of step ``t`` (``t >= 1``)."""
+        return 0 if self.phase_of is None else self.phase_of(hp, t, ops)
+
+    def step(self, xp: Any, param: Any, grad: Any, state: Mapping[str, Any], hp: Mapping[str, Any], t: int, scale: float) -> tuple[Any, dict]:
+        """Step ``t`` (a host int, ``t >= 1``) on a matrix or a stack; returns ``(new_param, new_state)``.
+
+        Args:
+            xp: array namespace.
+            param: ``(..., n, m)`` parameter, in the state dtype.
+            grad: its gradient (same shape and dtype).
+            state: from :attr:`init` or the previous step (not modified).
+            hp: validated hyperparameters.
+            t: the step being taken.
+            scale: the shape scale (``functional.matrix_scale``).
+
+        Returns:
+            ``(new_param, new_state)``; ``new_param`` is ``param`` itself in a still phase.
+        """
+        phase = self.phases[self.phase(hp, t, HOST)]
+        d, new_state = self.direction(xp, phase, grad, dict(state), hp, t, scale, HOST)
+        if d is None:
+            return param, new_state
+        return self.apply(xp, param, d, hp["lr"], hp["weight_decay"], scale), new_state
 
     def resolve_fallback(self, fallback: str | None = None, hyperparams: Mapping[str, Any] | None = None) -> tuple[ElementwiseSpec, dict]:
         """The elementwise rule for the non-matrix parameters, and the hyperparameters given for it.
@@ -326,7 +576,7 @@ class MatrixSpec(_HyperparamsMixin):
             ValueError: ``fallback`` is unknown or not an elementwise rule; a hyperparameter value is invalid.
             TypeError: a hyperparameter the rule does not have.
         """
-        from . import ELEMENTWISE, get_spec  # noqa: PLC0415  (the registry's package imports this module)
+        from . import SPECS, get_spec  # noqa: PLC0415  (the registry's package imports this module)
 
         name = self.fallback if fallback is None else fallback
         try:
@@ -334,7 +584,7 @@ class MatrixSpec(_HyperparamsMixin):
         except ValueError:
             spec = None
         if not isinstance(spec, ElementwiseSpec):
-            raise ValueError(f"{self.title}: fallback={name!r} is invalid: expected an elementwise optimizer, one of {list(ELEMENTWISE)}")
+            raise ValueError(f"{self.title}: fallback={name!r} is invalid: expected an elementwise optimizer, one of {[n for n, s in SPECS.items() if isinstance(s, ElementwiseSpec)]}")
         hp: dict = {}
         if spec is get_spec(self.fallback):
             known = {h.name for h in spec.hyperparams}

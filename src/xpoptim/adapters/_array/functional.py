@@ -12,7 +12,7 @@ from xpoptim.core import STATE_VERSION, ElementwiseSpec, MatrixSpec, get_spec
 from xpoptim.core import functional as core_functional
 
 from .namespace import _default_state_dtype, _from_numpy, _is_array, _matrix_shape, _numpy_dtype, _to_numpy
-from .params import _LAYOUTS
+from .params import _matrix_rules, _LAYOUTS
 
 
 class FunctionalOptimizer:
@@ -53,7 +53,7 @@ class FunctionalOptimizer:
             self.fallback_spec, base = self.spec.resolve_fallback(fallback, fallback_hyperparams)
             self.fallback_hyperparams = self.fallback_spec.validate(**base)
         elif fallback is not None or fallback_hyperparams is not None:
-            raise TypeError(f"{self.spec.title} is elementwise: fallback/fallback_hyperparams apply to Muon and DeVASinf only")
+            raise TypeError(f"{self.spec.title} is elementwise: fallback/fallback_hyperparams apply to the matrix rules only ({_matrix_rules()})")
 
     def _items(self, params: Any, what: str) -> tuple[list, list, bool]:
         if isinstance(params, Mapping):

@@ -9,6 +9,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from xpoptim.core import default_state_dtype
+
 
 def _backend_name(x: Any) -> str:
     if array_api_compat.is_numpy_array(x):
@@ -80,11 +82,6 @@ def _no_grad(kind: str) -> Any:
     return contextlib.nullcontext()
 
 
-def _is_low_precision(dtype: Any) -> bool:
-    s = str(dtype)
-    return "float16" in s  # float16 and bfloat16 (numpy, cupy, torch, jax)
-
-
 def _is_real_floating(xp: Any, dtype: Any) -> bool:
     try:
         return bool(xp.isdtype(dtype, "real floating"))
@@ -93,9 +90,8 @@ def _is_real_floating(xp: Any, dtype: Any) -> bool:
 
 
 def _default_state_dtype(xp: Any, dtype: Any, state_dtype: Any) -> Any:
-    if state_dtype is not None:
-        return state_dtype
-    return xp.float32 if _is_low_precision(dtype) else dtype
+    """The core's state-dtype policy (``xpoptim.core.default_state_dtype``) in namespace ``xp``."""
+    return default_state_dtype(dtype, state_dtype, xp.float32)
 
 
 def _matrix_shape(shape: tuple, layout: str) -> tuple:

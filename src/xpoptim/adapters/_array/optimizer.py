@@ -15,7 +15,7 @@ from .buckets import BucketStepMixin
 from .checkpoint import CheckpointMixin
 from .layout import _Bucket, _Entry, _MatrixStack, _Segment
 from .namespace import _backend_name, _default_state_dtype, _device_context, _is_array, _is_real_floating, _matrix_shape, _no_grad, _numpy_dtype, _reshape
-from .params import _GROUP_EXTRA_KEYS, _LAYOUTS, _parse_groups, _spec_hp
+from .params import _matrix_rules, _GROUP_EXTRA_KEYS, _LAYOUTS, _parse_groups, _spec_hp
 from .threads import DEFAULT_CHUNK_SIZE, DEFAULT_THREADED_CHUNK_SIZE, _auto_threads
 
 
@@ -91,7 +91,7 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
         if isinstance(self.spec, MatrixSpec):
             self.fallback_spec, self._fallback_base = self.spec.resolve_fallback(fallback, fallback_hyperparams)
         elif fallback is not None or fallback_hyperparams is not None:
-            raise TypeError(f"{self.spec.title} is elementwise: fallback/fallback_hyperparams apply to Muon and DeVASinf only")
+            raise TypeError(f"{self.spec.title} is elementwise: fallback/fallback_hyperparams apply to the matrix rules only ({_matrix_rules()})")
         self.spec.validate(**hyperparams)  # unknown names -> TypeError, bad values -> ValueError
 
         groups, self._named = _parse_groups(params)
@@ -108,7 +108,7 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
                 self.fallback_spec.validate(**fbh)
                 group["fallback_hyperparams"] = fbh
             elif "fallback_hyperparams" in g:
-                raise TypeError(f"{self.spec.title} is elementwise: fallback_hyperparams apply to Muon and DeVASinf only")
+                raise TypeError(f"{self.spec.title} is elementwise: fallback_hyperparams apply to the matrix rules only ({_matrix_rules()})")
             self.param_groups.append(group)
             for j, a in enumerate(g["params"]):
                 if id(a) in seen:
@@ -257,7 +257,7 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
         idx = range(len(self.param_groups)) if group is None else [group]
         fbh = hyperparams.pop("fallback_hyperparams", None)
         if fbh is not None and self.fallback_spec is None:
-            raise TypeError(f"{self.spec.title} is elementwise: fallback_hyperparams apply to Muon and DeVASinf only")
+            raise TypeError(f"{self.spec.title} is elementwise: fallback_hyperparams apply to the matrix rules only ({_matrix_rules()})")
         staged = []
         for i in idx:
             g = self.param_groups[i]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from xpoptim.core import SPECS, MatrixSpec
+
 from .namespace import _is_array
 
 _LAYOUTS = ("out_in", "in_out")
@@ -65,3 +67,8 @@ def _parse_groups(params: Any) -> tuple[list[dict], bool]:
 def _spec_hp(spec: Any, hp: Mapping[str, Any]) -> dict:
     return {k: v for k, v in hp.items() if k not in _GROUP_EXTRA_KEYS}
 
+
+
+def _matrix_rules() -> str:
+    """The registered matrix rules' titles, for messages."""
+    return ", ".join(s.title for s in SPECS.values() if isinstance(s, MatrixSpec))

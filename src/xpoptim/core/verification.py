@@ -1,0 +1,106 @@
+"""What the cross-backend verifier (``python -m xpoptim.matrix``) needs to know about a rule, kept with its spec.
+
+Every spec carries a :class:`Verification` (its ``verification`` attribute; ``None`` means the documented
+defaults below), so a rule added to the registry, from inside xpoptim or from a user's code, gets verifier
+cells without any edit to the verifier:
+
+* ``hp``: hyperparameters the verifier runs the rule at (over the spec's defaults). Default: none, the spec's
+  defaults.
+* ``variants``: extra rows, ``(label suffix, hyperparameters)``; the row is labelled ``name[suffix]``.
+* ``float64`` / ``float32``: the bound on a cell's error (the largest deviation from the float64 NumPy run,
+  relative to the distance that run travelled) and the reason it is what it is. Defaults:
+  :data:`DEFAULT_FLOAT64` and :data:`DEFAULT_FLOAT32`.
+* ``problems``: the verifier problems the rule runs on (``None``: all of them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Bound", "Verification", "DEFAULT_FLOAT64", "DEFAULT_FLOAT32", "DEFAULT_VERIFICATION", "verification_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A bound on a verifier cell's error and why it is what it is."""
+
+    bound: float
+    reason: str
+
+
+#: Default float64 bound: every backend runs the same IEEE-double operations.
+DEFAULT_FLOAT64 = Bound(
+    1e-12,
+    "float64: every backend runs the same operations in IEEE double; differences are reassociation in BLAS and "
+    "reductions and in-graph step scalars under jit (~1e-16 per op), carried through the loop.",
+)
+
+#: Default float32 bound: a smooth elementwise rule.
+DEFAULT_FLOAT32 = Bound(
+    1e-4,
+    "float32, smooth elementwise rule: every step rounds the parameter (~6e-8 |p|, large against a 1e-2 step) and "
+    "the moments; set 3x below the error of a learning rate 0.1 % off (~1e-3).",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """The verifier's settings for one rule (see the module docstring for the defaults).
+
+    Attributes:
+        hp: hyperparameters of the verifier's default row.
+        variants: extra rows ``(label suffix, hyperparameters)``.
+        float64: the float64 bound.
+        float32: the float32 bound.
+        problems: problem names (``None``: every verifier problem).
+    """
+
+    hp: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    variants: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    float64: Bound = DEFAULT_FLOAT64
+    float32: Bound = DEFAULT_FLOAT32
+    problems: tuple[str, ...] | None = None
+
+    def bound(self, dtype: str) -> Bound:
+        """The bound for ``"float64"`` or ``"float32"``."""
+        if dtype == "float64":
+            return self.float64
+        if dtype == "float32":
+            return self.float32
+        raise ValueError(f"dtype={dtype!r} is invalid: expected 'float64' or 'float32'")
+
+
+#: The settings of a spec without its own.
+DEFAULT_VERIFICATION = Verification()
+
+
+def verification_of(spec: Any) -> Verification:
+    """``spec.verification``, or :data:`DEFAULT_VERIFICATION` when the spec has none."""
+    v = getattr(spec, "verification", None)
+    return DEFAULT_VERIFICATION if v is None else v
+
+
+# Bounds several rules share (each spec names the one that applies to it).
+
+#: float64, variance estimate ``v - m^2`` (SVAG, M-SVAG).
+CANCEL_FLOAT64 = Bound(
+    1e-11,
+    "float64, variance estimate v - m^2 (SVAG, M-SVAG): where the gradient noise is small against its mean the "
+    "subtraction cancels, amplifying rounding by v / (v - m^2) (~1e3 on the MLP's biases).",
+)
+
+#: float32, variance estimate ``v - m^2``.
+CANCEL_FLOAT32 = Bound(
+    3e-4,
+    "float32, variance estimate v - m^2: cancellation where the noise is small against the mean (the MLP biases) "
+    "amplifies float32 rounding ~1e3x; 3x below a 0.1 % lr error.",
+)
+
+#: float32, sign-based rules (M-SSD, DeVA_linf).
+SIGN_FLOAT32 = Bound(
+    1e-4,
+    "float32, sign-based rules: sign() is exact away from 0 but a flip where the momentum crosses 0 moves an "
+    "element by 2 lr; exact zeros stay exact (sign(0) = 0 everywhere) and the problems keep other momenta away from 0.",
+)
