@@ -109,6 +109,7 @@ def _torch(device: str) -> Backend:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("torch.cuda.is_available() is False (no CUDA device or a CPU-only torch build)")
     xp = importlib.import_module("array_api_compat.torch")
+    importlib.import_module("xpoptim.adapters._torch_gemm")  # torch's GEMM routing for the core's matrix products
     return Backend(f"torch-{device}", xp, torch.device(device), {"float64": torch.float64, "float32": torch.float32}, "torch")
 
 

@@ -208,11 +208,12 @@ def test_conv_weight_flattening() -> None:
     assert math.isclose(F.matrix_scale(spec, hp, (4, 18), "out_in"), 1.0)
 
 
-def test_chunked_numpy_step_tunes_glibc_malloc_and_can_be_refused() -> None:
-    """The first chunked op-by-op NumPy step sets glibc's mmap threshold to 4 MiB and its top pad (``_array.malloc._tune_glibc_malloc``:
-    without them chunk temporaries can page-fault on every chunk, 3.5-6x slower); ``XPOPTIM_MALLOPT=0`` leaves
-    malloc alone. Observed in fresh interpreters through glibc's ``mallinfo2``: after the step a 3 MiB allocation is
-    served from the heap (no new mmapped bytes) when tuned, and mmapped under glibc's default threshold when not."""
+def test_glibc_malloc_is_tuned_only_when_asked() -> None:
+    """``tune_glibc_malloc()`` (or ``XPOPTIM_MALLOPT=1`` at the first chunked op-by-op NumPy step) sets glibc's mmap
+    threshold to 4 MiB and its top pad (without them chunk temporaries can page-fault on every chunk, 3.5-6x
+    slower); by default the process-wide allocator is left alone. Observed in fresh interpreters through glibc's
+    ``mallinfo2``: after the step a 3 MiB allocation is served from the heap (no new mmapped bytes) when tuned, and
+    mmapped under glibc's default threshold when not."""
     import ctypes
     import os
     import platform
@@ -222,25 +223,28 @@ def test_chunked_numpy_step_tunes_glibc_malloc_and_can_be_refused() -> None:
     if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("the malloc tuning applies to glibc (>= 2.33 for mallinfo2) only")
     code = (
-        "import ctypes, numpy as np\n"
-        "from xpoptim.adapters import numpy as N\nfrom xpoptim.adapters._array import malloc\n"
+        "import ctypes, sys, numpy as np\n"
+        "from xpoptim.adapters import array as A, numpy as N\nfrom xpoptim.adapters._array import malloc\n"
         "class MI2(ctypes.Structure):\n"
         "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks',"
         " 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
         "libc = ctypes.CDLL(None); libc.mallinfo2.restype = MI2\n"
+        "if sys.argv[1] == 'call': assert A.tune_glibc_malloc() is True\n"
         "p = [np.zeros(1000)]; N.SGD(p, lr=0.5, chunk_size=100, fuse=False).step([np.ones(1000)])\n"
-        "assert malloc._MALLOPT_DONE == [True] and (p[0] == -0.5).all()\n"
+        "assert (p[0] == -0.5).all()\n"
         "before = libc.mallinfo2().hblkhd\n"
         "a = np.empty(3 << 20, np.uint8)\n"
         "print(libc.mallinfo2().hblkhd - before)\n"
     )
     mapped = {}
-    for env_value in ("1", "0"):
-        env = {**os.environ, "XPOPTIM_MALLOPT": env_value}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        mapped[env_value] = int(out.stdout.split()[-1])
-    assert mapped["1"] == 0
-    assert mapped["0"] >= 3 << 20
+    for label, env_value, arg in (("env", "1", "-"), ("call", None, "call"), ("default", None, "-"), ("env0", "0", "-")):
+        env = {k: v for k, v in os.environ.items() if k != "XPOPTIM_MALLOPT"}
+        if env_value is not None:
+            env["XPOPTIM_MALLOPT"] = env_value
+        out = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, check=True)
+        mapped[label] = int(out.stdout.split()[-1])
+    assert mapped["env"] == 0 and mapped["call"] == 0
+    assert mapped["default"] >= 3 << 20 and mapped["env0"] >= 3 << 20
 
 
 _FORK_SCRIPT = """

@@ -129,15 +129,16 @@ def test_bf16_compute_agrees_with_float64_within_measured_bound(lib):
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "default-blas"])
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (2, 40, 24)])
 def test_torch_float32_ns_agrees_with_float64_reference(shape, onednn, monkeypatch):
-    """float32 Newton-Schulz on CPU torch, through oneDNN and through torch's default BLAS (``TORCH_CPU_ONEDNN``),
+    """float32 Newton-Schulz on CPU torch, through oneDNN and through torch's default BLAS (the torch adapter's GEMM
+    routing, ``xpoptim.adapters._torch_gemm.TORCH_CPU_ONEDNN``, registered with the core on import),
     against the float64 reference. Measured Frobenius-relative error: 0.9e-6 to 1.2e-6 on both paths (float32
     keeps 24 bits, u = 6e-8, and 15 GEMMs with k <= 64 compound it). Bound 1e-5: a wrong product is O(1) off."""
     torch = pytest.importorskip("torch", reason="the float32 CPU GEMM paths need torch installed")
     import array_api_compat.torch as txp
 
-    from xpoptim.core import _backend
+    from xpoptim.adapters import _torch_gemm
 
-    monkeypatch.setattr(_backend, "TORCH_CPU_ONEDNN", onednn)
+    monkeypatch.setattr(_torch_gemm, "TORCH_CPU_ONEDNN", onednn)
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32).astype(np.float64)
     ref = ns_reference(x) if x.ndim == 2 else np.stack([ns_reference(xi) for xi in x])
     got = newton_schulz(txp, torch.from_numpy(x).float())

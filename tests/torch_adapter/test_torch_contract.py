@@ -417,8 +417,9 @@ def test_zero_grad_both_ways():
     assert all(p.grad is None for p in ps)
 
 
-def test_grads_accumulate_into_flat_views_and_match_fresh_grads():
-    """After a step, p.grad is a view of the flat buffer; backward accumulates into it when grads are kept."""
+def test_kept_and_fresh_grads_follow_torch_adamw():
+    """Alternating ``zero_grad(set_to_none=True)`` and ``False`` (backward accumulating into kept gradients)
+    gives torch.optim.AdamW's trajectory."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     ref = copy.deepcopy(model)
@@ -660,9 +661,9 @@ def test_changing_state_dtype_relayouts_state():
 
 
 @pytest.mark.parametrize("name", ["adamw", "mvngrad"])
-def test_parameter_appended_to_a_group_list_joins_the_flat_layout(name):
-    """The flat-bucket layout is cached between steps; a parameter appended to ``group['params']`` by hand must
-    still be stepped (with fresh state) exactly like one given at construction."""
+def test_parameter_appended_to_a_group_list_is_stepped_with_fresh_state(name):
+    """A parameter appended to ``group['params']`` by hand is stepped (with fresh state) exactly like one given at
+    construction."""
     params = make_params(name)[:2]
     extra = torch.tensor(np.linspace(-1.0, 1.0, 5), requires_grad=True)
     twin = _clone(params) + [extra.detach().clone().requires_grad_()]
@@ -680,7 +681,7 @@ def test_parameter_appended_to_a_group_list_joins_the_flat_layout(name):
 
 
 def _adamw_pair(n=4, size=6):
-    """Our AdamW (one flat bucket of ``n`` parameters) and torch.optim.AdamW (for-loop) on equal copies."""
+    """Our AdamW (one multi-tensor kernel over ``n`` parameters) and torch.optim.AdamW (for-loop) on equal copies."""
     torch.manual_seed(3)
     ours = [torch.randn(size, requires_grad=True) for _ in range(n)]
     ref = _clone(ours)
@@ -693,7 +694,7 @@ def _step_both(ours, ref, oa, ob, k):
         if a.grad is None:
             a.grad = g.clone()
         else:
-            a.grad.copy_(g)  # keeps p.grad the bucket's view (the fast path after the first step)
+            a.grad.copy_(g)  # a kept gradient, written in place
         b.grad = g.clone()
     oa.step()
     ob.step()
@@ -701,15 +702,14 @@ def _step_both(ours, ref, oa, ob, k):
 
 @pytest.mark.parametrize("alias", [False, True], ids=["no-alias", "alias-held"])
 def test_repointed_param_data_is_stepped(alias):
-    """``p.data = x`` (what ``Module._apply`` does in ``model.double()``) after steps re-lays the bucket out:
-    the step updates the new tensor, and the trajectory stays torch.optim.AdamW's. With ``alias-held`` a tensor
-    sharing the flat storage is created in the same interval (a different number of new aliases than re-pointed
-    parameters), so the storage reference count changes and the exact per-parameter check runs."""
+    """``p.data = x`` (what ``Module._apply`` does in ``model.double()``) after steps: the step updates the new
+    tensor (addresses are read at every step), and the trajectory stays torch.optim.AdamW's, also while other
+    references to the parameters' memory are held (``alias-held``)."""
     ours, ref, oa, ob = _adamw_pair()
     for k in range(2):
         _step_both(ours, ref, oa, ob, k)
-    keep = [ours[0].detach(), ours[1].detach()] if alias else []  # two new aliases of the flat storage
-    ours[2].data = ours[2].data.clone()  # one parameter leaves the flat buffer
+    keep = [ours[0].detach(), ours[1].detach()] if alias else []  # two new aliases of parameters' memory
+    ours[2].data = ours[2].data.clone()  # one parameter moves to new memory
     ref[2].data = ref[2].data.clone()
     for k in range(2, 5):
         _step_both(ours, ref, oa, ob, k)
@@ -721,15 +721,14 @@ def test_repointed_param_data_is_stepped(alias):
 
 
 def test_repointed_grad_view_data_is_read():
-    """``p.grad.data = x`` on the bucket's own gradient view (``Module._apply`` does this to gradients): the step
-    reads ``x``, not the stale buffer."""
+    """``p.grad.data = x`` on a kept gradient (``Module._apply`` does this to gradients): the step reads ``x``."""
     ours, ref, oa, ob = _adamw_pair()
     for k in range(2):
         _step_both(ours, ref, oa, ob, k)
     for k in range(2, 5):
         for i, (a, b) in enumerate(zip(ours, ref)):
             g = torch.linspace(-2, 3, a.numel()) * (k - i)
-            a.grad.data = g.clone() if i == 1 else a.grad.data  # only parameter 1's gradient leaves the buffer
+            a.grad.data = g.clone() if i == 1 else a.grad.data  # only parameter 1's gradient moves
             if i != 1:
                 a.grad.copy_(g)
             b.grad = g.clone()
@@ -745,14 +744,14 @@ def test_repointed_grad_view_data_is_read():
     ids=["shape", "dtype", "sparse"],
 )
 @pytest.mark.parametrize("all_fresh", [True, False], ids=["all-fresh", "one-fresh"])
-def test_bad_fresh_grad_in_a_cached_bucket_is_refused_without_changes(bad, all_fresh):
-    """Fresh gradients of a cached multi-parameter bucket are checked in bulk (all of them, or only those that
-    are not the bucket's views); one bad gradient among them is named and refused before anything is written."""
+def test_bad_fresh_grad_among_many_is_refused_without_changes(bad, all_fresh):
+    """Gradients are checked in bulk (all fresh, or one fresh among kept ones); one bad gradient among them is
+    named and refused before anything is written."""
     ours, ref, oa, ob = _adamw_pair()
     for k in range(3):
         _step_both(ours, ref, oa, ob, k)
     for a in ours if all_fresh else ours[2:3]:
-        a.grad = torch.ones_like(a)  # fresh gradients (the set_to_none pattern); the others stay the views
+        a.grad = torch.ones_like(a)  # fresh gradients (the set_to_none pattern); the others are kept
     if bad.layout == torch.strided:
         ours[2].grad.data = bad  # torch refuses ``p.grad = bad`` itself; ``.data`` gets past its check
     else:
@@ -763,31 +762,23 @@ def test_bad_fresh_grad_in_a_cached_bucket_is_refused_without_changes(bad, all_f
     assert_same_snapshot(before, snapshot(oa))
 
 
-def test_set_to_none_then_kept_grads_follow_torch_adamw():
-    """With ``zero_grad(set_to_none=True)`` the bucket gathers fresh gradients and, after a few such steps, leaves
-    ``p.grad`` as the caller's tensor; switching to ``set_to_none=False`` later still gives torch.optim.AdamW's
-    trajectory, and the gradients return to the bucket's views within ``REPOINT_EVERY`` steps."""
-    from xpoptim.adapters import _torch_engine as eng
-
+def test_grads_stay_the_tensors_backward_made():
+    """With ``zero_grad(set_to_none=True)`` (torch's default) and with kept gradients, ``p.grad`` after a step is
+    the very tensor backward left there (same object, same memory), and the trajectory is torch.optim.AdamW's."""
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     twin = copy.deepcopy(model)
-    oa = xt.AdamW(model.parameters(), lr=0.01, compile=False)
+    oa = xt.AdamW(model.parameters(), lr=0.01)
     ob = torch.optim.AdamW(twin.parameters(), lr=0.01, foreach=False)
     x = torch.randn(16, 5)
-    n_fresh = eng.FRESH_STEPS_BEFORE_NO_REPOINT + 3
-    for k in range(n_fresh + eng.REPOINT_EVERY + 2):
-        fresh = k < n_fresh
+    for k in range(8):
+        fresh = k < 4
         for m, o in ((model, oa), (twin, ob)):
             o.zero_grad(set_to_none=fresh)
             (m(x * (1 + 0.01 * k)).tanh().sum()).backward()
-        if k == n_fresh - 1:
-            mine = [p.grad for p in model.parameters()]
+        mine = [(p.grad, p.grad.data_ptr()) for p in model.parameters()]
         oa.step()
         ob.step()
-        if k == n_fresh - 1:  # no longer re-pointed: p.grad is still the tensor backward produced
-            assert all(p.grad is g for p, g in zip(model.parameters(), mine))
-    bucket = oa._xp_buckets[0][1][0]
-    assert all(p.grad is v for p, v in zip(bucket.params, bucket.grad_views))
+        assert all(p.grad is g and p.grad.data_ptr() == ptr for p, (g, ptr) in zip(model.parameters(), mine))
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

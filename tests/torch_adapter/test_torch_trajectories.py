@@ -59,12 +59,9 @@ def test_float32_close_to_float64_reference(name):
 
 @pytest.mark.parametrize("shapes", [None, [(7, 3)], [(3, 7), (3, 7)]], ids=["mixed", "one-tall", "stack-wide"])
 @pytest.mark.parametrize("name", MATRIX)
-def test_matrix_rules_in_small_chunks_follow_the_reference(name, shapes, monkeypatch):
-    """Muon's momentum and update run in cache-sized row blocks on CPU (the Newton-Schulz result of a tall matrix is
-    a transposed view; a lone contiguous parameter is written in place): force blocks of one row."""
-    from xpoptim.adapters import _torch_engine
-
-    monkeypatch.setattr(_torch_engine, "EAGER_CHUNK", 2)
+def test_matrix_rules_on_tall_and_stacked_shapes_follow_the_reference(name, shapes):
+    """Same-shape matrices are stacked through one core step, a tall matrix is orthogonalized through its transpose:
+    the trajectories follow the float64 reference."""
     if shapes is None:
         params = make_params(name)
     else:

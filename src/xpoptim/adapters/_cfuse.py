@@ -17,9 +17,12 @@ Anything else (``exp``, ``erf``, casts, a Python ``if`` on an array, a NumPy sca
 and the caller runs the rule op by op instead. ``tests/array_adapter/test_array_cfuse.py`` checks the bits against
 the op-by-op path for every elementwise rule.
 
-Each library has two entry points: ``xpoptim_step`` over one flat span (every array ``n`` elements), and
+Each library has three entry points: ``xpoptim_step`` over one flat span (every array ``n`` elements),
 ``xpoptim_step_packed`` over a pack of parameters given by address (each its own array; gradient, extra inputs and
-state flat), so that small arrays are updated where they are, with no gather or scatter of the parameters.
+state flat), so that small arrays are updated where they are, with no gather or scatter of the parameters (the NumPy
+adapter), and ``xpoptim_step_ptrs`` over spans whose every array is given by address (the torch adapter: parameters,
+the gradients backward made, extra inputs and state, each where it lives); plus two helpers that read or set
+float32 step counters by address.
 
 The compiled library is cached by a hash of its source, the compiler, the flags and the CPU (``XPOPTIM_CACHE_DIR``,
 default ``~/.cache/xpoptim``; a private temporary directory when that cannot be written); ``CC`` chooses the compiler
@@ -383,6 +386,29 @@ class CKernel:
         self._packed(sizes.size, sizes.ctypes.data, pointers.ctypes.data, *(a.ctypes.data for a in flat), host)
 
 
+    def spans(self, sizes: np.ndarray, pointers: np.ndarray, host: Any) -> None:
+        """Run the loop over spans whose every array is given by address (nothing gathered, nothing packed).
+
+        Args:
+            sizes: int64, the element count of each span.
+            pointers: uintp, shape ``(len(sizes), n_arrays)``, C-contiguous: row ``j`` holds the addresses of span
+                ``j``'s parameter, gradient, extra inputs and state, each C-contiguous with ``sizes[j]`` elements of
+                :attr:`dtype`.
+            host: from :meth:`host_scalars`.
+        """
+        self._ptrs(sizes.size, sizes.ctypes.data, pointers.ctypes.data, host)
+
+    def read_steps(self, pointers: np.ndarray) -> np.ndarray:
+        """The float32 values at ``pointers`` (uintp addresses of float32 scalars), as a NumPy array."""
+        out = np.empty(pointers.size, dtype=np.float32)
+        self._read_steps(pointers.size, pointers.ctypes.data, out.ctypes.data)
+        return out
+
+    def write_steps(self, pointers: np.ndarray, value: float) -> None:
+        """Set the float32 scalars at ``pointers`` (uintp addresses) to ``value``."""
+        self._write_steps(pointers.size, pointers.ctypes.data, float(value))
+
+
 def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np.dtype) -> tuple[str, list, list]:
     """C source for the traced graph, the host program (scalar nodes) and which host values the loop reads."""
     ctype, suffix = _C_TYPES[dtype]
@@ -487,6 +513,26 @@ def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np
         *loop("b", "    "),
         "    off += n;",
         "  }",
+        "}",
+        "",
+        f"/* m spans, each its own {n_arrays} arrays by address: span j's array k starts at ptrs[j * {n_arrays} + k] and",
+        "   holds sizes[j] elements (torch tensors updated where they live: parameters, the gradients backward made,",
+        "   extra inputs and state, no gather). */",
+        f"void xpoptim_step_ptrs(int64_t m, const int64_t* sizes, {ctype}* const* ptrs, const double* sc) {{",
+        *consts,
+        "  for (int64_t j = 0; j < m; ++j) {",
+        "    const int64_t n = sizes[j];",
+        *(f"    {ctype}* b{k} = ptrs[j * {n_arrays} + {k}];" for k in range(n_arrays)),
+        *loop("b", "    "),
+        "  }",
+        "}",
+        "",
+        "/* Step counters (float32 scalars, one per parameter, by address): read them all, or set them all. */",
+        "void xpoptim_read_steps(int64_t m, float* const* ptrs, float* out) {",
+        "  for (int64_t j = 0; j < m; ++j) out[j] = *ptrs[j];",
+        "}",
+        "void xpoptim_write_steps(int64_t m, float* const* ptrs, double value) {",
+        "  for (int64_t j = 0; j < m; ++j) *ptrs[j] = (float)value;",
         "}",
         "",
     ]
@@ -626,7 +672,7 @@ def _build(source: str) -> Any:
                 raise TraceError(f"cannot write a compiled kernel: {exc}") from None
         try:
             lib = ctypes.CDLL(path)
-            fns = (lib.xpoptim_step, lib.xpoptim_step_packed)
+            fns = (lib.xpoptim_step, lib.xpoptim_step_packed, lib.xpoptim_step_ptrs, lib.xpoptim_read_steps, lib.xpoptim_write_steps)
         except (OSError, AttributeError) as exc:
             raise TraceError(f"cannot load the compiled kernel {path}: {exc}") from None
         for fn in fns:
@@ -656,7 +702,12 @@ def compile_kernel(make_kernel: Callable[[Any], Callable], dtype: Any, n_arrays:
         raise TraceError(f"dtype {dtype} (compiled loops cover float32 and float64)")
     graph, outputs = trace(make_kernel, n_arrays, n_scalars, write_to)
     source, host_program, loop_reads = _emit(graph, n_arrays, n_scalars, outputs, dtype)
-    fn, packed = _build(source)
+    fn, packed, ptrs, read_steps, write_steps = _build(source)
     fn.argtypes = [ctypes.c_int64, *([ctypes.c_void_p] * n_arrays), ctypes.POINTER(ctypes.c_double)]
     packed.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, *([ctypes.c_void_p] * (n_arrays - 1)), ctypes.POINTER(ctypes.c_double)]
-    return CKernel(fn, packed, dtype, source, n_arrays, host_program, n_scalars, loop_reads)
+    ptrs.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]
+    read_steps.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    write_steps.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_double]
+    ck = CKernel(fn, packed, dtype, source, n_arrays, host_program, n_scalars, loop_reads)
+    ck._ptrs, ck._read_steps, ck._write_steps = ptrs, read_steps, write_steps
+    return ck

@@ -67,6 +67,7 @@ from typing import Any
 from xpoptim.core import SPECS
 
 from ._array.functional import FunctionalOptimizer, functional
+from ._array.malloc import tune_glibc_malloc
 from ._array.optimizer import Optimizer
 from ._array.threads import COMPILED_TASK_SIZE, DEFAULT_CHUNK_SIZE, DEFAULT_THREADED_CHUNK_SIZE, MAX_AUTO_THREADS
 
@@ -79,6 +80,7 @@ __all__ = [
     "DEFAULT_THREADED_CHUNK_SIZE",
     "MAX_AUTO_THREADS",
     "COMPILED_TASK_SIZE",
+    "tune_glibc_malloc",
     *(s.title for s in SPECS.values()),
 ]
 

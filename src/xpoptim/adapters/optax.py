@@ -167,6 +167,129 @@ def _split_hp(spec: Any, hp: Mapping[str, Any]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Input checks (clear errors instead of JAX internals)
+# ----------------------------------------------------------------------------------------------
+
+
+def _leaves_with_paths(tree: Any) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)[0]
+
+
+def _check_real_leaves(title: str, tree: Any, what: str) -> None:
+    """Refuse complex and integer (and boolean) leaves, naming the leaf: the rules are defined for real floats.
+
+    A complex leaf would get ``g * g`` where ``|g|^2`` is meant; an integer leaf would be moved by whole numbers
+    or not at all. Split complex parameters into real and imaginary parts (two real leaves) and keep integer
+    arrays out of the optimized tree (``optax.masked`` / ``optax.set_to_zero`` for them).
+    """
+    for path, leaf in _leaves_with_paths(tree):
+        if _is_masked(leaf) or leaf is None:
+            continue
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            raise TypeError(f"{title}: {what} leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}: expected an array")
+        if not jnp.issubdtype(dtype, jnp.floating):
+            hint = (
+                "split it into real and imaginary parts (two real leaves)"
+                if jnp.issubdtype(dtype, jnp.complexfloating)
+                else "keep it out of the optimized tree (optax.masked / optax.set_to_zero)"
+            )
+            raise TypeError(
+                f"{title}: {what} leaf {jax.tree_util.keystr(path)} has dtype {jnp.dtype(dtype)}: expected a real "
+                f"floating dtype (float16, bfloat16, float32, float64); {hint}"
+            )
+
+
+def _check_same_tree(title: str, tree: Any, like: Any, what: str, like_what: str) -> None:
+    """Refuse a ``tree`` whose structure or leaf shapes differ from ``like``, naming the first difference."""
+    got, want = _leaves_with_paths(tree), _leaves_with_paths(like)
+    got_paths = [jax.tree_util.keystr(p) for p, _ in got]
+    want_paths = [jax.tree_util.keystr(p) for p, _ in want]
+    if got_paths != want_paths or jax.tree.structure(tree, is_leaf=_is_masked) != jax.tree.structure(like, is_leaf=_is_masked):
+        missing = [p for p in want_paths if p not in set(got_paths)]
+        extra = [p for p in got_paths if p not in set(want_paths)]
+        raise ValueError(
+            f"{title}: the {what} do not have the structure of the {like_what} (missing leaves {missing}, "
+            f"unexpected leaves {extra}; {what}: {jax.tree.structure(tree, is_leaf=_is_masked)}, "
+            f"{like_what}: {jax.tree.structure(like, is_leaf=_is_masked)})"
+        )
+    for (path, a), (_, b) in zip(got, want):
+        if _is_masked(a) != _is_masked(b):
+            raise ValueError(
+                f"{title}: {what} leaf {jax.tree_util.keystr(path)} is {'masked' if _is_masked(a) else 'an array'} but "
+                f"in the {like_what} it is {'masked' if _is_masked(b) else 'an array'} (was the state built from other params?)"
+            )
+        if _is_masked(a) or a is None or b is None:
+            continue
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(
+                f"{title}: {what} leaf {jax.tree_util.keystr(path)} has shape {tuple(a.shape)}: expected {tuple(b.shape)} "
+                f"as in the {like_what}"
+            )
+
+
+def _check_grad_variance(title: str, tree: Any) -> None:
+    """A concrete ``grad_variance`` must be >= 0 and not NaN (refused here); a traced one cannot be inspected,
+    and the rule turns its negative or NaN elements into NaN updates (``optax.apply_if_finite`` skips them)."""
+    for path, leaf in _leaves_with_paths(tree):
+        if _is_masked(leaf) or isinstance(leaf, jax.core.Tracer):
+            continue
+        arr = np.asarray(leaf)
+        if arr.size and not bool(np.all(arr >= 0)):
+            bad = arr[~(arr >= 0)].reshape(-1)[0]
+            raise ValueError(
+                f"{title}: grad_variance leaf {jax.tree_util.keystr(path)} holds {bad!r}: expected a per-element variance "
+                ">= 0 (not NaN), e.g. from xpoptim.adapters.optax.grad_variance"
+            )
+
+
+def _traced_guard(spec: Any, hp: Mapping[str, Any]) -> Any:
+    """1, or NaN when a traced hyperparameter is invalid (the update becomes NaN); under
+    ``jax.experimental.checkify.checkify`` the same condition is a check with a message naming the values."""
+    ok, names = spec.traced_validity(hp)
+    if ok is None:
+        return None
+    from jax.experimental import checkify  # noqa: PLC0415
+
+    values = {n: hp[n] for n in names}
+    checkify.debug_check(
+        jnp.all(ok),
+        f"{spec.title}: an injected hyperparameter is invalid: " + ", ".join(f"{n}={{{n}}}" for n in names),
+        **values,
+    )
+    return jnp.where(jnp.all(ok), 1.0, jnp.nan)
+
+
+def _checked(title: str, tx: Any) -> optax.GradientTransformationExtraArgs:
+    """``tx`` with the input checks: real floating leaves (params at ``init``, updates at ``update``) and, when
+    ``params`` are given to ``update``, updates of the params' structure and shapes. The state is ``tx``'s own."""
+    tx = optax.with_extra_args_support(tx)
+
+    def init_fn(params: Any) -> Any:
+        _check_real_leaves(title, params, "params")
+        return tx.init(params)
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple:
+        _check_real_leaves(title, updates, "updates")
+        if params is not None:
+            _check_same_tree(title, updates, params, "updates", "params")
+        try:
+            return tx.update(updates, state, params, **extra_args)
+        except (ValueError, TypeError) as exc:
+            text = str(exc)
+            ours = text.startswith(f"{title}:")
+            if not ours and ("key mismatch" in text or "pytree" in text.lower() or "tree structure" in text):
+                raise ValueError(
+                    f"{title}: the updates do not have the structure of the state built by init "
+                    f"(updates: {jax.tree.structure(updates, is_leaf=_is_masked)}); was init called with other params? "
+                    f"({text.splitlines()[0]})"
+                ) from exc
+            raise
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
 # Elementwise rules
 # ----------------------------------------------------------------------------------------------
 
@@ -195,6 +318,8 @@ def _scale_by_elementwise(
     names = spec.state
 
     def init_fn(params: Any) -> Any:
+        _check_real_leaves(spec.title, params, "params")
+
         def zeros(p: Any) -> Any:
             return jnp.zeros_like(p, dtype=_default_state_dtype(p.dtype, state_dtype))
 
@@ -203,6 +328,13 @@ def _scale_by_elementwise(
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple:
         del params
+        if not isinstance(state, state_cls):
+            raise TypeError(
+                f"{spec.title}: state is a {type(state).__name__}: expected the {state_cls.__name__} built by this "
+                "transformation's init (a state of another optimizer or layout?)"
+            )
+        _check_real_leaves(spec.title, updates, "updates")
+        _check_same_tree(spec.title, updates, getattr(state, names[0]), "updates", f"state ({names[0]})")
         extras = []
         for name in spec.extras:
             if name not in extra_args or extra_args[name] is None:
@@ -210,7 +342,11 @@ def _scale_by_elementwise(
                     f"{spec.title} needs the per-element gradient variance: call update(..., {name}=tree) with a "
                     "pytree like the gradients (see xpoptim.adapters.optax.grad_variance)"
                 )
+            _check_real_leaves(spec.title, extra_args[name], name)
+            _check_same_tree(spec.title, extra_args[name], updates, name, "updates")
+            _check_grad_variance(spec.title, extra_args[name])
             extras.append(extra_args[name])
+        guard = _traced_guard(spec, hp)
         count = optax.safe_increment(state.count)
         t = count.astype(_float_dtype())
         raw = spec.rule_scalars(_hp_for_scalars(hp), t, jnp)
@@ -231,43 +367,56 @@ def _scale_by_elementwise(
             gs = g.astype(sd)
             ex = [e[i].astype(sd) for e in extra_leaves]
             res = kernel(gs, *ex, *st, *scalars_for(sd))
-            out_d.append(res[0].astype(g.dtype) if leaf_dtype_out else res[0])
+            d = res[0] if guard is None else res[0] * guard.astype(sd)
+            out_d.append(d.astype(g.dtype) if leaf_dtype_out else d)
             for j, s in enumerate(res[1:]):
                 out_s[j].append(s.astype(sd))
         new = {n: treedef.unflatten(out_s[j]) for j, n in enumerate(names)}
-        return treedef.unflatten(out_d), state_cls(count=count, **new)
+        new_state = state_cls(count=count, **new)
+        if guard is not None:  # an invalid traced hyperparameter: NaN update, the state stays as it was
+            keep = jnp.isnan(guard)
+            new_state = jax.tree.map(lambda n, o: jnp.where(keep, o, n), new_state, state)
+        return treedef.unflatten(out_d), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _decay(weight_decay: Any, mask: Any) -> Optional[optax.GradientTransformation]:
-    """``add_decayed_weights`` unless the decay is a Python zero (arrays always keep the slot, so the
-    state structure is the same under ``inject_hyperparams``)."""
+def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+    """``add_decayed_weights``, or for a Python zero a no-op with the same state structure (``EmptyState``, masked
+    like ``add_decayed_weights`` masks it), so the state of ``alias(weight_decay=0.0)`` and of the same alias
+    under ``optax.inject_hyperparams`` (where 0 is a traced array and the decay stage must exist) have one tree
+    structure: a checkpoint of one restores into the other."""
     if isinstance(weight_decay, (int, float)) and weight_decay == 0 and not isinstance(weight_decay, bool):
-        return None
+        return optax.identity() if mask is None else optax.masked(optax.identity(), mask)
     return optax.add_decayed_weights(weight_decay, mask)
 
 
 def _elementwise_alias(spec: ElementwiseSpec, learning_rate: Any, hp: dict, mask: Any, state_dtype: Any) -> optax.GradientTransformationExtraArgs:
     full = _check_static(spec, {**hp, "lr": learning_rate if not callable(learning_rate) else spec.defaults["lr"]})
     rule = _scale_by_elementwise(spec, _split_hp(spec, full), state_dtype, leaf_dtype_out=False)
-    decay = _decay(hp.get("weight_decay", spec.defaults["weight_decay"]), mask)
+    wd = hp.get("weight_decay", spec.defaults["weight_decay"])
+    decay = _decay(wd, mask)
     parts = []
-    if decay is not None and spec.weight_decay == "coupled":
+    if spec.weight_decay == "coupled":
         parts.append(decay)
     parts.append(rule)
-    if decay is not None and spec.weight_decay == "decoupled":
+    if spec.weight_decay == "decoupled":
         parts.append(decay)
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return _preserve_dtypes(optax.chain(*parts))
+    guard = {"lr": learning_rate, "weight_decay": wd}
+    return _checked(spec.title, _preserve_dtypes(optax.chain(*parts), lambda: _traced_guard(spec, guard)))
 
 
-def _preserve_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Run ``inner`` (which may compute in the state dtype) and cast its updates to the incoming updates' dtypes."""
+def _preserve_dtypes(inner: optax.GradientTransformation, guard: Callable | None = None) -> optax.GradientTransformationExtraArgs:
+    """Run ``inner`` (which may compute in the state dtype) and cast its updates to the incoming updates' dtypes;
+    ``guard()`` (traced-hyperparameter check, 1 or NaN, or None) multiplies them."""
     inner = optax.with_extra_args_support(inner)
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple:
         new, state = inner.update(updates, state, params, **extra_args)
+        g = None if guard is None else guard()
+        if g is not None:
+            new = jax.tree.map(lambda u: u * g.astype(u.dtype), new)
         return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
@@ -590,8 +739,9 @@ def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperpar
     return _elementwise_alias(fspec, lr, hp, mask, state_dtype)
 
 
-def _routed(matrix_tx: Any, fallback_tx: Any, dimension_numbers: Any) -> optax.GradientTransformationExtraArgs:
-    return optax.partition({"matrix": matrix_tx, "fallback": fallback_tx}, _matrix_labels(dimension_numbers))
+def _routed(matrix_tx: Any, fallback_tx: Any, dimension_numbers: Any, title: str = "matrix rule") -> optax.GradientTransformationExtraArgs:
+    routed = optax.partition({"matrix": matrix_tx, "fallback": fallback_tx}, _matrix_labels(dimension_numbers))
+    return _checked(title, routed)
 
 
 def _matrix_alias(
@@ -625,7 +775,7 @@ def _matrix_alias(
     else:
         stages = [rule, _lr_and_decay_after(spec, full, learning_rate, weight_decay, mask)]
     fb = _fallback_alias(spec, fallback, fallback_hyperparams, mask, state_dtype)
-    return _routed(_preserve_dtypes(optax.chain(*stages)), fb, dimension_numbers)
+    return _routed(_preserve_dtypes(optax.chain(*stages)), fb, dimension_numbers, spec.title)
 
 
 def scale_by_muon(

@@ -33,7 +33,7 @@ from ._backend import HOST, is_concrete_number, matmul
 from .directions import SHAPE_SCALES, newton_schulz, sign
 from .moments import bias_correction, ema
 from .muon import NS_HYPERS, ns_check
-from .spec import ElementwiseSpec, Hyper, MatrixSpec, beta_hyper, eps_hyper, lr_hyper, wd_hyper
+from .spec import ElementwiseSpec, Hyper, MatrixSpec, beta_hyper, concrete, eps_hyper, lr_hyper, wd_hyper
 from .verification import SIGN_FLOAT32, Bound, Verification
 
 __all__ = [
@@ -614,31 +614,14 @@ def deva_sinf_step_factor(hp: dict, k: Any, ops: Any = HOST) -> Any:
 
 
 def resolve_shampoo_beta(hp: dict) -> Any:
-    """``shampoo_beta < 0`` means "use beta2" (the release's -1 default)."""
+    """``shampoo_beta < 0`` means "use beta2" (the release's -1 default); a traced value is used as given."""
     sb = hp["shampoo_beta"]
-    try:
-        return hp["beta2"] if float(sb) < 0 else sb
-    except Exception:
-        return sb
+    value = concrete(sb)
+    return hp["beta2"] if value is not None and value < 0 else sb
 
 
 def _deva_sinf_check(hp: dict) -> None:
     ns_check("DeVASinf", hp)
-    raw = hp["shampoo_beta"]
-    if raw is None or isinstance(raw, (bool, str, bytes)):
-        raise ValueError(
-            f"DeVASinf: shampoo_beta={raw!r} is invalid: expected a number in [0, 1), or a negative number meaning "
-            "'use beta2'"
-        )
-    try:
-        sb = float(raw)
-    except Exception:  # a traced value: checked when concrete
-        return
-    if not (sb < 0 or 0 <= sb < 1):
-        raise ValueError(
-            f"DeVASinf: shampoo_beta={hp['shampoo_beta']!r} is invalid: expected 0 <= shampoo_beta < 1, or a "
-            "negative value meaning 'use beta2'"
-        )
 
 
 #: The verifier's settings: a refresh every 4 steps so 20 steps cross four refreshes; sides up to 8 factored (the
@@ -665,7 +648,7 @@ DEVA_SINF = MatrixSpec(
         lr_hyper(3e-3),
         beta_hyper("beta1", 0.95, "momentum (kept in the rotated basis)"),
         beta_hyper("beta2", 0.95, "decay of V = EMA(r c^T)"),
-        Hyper("shampoo_beta", -1.0, "any", "decay of the Kronecker factors L, R; < 0 means beta2"),
+        Hyper("shampoo_beta", -1.0, "beta_or_negative", "decay of the Kronecker factors L, R; < 0 means beta2"),
         eps_hyper(1e-8, "added to V inside the sqrt of Gamma"),
         wd_hyper(0.01, "decoupled decay W - lr wd W *after* the step, base lr (as released)"),
         Hyper("precondition_frequency", 10, "int_pos", "refresh the eigenbases every f steps"),

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._backend import matmul, matmul_add
+from .moments import finite
 
 __all__ = [
     "sign",
@@ -84,6 +85,20 @@ def _sum_sq(xp: Any, x: Any) -> Any:
     return xp.sum(x * x, axis=(-2, -1), keepdims=True)
 
 
+def _prenorm_scaled(xp: Any, x: Any) -> Any:
+    """``X / ||X||_F`` computed as ``(X / max|X|) / ||X / max|X| ||_F``: no square of a large entry is formed.
+
+    The pre-normalisation uses it where ``sum(X^2)`` overflows (float32 entries above ``~1e19``, float16 above
+    ``~256``): the plain forms would give ``inf / inf`` or ``0 * inf`` (NaN). There ``||X||_F`` is far above any
+    ``eps`` guard, so every pre-normalisation reduces to the Frobenius one. A matrix holding an infinity or a NaN
+    still gives NaN.
+    """
+    amax = xp.max(xp.abs(x), axis=(-2, -1), keepdims=True)
+    unit = x / xp.where(amax > 0, amax, 1 + 0 * amax)
+    sq = _sum_sq(xp, unit)
+    return unit / xp.sqrt(xp.where(sq > 0, sq, 1 + 0 * sq))
+
+
 def newton_schulz(
     xp: Any,
     x: Any,
@@ -98,7 +113,8 @@ def newton_schulz(
     """Approximate the orthogonal polar factor ``msign(X) = U V^T`` by Newton-Schulz iteration.
 
     With ``A = X X^T`` each step is ``X <- a X + (b A + c A^2) X``; on singular values it applies
-    ``phi(s) = a s + b s^3 + c s^5``. With the quintic coefficients and 5 steps, normalised singular
+    ``phi(s) = a s + b s^3 + c s^5``. The pre-normalisation is overflow-safe: where ``sum(X^2)`` overflows it is
+    taken on ``X / max|X|`` (the same result, see ``_prenorm_scaled``). With the quintic coefficients and 5 steps, normalised singular
     values >= 0.01 land in [0.68, 1.13] rather than exactly 1 (spec 5.1). ``NS(X^T) = NS(X)^T`` and
     ``NS(0) = 0``. Works on one matrix or a stack (leading axes are batch axes). Each step is three
     GEMMs: ``A = X X^T``, ``b A + c A A`` and ``a X + (.) X``, the last two accumulating in the GEMM
@@ -111,7 +127,8 @@ def newton_schulz(
         coefficients: preset name, one (a, b, c) triple, or a table with one triple per step.
         prenorm: ``"frobenius"``, ``"frobenius_add"`` or ``"schatten8"`` (see ``NS_PRENORMS``).
         eps: the guard of the pre-normalisation.
-        compute_dtype: dtype to iterate in (e.g. bfloat16 on torch/JAX); ``None`` keeps ``x.dtype``.
+        compute_dtype: dtype to iterate in (e.g. bfloat16 on torch/JAX), a dtype object or its name;
+            ``None`` keeps ``x.dtype``.
             The result is cast back to ``x.dtype``.
         transpose_if_tall: iterate on ``X^T`` when ``n > m`` so the Gram matrix is the smaller one.
 
@@ -126,20 +143,28 @@ def newton_schulz(
     if x.ndim < 2:
         raise ValueError(f"newton_schulz needs an array with at least 2 dimensions, got shape {tuple(x.shape)}")
     table = resolve_ns_coefficients(coefficients, steps)
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        return x  # an empty matrix (a zero-size layer): nothing to orthogonalise
     out_dtype = x.dtype
+    if isinstance(compute_dtype, str):  # a dtype by name ("bfloat16"): the namespace's own
+        if not hasattr(xp, compute_dtype):
+            raise ValueError(f"ns_dtype={compute_dtype!r} is invalid here: the array namespace {getattr(xp, '__name__', xp)} has no such dtype")
+        compute_dtype = getattr(xp, compute_dtype)
     if compute_dtype is not None and compute_dtype != x.dtype:
         x = xp.astype(x, compute_dtype)
     tall = transpose_if_tall and x.shape[-2] > x.shape[-1]
     if tall:
         x = xp.matrix_transpose(x)
 
+    sq = _sum_sq(xp, x)
     if prenorm == "frobenius":
-        norm = xp.sqrt(_sum_sq(xp, x))
-        x = x / xp.maximum(norm, eps + 0 * norm)
+        norm = xp.sqrt(sq)
+        normed = x / xp.maximum(norm, eps + 0 * norm)
     elif prenorm == "frobenius_add":
-        x = x / (xp.sqrt(_sum_sq(xp, x)) + eps)
+        normed = x / (xp.sqrt(sq) + eps)
     else:  # schatten8
-        x = x / xp.sqrt(_sum_sq(xp, x) + eps)
+        normed = x / xp.sqrt(sq + eps)
+    x = xp.where(finite(sq), normed, _prenorm_scaled(xp, x))
 
     for i, (a, b, c) in enumerate(table):
         gram = matmul(xp, x, xp.matrix_transpose(x))
@@ -187,7 +212,7 @@ def shape_scale(kind: str, fan_in: int, fan_out: int) -> float:
         The scale as a Python float.
     """
     if kind == "original":
-        return math.sqrt(max(1.0, fan_out / fan_in))
+        return math.sqrt(max(1.0, fan_out / fan_in)) if fan_in > 0 else 1.0  # a zero-size matrix: nothing to scale
     if kind == "match_rms_adamw":
         return 0.2 * math.sqrt(max(fan_in, fan_out))
     if kind == "deva_muon":

@@ -8,9 +8,11 @@ unbiasing weight). The relative variance is ``eta^2 = s / m^2``. Divisions are g
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ._backend import HOST, erf
+from .moments import finite
 
 __all__ = [
     "kappa",
@@ -22,6 +24,7 @@ __all__ = [
     "adam_star_direction",
     "erf_factor",
     "RHO_CAP",
+    "PLAIN_FLOOR",
 ]
 
 #: The cap on rho in the authors' M-SVAG code (lballes/msvag): avoids 1/(1-rho) = inf at t = 1.
@@ -76,8 +79,40 @@ def safe_divide(xp: Any, num: Any, den: Any) -> Any:
     return xp.where(nonzero, num / xp.where(nonzero, den, 1 + 0 * den), 0 * num)
 
 
+#: The plain forms are used where their denominator (or ``m^2``) lies in ``[PLAIN_FLOOR, inf)``; below ``2^-60``
+#: (~8.7e-19) float32 squares and cubes of the moments come near or into the subnormal range and lose digits, so
+#: tiny gradients take the scaled form too (it is scale-free: the same factor at 1e-20 as at 1).
+PLAIN_FLOOR = 2.0**-60
+
+
+def _plain_ok(x: Any) -> Any:
+    """Where the plain form is kept: ``PLAIN_FLOOR <= x < inf`` (False for NaN)."""
+    return finite(x) & (x >= PLAIN_FLOOR)
+
+
+def _ratio_forms(xp: Any, m: Any, s: Any) -> tuple:
+    """Overflow-safe pieces of ``eta^2 = s / m^2``: ``(q, m_wins)``.
+
+    With ``a = |m|`` and ``r = sqrt(s)`` (which never overflows), ``q = min(a, r) / max(a, r)`` lies in [0, 1],
+    so no square of a large or tiny number is formed; ``m_wins`` is ``a > r`` (then ``eta = q``, else
+    ``eta = 1/q``; ``a = r = 0`` falls on the ``s`` side, where every factor is 0, the rules' ``0/0 := 0``).
+    An infinite variance estimate (an overflowed second moment) with a finite ``m`` gives ``q = 0`` on the
+    ``s`` side, i.e. a factor of 0, the limit as ``s -> inf``; a finite ``s`` with an infinite ``m`` gives 1.
+    """
+    a = xp.abs(m)
+    r = xp.sqrt(s)
+    big = xp.maximum(a, r)
+    q = xp.minimum(a, r) / xp.where(big > 0, big, 1 + 0 * big)
+    return q, a > r
+
+
 def svag_factor(xp: Any, m: Any, s: Any) -> Any:
     """SVAG factor ``gamma = (1 + eta^2)^-1 = m^2 / (m^2 + s)`` (Lemma 1, Eq. 14).
+
+    Computed as written while ``m^2 + s`` is finite and not tiny (the same bits as the naive form; see
+    ``PLAIN_FLOOR``), and otherwise from the ratio ``q`` of :func:`_ratio_forms`: ``1 / (1 + q^2)`` where ``|m| >= sqrt(s)``, ``q^2 / (q^2 + 1)`` elsewhere,
+    0 where ``s`` is infinite. So float32 moments above ``~1.8e19`` give the right factor instead of NaN, and
+    moments below ``~1e-19`` the right factor instead of one rounded in the subnormal range.
 
     Args:
         xp: array namespace.
@@ -85,29 +120,41 @@ def svag_factor(xp: Any, m: Any, s: Any) -> Any:
         s: its variance estimate (>= 0).
 
     Returns:
-        ``gamma`` in [0, 1]; 0 where ``m = 0`` (also when ``s = 0``).
+        ``gamma`` in [0, 1]; 0 where ``m = 0`` (also when ``s = 0``) and where ``s = inf``.
 
     References:
         Balles & Hennig, Dissecting Adam, Eq. 14 and Alg. 2 (spec 3.3-3.4).
     """
     m2 = m * m
-    return safe_divide(xp, m2, m2 + s)
+    den = m2 + s
+    naive = safe_divide(xp, m2, den)
+    q, m_wins = _ratio_forms(xp, m, s)
+    q2 = q * q
+    safe = xp.where(m_wins, 1 / (1 + q2), q2 / (q2 + 1))
+    return xp.where(_plain_ok(den), naive, safe)
 
 
 def svag_direction(xp: Any, m: Any, s: Any) -> Any:
     """M-SVAG direction in the closed form that never divides by m: ``m^3 / (m^2 + s)``.
 
-    Equal to ``svag_factor(m, s) * m``; zero where ``m = 0`` (Alg. 2 note), also when ``s = 0``.
+    Equal to ``svag_factor(m, s) * m``; zero where ``m = 0`` (Alg. 2 note), also when ``s = 0``. Computed as
+    written while ``m^3 / (m^2 + s)`` is finite and ``m^2 >= PLAIN_FLOOR`` (same bits), and as
+    ``m * svag_factor(m, s)`` where ``m^3`` or ``m^2 + s`` overflows (float32 ``|m|`` above ``~7e12``) or ``m^3``
+    would be subnormal, so a finite momentum never gives NaN and a tiny one still moves.
 
     References:
         Balles & Hennig, Dissecting Adam, Alg. 2 (spec 3.4).
     """
     m2 = m * m
-    return safe_divide(xp, m2 * m, m2 + s)
+    naive = safe_divide(xp, m2 * m, m2 + s)
+    return xp.where(finite(naive) & (m2 >= PLAIN_FLOOR), naive, m * svag_factor(xp, m, s))
 
 
 def adam_factor(xp: Any, m: Any, s: Any) -> Any:
     """Adam's implicit factor ``(1 + eta^2)^(-1/2) = |m| / sqrt(m^2 + s)`` (Eq. 6).
+
+    Computed as written while ``PLAIN_FLOOR <= m^2 + s < inf`` (same bits), from the ratio ``q`` of :func:`_ratio_forms`
+    otherwise (``1/sqrt(1 + q^2)`` or ``q/sqrt(q^2 + 1)``; 0 where ``s = inf`` and ``m`` is finite).
 
     Returns:
         The factor in [0, 1]; 0 where ``m = 0``.
@@ -115,16 +162,25 @@ def adam_factor(xp: Any, m: Any, s: Any) -> Any:
     References:
         Balles & Hennig, Dissecting Adam, Eq. 6 (spec 1.1, 3.5).
     """
-    return safe_divide(xp, xp.abs(m), xp.sqrt(m * m + s))
+    den = m * m + s
+    naive = safe_divide(xp, xp.abs(m), xp.sqrt(den))
+    q, m_wins = _ratio_forms(xp, m, s)
+    root = xp.sqrt(1 + q * q)
+    safe = xp.where(m_wins, 1 / root, q / root)
+    return xp.where(_plain_ok(den), naive, safe)
 
 
 def adam_star_direction(xp: Any, m: Any, s: Any) -> Any:
     """ADAM* direction in closed form: ``sign(m) (1+eta^2)^(-1/2) = m / sqrt(m^2 + s)``.
 
+    As written while ``PLAIN_FLOOR <= m^2 + s < inf`` (same bits); ``sign(m) adam_factor(m, s)`` elsewhere.
+
     References:
         Balles & Hennig, Dissecting Adam, Alg. 4 and 5 (spec 3.5-3.6).
     """
-    return safe_divide(xp, m, xp.sqrt(m * m + s))
+    den = m * m + s
+    naive = safe_divide(xp, m, xp.sqrt(den))
+    return xp.where(_plain_ok(den), naive, xp.sign(m) * adam_factor(xp, m, s))
 
 
 def erf_factor(xp: Any, m: Any, s: Any) -> Any:
@@ -146,6 +202,8 @@ def erf_factor(xp: Any, m: Any, s: Any) -> Any:
         Balles & Hennig, Dissecting Adam, Eq. 8, 15, 23; App. B.3 (spec 3.7).
     """
     den = xp.sqrt(2 * s)
+    # sqrt(2) sqrt(s) where 2 s overflows (s above ~1.7e38 in float32): the same ratio without the overflow.
+    den = xp.where(finite(2 * s), den, math.sqrt(2.0) * xp.sqrt(s))
     positive = den > 0
     ratio = xp.abs(m) / xp.where(positive, den, 1 + 0 * den)
     return xp.where(positive, erf(xp, ratio), xp.where(m != 0, 1 + 0 * m, 0 * m))

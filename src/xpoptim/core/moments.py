@@ -7,9 +7,11 @@ or 0-D arrays, no array creation and no branching on array values. Spec referenc
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = [
+    "finite",
     "ema",
     "ema_sum",
     "bias_correction",
@@ -20,11 +22,22 @@ __all__ = [
 ]
 
 
+def finite(x: Any) -> Any:
+    """``|x| < inf`` elementwise: False for NaN and +-inf (a comparison, fusable by every compiler the adapters use).
+
+    The overflow-safe forms of the core compute the plain formula and keep it where it is finite (the same bits),
+    switching to a scaled form only where it overflowed: ``where(finite(naive), naive, safe)``.
+    """
+    return abs(x) < math.inf
+
+
 def ema(xp: Any, state: Any, x: Any, beta: Any) -> Any:
     """Exponential moving average ``s <- beta * s + (1 - beta) * x`` (spec section 0).
 
     Written as ``s + (1 - beta) * (x - s)``, the form of ``torch.lerp`` for weights below 0.5,
-    so that Adam's first moment rounds like torch.optim's.
+    so that Adam's first moment rounds like torch.optim's. Where that form is not finite (an infinite state,
+    e.g. an overflowed second moment, gives ``inf - inf``; ``x - s`` may overflow) the product form
+    ``beta s + (1 - beta) x`` is used: an infinite average stays infinite instead of becoming NaN.
 
     Args:
         xp: array namespace.
@@ -35,7 +48,8 @@ def ema(xp: Any, state: Any, x: Any, beta: Any) -> Any:
     Returns:
         The updated average.
     """
-    return state + (1 - beta) * (x - state)
+    lerp = state + (1 - beta) * (x - state)
+    return xp.where(finite(lerp), lerp, beta * state + (1 - beta) * x)
 
 
 def ema_sum(xp: Any, state: Any, x: Any, beta: Any) -> Any:
@@ -72,7 +86,10 @@ def bias_correction(beta: Any, t: Any) -> Any:
 def centered_variance(xp: Any, m: Any, v: Any) -> Any:
     """Variance estimate ``max(v - m**2, 0)`` from first and second moments (spec 3.4, 3.9).
 
-    The clamp removes negative round-off, which would otherwise push the SVAG factor above 1.
+    The clamp removes negative round-off, which would otherwise push the SVAG factor above 1. An infinite
+    second moment (``g^2`` overflowed: float32 gradients above ``~1.8e19``) gives an infinite variance estimate,
+    also where ``m^2`` overflowed too (``inf - inf`` would be NaN): the variance factors are then 0, the step of
+    that element is 0, as ``torch.optim.Adam``'s is when its ``exp_avg_sq`` overflows.
 
     Args:
         xp: array namespace.
@@ -82,7 +99,7 @@ def centered_variance(xp: Any, m: Any, v: Any) -> Any:
     Returns:
         The clamped variance estimate.
     """
-    return xp.maximum(v - m * m, 0 * v)
+    return xp.where(v == math.inf, v, xp.maximum(v - m * m, 0 * v))
 
 
 def residual_variance_update(xp: Any, s: Any, g: Any, mean: Any, beta: Any, eps_s: Any) -> Any:

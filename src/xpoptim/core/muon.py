@@ -173,7 +173,7 @@ def ns_check(title: str, hp: dict) -> None:
 NS_HYPERS = (
     Hyper("ns_steps", 5, "int_pos", "Newton-Schulz iterations"),
     Hyper("ns_coefficients", "quintic", "any", "'quintic', 'cubic', an (a, b, c) triple or a per-step table"),
-    Hyper("ns_dtype", None, "any", "dtype the iteration runs in (e.g. torch.bfloat16); None keeps the parameter dtype"),
+    Hyper("ns_dtype", None, "dtype", "dtype the iteration runs in (e.g. torch.bfloat16 or 'bfloat16'); None keeps the parameter dtype"),
 )
 
 #: The verifier's settings: a non-default row with the RMS-matching scale and plain momentum.

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._backend import HOST
 from .moments import bias_correction, ema, residual_variance_update
-from .spec import ElementwiseSpec, Hyper, beta_hyper, eps_hyper, lr_hyper, wd_hyper
+from .spec import ElementwiseSpec, Hyper, beta_hyper, concrete, eps_hyper, lr_hyper, wd_hyper
 from .verification import Verification
 
 __all__ = ["mvngrad_direction", "MVNGRAD"]
@@ -73,13 +73,7 @@ def _mvngrad_scalars(hp: dict, t: Any, ops: Any = HOST) -> tuple:
 
 
 def _mvngrad_check(hp: dict) -> None:
-    b1 = hp["beta1"]
-    try:
-        b1_is_zero = float(b1) == 0.0
-        eps_s_zero = float(hp["eps_s"]) == 0.0
-    except Exception:  # traced values: checked when concrete
-        return
-    if b1_is_zero and eps_s_zero and hp["residual"] == "m_t":
+    if concrete(hp["beta1"]) == 0.0 and concrete(hp["eps_s"]) == 0.0 and hp["residual"] == "m_t":
         raise ValueError(
             "MVNGrad: beta1=0.0 is invalid with residual='m_t' and eps_s=0: the residual g - m_t is then "
             "identically 0, v stays 0 and the step g/eps explodes (spec 2.4). Use 0 < beta1 < 1, eps_s > 0, "

@@ -23,16 +23,21 @@ Two kinds of rule:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._backend import HOST, is_concrete_number
+from ._backend import HOST, real_scalar
 
 __all__ = [
     "Hyper",
+    "HyperKind",
+    "STATIC_KINDS",
+    "dtype_name",
+    "concrete",
     "ElementwiseSpec",
     "MatrixSpec",
     "make_step_kernel",
@@ -56,7 +61,62 @@ STATE_VERSION = 1
 # Hyperparameters and validation
 # ----------------------------------------------------------------------------------------------
 
-_KINDS = ("lr", "beta", "beta_open", "nonneg", "positive", "bool", "choice", "int_pos", "any")
+class HyperKind(str, enum.Enum):
+    """How a hyperparameter is validated. A ``str`` enum: ``HyperKind.LR == "lr"``.
+
+    Numeric kinds (a real number, or a 0-D / 1-element real array of any framework; a traced value is checked
+    when it is concrete, see :func:`_backend.real_scalar`):
+
+    * ``LR``: ``>= 0``; ``NONNEG``: ``>= 0``; ``POSITIVE``: ``> 0``;
+    * ``BETA``: ``0 <= x < 1``; ``BETA_OPEN``: ``0 < x < 1``;
+    * ``BETA_OR_NEGATIVE``: ``x < 1``, a negative value meaning "use another beta" (DeVA_Sinf's ``shampoo_beta``).
+
+    NaN and infinities are refused by every numeric kind. Static switches (Python values, never traced):
+
+    * ``BOOL``: ``True`` or ``False``; ``CHOICE``: one of ``Hyper.choices`` (same type and value);
+    * ``INT_POS``: an integer ``>= 1``;
+    * ``DTYPE``: None, a floating dtype of any framework (``numpy.float32``, ``torch.bfloat16``, ``jnp.bfloat16``)
+      or its name (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``);
+    * ``ANY``: checked by the spec's own ``check``.
+    """
+
+    LR = "lr"
+    BETA = "beta"
+    BETA_OPEN = "beta_open"
+    BETA_OR_NEGATIVE = "beta_or_negative"
+    NONNEG = "nonneg"
+    POSITIVE = "positive"
+    BOOL = "bool"
+    CHOICE = "choice"
+    INT_POS = "int_pos"
+    DTYPE = "dtype"
+    ANY = "any"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The static kinds: Python values that shape the computation.
+STATIC_KINDS = frozenset({HyperKind.BOOL, HyperKind.CHOICE, HyperKind.INT_POS, HyperKind.DTYPE, HyperKind.ANY})
+
+#: The floating dtypes a ``DTYPE`` hyperparameter may name.
+FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def dtype_name(value: Any) -> str | None:
+    """The name of a floating dtype given as a dtype object of any framework or a string, else None.
+
+    ``numpy.float32`` / ``np.dtype("float32")`` / ``torch.float32`` / ``jnp.float32`` / ``"float32"`` all give
+    ``"float32"``; anything that names no floating dtype of :data:`FLOAT_DTYPE_NAMES` gives None.
+    """
+    if isinstance(value, str):
+        name = value
+    elif isinstance(value, type):
+        name = value.__name__
+    else:
+        attr = getattr(value, "name", None)
+        name = attr if isinstance(attr, str) else str(value).rsplit(".", 1)[-1]
+    return name if name in FLOAT_DTYPE_NAMES else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,58 +127,128 @@ class Hyper:
         name: the argument name (the same in every adapter; torch's ``betas`` tuple maps to
             ``beta1``/``beta2``).
         default: the default value.
-        kind: the validation rule: ``"lr"`` (>= 0), ``"beta"`` (0 <= x < 1), ``"beta_open"``
-            (0 < x < 1), ``"nonneg"`` (>= 0), ``"positive"`` (> 0), ``"bool"``, ``"choice"``,
-            ``"int_pos"`` (integer >= 1), ``"any"``.
+        kind: the validation rule, a :class:`HyperKind` (its string value is accepted and converted; a
+            misspelled kind raises ``ValueError`` when the spec is built).
         doc: one line for docstrings and the README.
-        choices: the allowed values for ``"choice"``.
+        choices: the allowed values for ``HyperKind.CHOICE``.
     """
 
     name: str
     default: Any
-    kind: str
+    kind: HyperKind
     doc: str = ""
     choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            kind = HyperKind(self.kind)
+        except ValueError:
+            raise ValueError(
+                f"Hyper {self.name!r}: kind={self.kind!r} is invalid: expected one of {[k.value for k in HyperKind]}"
+            ) from None
+        object.__setattr__(self, "kind", kind)
+        if kind is HyperKind.CHOICE and not self.choices:
+            raise ValueError(f"Hyper {self.name!r}: kind='choice' needs the allowed values in choices=")
 
     @property
     def static(self) -> bool:
         """Static switches shape the computation (Python values, never traced)."""
-        return self.kind in ("bool", "choice", "int_pos", "any")
+        return self.kind in STATIC_KINDS
+
+    def allowed(self) -> str:
+        """What the kind allows, in words (the end of every error message)."""
+        k = self.kind
+        return {
+            HyperKind.LR: "a real number >= 0",
+            HyperKind.NONNEG: "a real number >= 0",
+            HyperKind.POSITIVE: "a real number > 0",
+            HyperKind.BETA: f"a real number with 0 <= {self.name} < 1",
+            HyperKind.BETA_OPEN: f"a real number with 0 < {self.name} < 1",
+            HyperKind.BETA_OR_NEGATIVE: f"a real number with 0 <= {self.name} < 1, or a negative number",
+            HyperKind.BOOL: "True or False",
+            HyperKind.CHOICE: f"one of {self.choices}",
+            HyperKind.INT_POS: "an integer >= 1",
+            HyperKind.DTYPE: f"None or a floating dtype ({', '.join(FLOAT_DTYPE_NAMES)}) of the arrays' framework",
+            HyperKind.ANY: "see the optimizer's documentation",
+        }[k]
 
     def check(self, value: Any, optimizer: str) -> None:
-        """Raise ``ValueError`` naming the argument, the value and what is allowed."""
+        """Raise ``ValueError`` naming the optimizer, the argument, the value and what is allowed.
+
+        Numeric kinds take a real number or a 0-D / 1-element real array of any framework (as ``torch.optim``
+        takes a tensor ``lr``); a traced value (under ``jax.jit``) passes and is checked when concrete.
+        """
         where = f"{optimizer}: {self.name}={value!r} is invalid"
-        if self.kind == "bool":
+        k = self.kind
+        if k is HyperKind.ANY:
+            return
+        if k is HyperKind.BOOL:
             if not isinstance(value, bool):
-                raise ValueError(f"{where}: expected True or False")
+                raise ValueError(f"{where}: expected {self.allowed()}")
             return
-        if self.kind == "choice":
-            if value not in self.choices:
-                raise ValueError(f"{where}: expected one of {self.choices}")
+        if k is HyperKind.CHOICE:
+            if not any(type(value) is type(c) and value == c for c in self.choices):
+                raise ValueError(f"{where}: expected {self.allowed()}")
             return
-        if self.kind == "int_pos":
+        if k is HyperKind.INT_POS:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{where}: expected an integer >= 1")
+                raise ValueError(f"{where}: expected {self.allowed()}")
             return
-        if self.kind == "any":
+        if k is HyperKind.DTYPE:
+            if value is not None and dtype_name(value) is None:
+                raise ValueError(f"{where}: expected {self.allowed()}")
             return
-        if isinstance(value, (bool, str, bytes, tuple, list, dict)) or value is None:
-            raise ValueError(f"{where}: expected a real number")
-        if not is_concrete_number(value):
-            return  # a traced array (optax.inject_hyperparams): checked when concrete
-        x = float(value)
+        try:
+            x = real_scalar(value)
+        except TypeError as exc:
+            raise ValueError(f"{where}: got {exc}; expected {self.allowed()}") from None
+        if x is None:
+            return  # a traced value (optax.inject_hyperparams under jax.jit): see docs/reliability.md
         if math.isnan(x):
-            raise ValueError(f"{where}: NaN is not allowed")
-        if self.kind in ("lr", "nonneg") and not x >= 0:
-            raise ValueError(f"{where}: expected a number >= 0")
-        if self.kind == "positive" and not x > 0:
-            raise ValueError(f"{where}: expected a number > 0")
-        if self.kind == "beta" and not 0 <= x < 1:
-            raise ValueError(f"{where}: expected 0 <= {self.name} < 1")
-        if self.kind == "beta_open" and not 0 < x < 1:
-            raise ValueError(f"{where}: expected 0 < {self.name} < 1")
+            raise ValueError(f"{where}: NaN is not allowed; expected {self.allowed()}")
         if math.isinf(x):
-            raise ValueError(f"{where}: expected a finite number")
+            raise ValueError(f"{where}: expected a finite number, {self.allowed()}")
+        ok = {
+            HyperKind.LR: x >= 0,
+            HyperKind.NONNEG: x >= 0,
+            HyperKind.POSITIVE: x > 0,
+            HyperKind.BETA: 0 <= x < 1,
+            HyperKind.BETA_OPEN: 0 < x < 1,
+            HyperKind.BETA_OR_NEGATIVE: x < 1,
+        }[k]
+        if not ok:
+            raise ValueError(f"{where}: expected {self.allowed()}")
+
+    def is_valid(self, value: Any) -> Any:
+        """The numeric kind's rule as an array expression (comparisons only), for a traced ``value``.
+
+        False for NaN, infinities and values out of range; see :meth:`_HyperparamsMixin.traced_guard`.
+        """
+        finite = abs(value) < math.inf
+        k = self.kind
+        if k in (HyperKind.LR, HyperKind.NONNEG):
+            return finite & (value >= 0)
+        if k is HyperKind.POSITIVE:
+            return finite & (value > 0)
+        if k is HyperKind.BETA:
+            return (value >= 0) & (value < 1)
+        if k is HyperKind.BETA_OPEN:
+            return (value > 0) & (value < 1)
+        if k is HyperKind.BETA_OR_NEGATIVE:
+            return finite & (value < 1)
+        raise ValueError(f"Hyper {self.name!r}: kind {k} is not numeric")
+
+
+def concrete(value: Any) -> float | None:
+    """A validated numeric hyperparameter as a Python float, or None while it is traced.
+
+    For cross-field checks (``check(hp)`` of a spec), which run after every ``Hyper.check`` passed: a traced
+    value skips the rule until it is concrete. The one helper for this; see :func:`_backend.real_scalar`.
+    """
+    try:
+        return real_scalar(value)
+    except TypeError:
+        return None
 
 
 def _validate(name: str, hyperparams: tuple[Hyper, ...], check: Callable | None, values: Mapping[str, Any]) -> dict:
@@ -148,6 +278,45 @@ class _HyperparamsMixin:
     @property
     def defaults(self) -> dict:
         return {h.name: h.default for h in self.hyperparams}
+
+    def traced_validity(self, hp: Mapping[str, Any]) -> tuple[Any, tuple[str, ...]]:
+        """The validity of the *traced* hyperparameters in ``hp``, as one boolean array expression.
+
+        Values that are concrete were checked by :meth:`validate`; a traced one (``optax.inject_hyperparams``
+        under ``jax.jit``) can only be checked inside the graph. Cross-field rules (``check``) are not re-checked.
+
+        Args:
+            hp: the hyperparameters, some of them traced 0-D (or 1-element) arrays.
+
+        Returns:
+            ``(ok, names)``: ``ok`` is True where every traced value is valid (None when nothing is traced),
+            ``names`` the traced hyperparameters.
+        """
+        ok, names = None, []
+        for h in self.hyperparams:
+            if h.static or h.name not in hp or hp[h.name] is None or callable(hp[h.name]):
+                continue
+            value = hp[h.name]
+            try:
+                if real_scalar(value) is not None:
+                    continue  # concrete: validated already
+            except TypeError:
+                continue
+            cond = h.is_valid(value)
+            ok = cond if ok is None else ok & cond
+            names.append(h.name)
+        return ok, tuple(names)
+
+    def traced_guard(self, xp: Any, hp: Mapping[str, Any]) -> Any:
+        """A factor that is 1 when every traced hyperparameter is valid and NaN otherwise (see
+        :meth:`traced_validity`): multiplying the update by it turns an invalid traced value (``lr = -1``,
+        ``beta1 = 1.5``, NaN) into a NaN update, which never passes unnoticed.
+
+        Returns:
+            The factor (a 0-D array), or None when no value is traced.
+        """
+        ok, _ = self.traced_validity(hp)
+        return None if ok is None else xp.where(ok, 1.0, math.nan)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 
 from xpoptim.core import ElementwiseSpec, MatrixSpec, get_spec
 from xpoptim.core import functional as core_functional
+from xpoptim.core._backend import real_scalar
 
 from .buckets import BucketStepMixin
 from .checkpoint import CheckpointMixin
@@ -236,11 +237,12 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
     # -- hyperparameters ----------------------------------------------------------------------
 
     def _group_hp(self, gi: int) -> tuple[dict, dict | None]:
+        """The group's hyperparameters, validated, numbers as Python floats (a 1-element array ``lr`` is its value)."""
         g = self.param_groups[gi]
-        hp = self.spec.validate(**{k: v for k, v in g.items() if k not in _GROUP_EXTRA_KEYS})
+        hp = _host_numbers(self.spec, self.spec.validate(**{k: v for k, v in g.items() if k not in _GROUP_EXTRA_KEYS}))
         fb = None
         if self.fallback_spec is not None:
-            fb = self.fallback_spec.validate(**dict(g.get("fallback_hyperparams", {})))
+            fb = _host_numbers(self.fallback_spec, self.fallback_spec.validate(**dict(g.get("fallback_hyperparams", {}))))
         return hp, fb
 
     def set_hyperparams(self, group: int | None = None, **hyperparams: Any) -> None:
@@ -388,21 +390,34 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
                 raise TypeError(f"{self.spec.title} needs the extra input {name}= (same structure as grads)")
             x_lists[name] = self._match(extras[name], name)
             self._check_inputs(x_lists[name], name)
+            self._check_variance(x_lists[name], name)
         self._check_writable()
         hps = [self._group_hp(i) for i in range(len(self.param_groups))]
         t = self._step + 1
         pos = self._pos
         xp = self.xp
-        with _device_context(self.device), _no_grad(self._kind):
+        with _device_context(self.device), _no_grad(self._kind), _quiet_floats(self._kind):
             # Matrix rules first: pure, so a failure there leaves everything untouched.
             pending = []
             for st in self._stacks:
+                if 0 in st.mshape:
+                    continue  # zero-size matrices: nothing to update, no state to change
                 hp = _spec_hp(self.spec, hps[st.group][0])
                 ps = xp.stack([_reshape(xp, e.array, st.mshape) for e in st.entries])
                 gs = xp.stack([_reshape(xp, g_list[pos[id(e)]], st.mshape) for e in st.entries])
-                new_p, new_state = core_functional.step(
-                    self.spec, ps, gs, st.state, hp, t, maximize=self.maximize, layout=self.layout
-                )
+                if st.state_dtype != st.dtype:  # float16 parameters: the matrix rule runs in the state dtype
+                    ps, gs = xp.astype(ps, st.state_dtype), xp.astype(gs, st.state_dtype)
+                try:
+                    new_p, new_state = core_functional.step(
+                        self.spec, ps, gs, st.state, hp, t, maximize=self.maximize, layout=self.layout
+                    )
+                except np.linalg.LinAlgError as exc:
+                    keys = [e.key for e in st.entries]
+                    raise FloatingPointError(
+                        f"{self.spec.title}: the matrix step of parameter(s) {keys} failed ({exc}): the gradients or "
+                        "the state hold a NaN or an infinity, or values beyond the range of the state dtype; nothing "
+                        "was changed"
+                    ) from exc
                 pending.append((st, new_p, new_state))
             for b in self._buckets:
                 hp = hps[b.group][0] if b.role == "main" else hps[b.group][1]
@@ -413,6 +428,41 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
                     e.array[...] = v if v.dtype == e.array.dtype else xp.astype(v, e.array.dtype)
                 st.state = new_state
         self._step = t
+
+    def _check_variance(self, arrays: list, what: str) -> None:
+        """A per-element variance must be >= 0 and not NaN (one reduction per array; refused before any write)."""
+        xp = self.xp
+        for e, v in zip(self._entries, arrays):
+            if e.size and not bool(xp.all(v >= 0)):
+                raise ValueError(
+                    f"{what}[{e.key!r}] holds a negative or NaN value: expected a per-element variance >= 0 "
+                    "(e.g. core.moments.minibatch_variance of the per-example gradients)"
+                )
+
+    # -- copies -------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy: arrays, hyperparameters and state. Specs travel by registry name; the namespace
+        module, compiled kernels, buffers and views are rebuilt on load."""
+        d = dict(self.__dict__)
+        d.pop("xp", None)
+        d.pop("_pos", None)
+        d["spec"] = self.spec.name
+        d["fallback_spec"] = None if self.fallback_spec is None else self.fallback_spec.name
+        d["_buckets"] = [_portable(b) for b in self._buckets]
+        d["_stacks"] = [_portable(st) for st in self._stacks]
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self.spec = get_spec(d["spec"])
+        self.fallback_spec = None if d["fallback_spec"] is None else get_spec(d["fallback_spec"])
+        for part in (*self._buckets, *self._stacks):
+            part.spec = get_spec(part.spec)
+        self.xp = array_api_compat.array_namespace(*[e.array for e in self._entries])
+        self._pos = {id(e): i for i, e in enumerate(self._entries)}
+        for b in self._buckets:
+            b.segments = self._segments(b)
 
     def _needed_extras(self) -> tuple:
         specs = [b.spec for b in self._buckets]
@@ -425,3 +475,46 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self._entries)} arrays, {len(self.param_groups)} group(s), step {self._step})"
+
+
+def _host_numbers(spec: Any, hp: dict) -> dict:
+    """Numeric hyperparameters as Python floats (validated 0-D / 1-element arrays and NumPy scalars included), so
+    every value enters the step exactly as a float would."""
+    out = dict(hp)
+    for h in spec.hyperparams:
+        if not h.static and h.name in out:
+            value = real_scalar(out[h.name])
+            if value is not None:
+                out[h.name] = value
+    return out
+
+
+def _portable(part: Any) -> Any:
+    """A shallow copy of a bucket or matrix stack for pickling: the spec by name; for buckets no compiled kernels
+    and no segments (their views and buffers belong to the original arrays)."""
+    c = type(part).__new__(type(part))
+    c.__dict__.update(part.__dict__)
+    c.spec = part.spec.name
+    if isinstance(part, _Bucket):
+        c.kernels = {}
+        c.segments = []
+        c.fused = None
+        c.fuse_note = ""
+    return c
+
+
+class _quiet_floats:
+    """NumPy floating-point warnings off during a step: the rules handle overflow and 0/0 on purpose (the plain
+    forms are computed and replaced where they overflow), and a warning turned into an error (``-W error``) in the
+    middle of a step would leave it half done. Non-finite results are documented (``docs/reliability.md``)."""
+
+    def __init__(self, kind: str) -> None:
+        self._ctx = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore") if kind == "numpy" else None
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)

@@ -1,0 +1,129 @@
+"""The torch CPU path: the core step kernel as one compiled C loop over the tensors' own memory.
+
+Private module of the torch adapter. The loop is :mod:`xpoptim.adapters._cfuse`'s (the core kernel traced on
+symbolic arrays and printed as IEEE-exact C, the same library the NumPy adapter uses); this module hands it the
+``data_ptr()`` of every parameter, gradient (where backward left it), extra input and state tensor, so nothing is
+gathered, packed or re-pointed. Large steps are split into one contiguous range of elements per thread
+(``torch.get_num_threads()``); ``ctypes`` releases the GIL, so the threads run the loop in parallel. The step
+counters (one float32 scalar tensor per parameter, as in torch.optim) are read and set through their addresses too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from xpoptim.core import HOST, make_step_kernel, step_scalars
+from xpoptim.core.spec import ElementwiseSpec
+
+from . import _cfuse
+
+__all__ = ["c_kernel", "run_spans", "pointers", "MIN_ELEMENTS_PER_THREAD", "ENABLED"]
+
+#: Use the compiled loop when a C compiler works (``False``: every CPU step runs op by op in torch).
+ENABLED = True
+
+#: A step is split over threads only when every thread gets at least this many elements (the hand-off costs
+#: tens of microseconds; below this one thread is faster).
+MIN_ELEMENTS_PER_THREAD = 1 << 16
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_KERNELS: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+_POOL: list = []
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _static_key(static: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in static.items()))
+
+
+def c_kernel(spec: ElementwiseSpec, hp: dict, static: dict, maximize: bool, dtype: torch.dtype) -> _cfuse.CKernel | None:
+    """The compiled loop of ``spec`` for ``dtype`` arrays, or ``None`` (no compiler, a rule with no exact C form, a
+    dtype other than float32/float64, or ``ENABLED`` off): the caller then runs the rule op by op.
+
+    Built once per (rule, static switches, maximize, dtype) and cached on disk by :mod:`._cfuse`.
+    """
+    if not ENABLED or dtype not in _NP_DTYPES or not spec.is_fusable(hp):
+        return None
+    key = (spec.name, _static_key(static), bool(maximize), dtype)
+    with _LOCK:
+        k = _KERNELS.get(key)
+        if k is None:
+            n_extra, n_state = len(spec.extras), len(spec.state)
+            n_arrays = 2 + n_extra + n_state
+            try:
+                k = _cfuse.compile_kernel(
+                    lambda xp: make_step_kernel(spec, xp, static, maximize=maximize),
+                    _NP_DTYPES[dtype],
+                    n_arrays,
+                    len(step_scalars(spec, hp, 1, HOST)),
+                    [0, *range(2 + n_extra, n_arrays)],
+                )
+            except _cfuse.TraceError as exc:
+                k = f"not compiled: {exc}"
+            _KERNELS[key] = k
+    return k if isinstance(k, _cfuse.CKernel) else None
+
+
+def kernel_note(spec: ElementwiseSpec, static: dict, maximize: bool, dtype: torch.dtype) -> str | None:
+    """Why the compiled loop is not used for this rule (``None`` when it is, or was never asked for)."""
+    k = _KERNELS.get((spec.name, _static_key(static), bool(maximize), dtype))
+    return k if isinstance(k, str) else None
+
+
+def pointers(columns: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
+    """``(m, len(columns))`` uintp addresses: row ``j`` holds ``columns[k][j].data_ptr()`` for every ``k``."""
+    m = len(columns[0])
+    out = np.empty((m, len(columns)), dtype=np.uintp)
+    for k, col in enumerate(columns):
+        out[:, k] = np.fromiter(map(_data_ptr, col), dtype=np.uintp, count=m)
+    return out
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _LOCK:
+        if not _POOL or _POOL[0]._max_workers < n:
+            _POOL[:] = [ThreadPoolExecutor(max_workers=n, thread_name_prefix="xpoptim-cpu")]
+        return _POOL[0]
+
+
+def _split(sizes: np.ndarray, ptrs: np.ndarray, itemsize: int, parts: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cut the spans into ``parts`` runs of (almost) equal element counts; a span on a cut is split in two."""
+    ends = np.cumsum(sizes)
+    total = int(ends[-1])
+    jobs = []
+    for i in range(parts):
+        lo, hi = total * i // parts, total * (i + 1) // parts
+        if hi <= lo:
+            continue
+        j0 = int(np.searchsorted(ends, lo, side="right"))
+        j1 = int(np.searchsorted(ends, hi, side="left"))
+        s = sizes[j0 : j1 + 1].copy()
+        p = ptrs[j0 : j1 + 1].copy()
+        skip = lo - int(ends[j0] - sizes[j0])
+        s[0] -= skip
+        p[0] += np.uintp(skip * itemsize)
+        s[-1] -= int(ends[j1]) - hi
+        jobs.append((s, p))
+    return jobs
+
+
+def run_spans(kernel: _cfuse.CKernel, host: Any, sizes: np.ndarray, ptrs: np.ndarray, itemsize: int) -> None:
+    """Run ``kernel`` over the spans (``sizes`` int64, ``ptrs`` from :func:`pointers`), on up to
+    ``torch.get_num_threads()`` threads, each a contiguous range of elements."""
+    total = int(sizes.sum()) if sizes.size else 0
+    threads = min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD)
+    if threads <= 1:
+        kernel.spans(sizes, ptrs, host)
+        return
+    jobs = _split(sizes, ptrs, itemsize, threads)
+    futures = [_pool(threads - 1).submit(kernel.spans, s, p, host) for s, p in jobs[1:]]
+    kernel.spans(jobs[0][0], jobs[0][1], host)
+    for f in futures:
+        f.result()
