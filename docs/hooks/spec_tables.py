@@ -20,18 +20,6 @@ from xpoptim._docs import conventions_table
 from xpoptim.core import SPECS, get_spec
 from xpoptim.core import functional as F
 
-_ALLOWED = {
-    "lr": ">= 0",
-    "beta": "0 <= x < 1",
-    "beta_open": "0 < x < 1",
-    "nonneg": ">= 0",
-    "positive": "> 0",
-    "bool": "True / False",
-    "int_pos": "integer >= 1",
-    "any": "see meaning",
-}
-
-
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -43,7 +31,7 @@ def hyperparams_table(name: str) -> str:
     spec = get_spec(name)
     rows = ["| hyperparameter | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for h in spec.hyperparams:
-        allowed = " / ".join(repr(c) for c in h.choices) if h.kind == "choice" else _ALLOWED[h.kind]
+        allowed = h.allowed().replace("|", chr(92) + "|")  # the spec's own words, as in its error messages
         rows.append(f"| `{h.name}` | `{_fmt(h.default)}` | {allowed} | {h.doc.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
 
