@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU checks on a lent device machine (the workplace's `device` tool), which has no network: its image holds
-# torch (CUDA), jax (CUDA), cupy, optax, numpy, scipy and pytest, but not array-api-compat / array-api-strict,
-# which travel as wheels in .whl/ (ignored by git; named in the run's `carry`).
+# The project's GPU checks for a CUDA machine without network access: its image holds torch (CUDA), jax (CUDA),
+# cupy, optax, numpy, scipy and pytest, but not array-api-compat / array-api-strict, which travel as wheels in
+# .whl/ (ignored by git; copy it to the GPU machine with the working tree).
 #
-#   here, once per session:  bash benchmarks/gpu_device.sh prepare     (downloads the wheels into .whl/)
-#   on the device machine:   bash benchmarks/gpu_device.sh tests       (pytest -m "gpu or not slow": CuPy, torch CUDA,
+#   with network, once:      bash benchmarks/gpu_device.sh prepare     (downloads the wheels into .whl/)
+#   on the GPU machine:      bash benchmarks/gpu_device.sh tests       (pytest -m "gpu or not slow": CuPy, torch CUDA,
 #                                                                       JAX on GPU; about 5 minutes)
 #                            bash benchmarks/gpu_device.sh matrix      (the equivalence matrix on the GPU backends)
 #                            bash benchmarks/gpu_device.sh bench       (python -m benchmarks --device cuda)
@@ -14,9 +14,8 @@
 #                            bash benchmarks/gpu_device.sh quick       (check's tests, then the elementwise GPU
 #                                                                       benchmark; about 9 minutes, time-boxed)
 #
-# Each stage writes its log and a tarball of its results to $OUT (the device tool brings back at most 8 files,
-# 2 folders deep), so a session unpacks them into benchmarks/results/<gpu>/ and commits them. Every stage fits
-# the tool's 10-minute limit per command; run them as separate calls.
+# Each stage writes its log and a tarball of its results to $OUT (default /tmp/xpoptim-gpu-out); unpack them into
+# benchmarks/results/<gpu>/. Every stage takes under 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-}"
@@ -78,8 +77,8 @@ case "$stage" in
         tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
         ;;
     quick)
-        # One call for a whole 15-minute lease (machine start included): the GPU tests, then the elementwise GPU
-        # benchmark, each time-boxed so that the call ends inside the tool's 10-minute limit with its logs.
+        # Everything in one call of under 10 minutes: the GPU tests, then the elementwise GPU benchmark, each
+        # time-boxed so that the call ends with its logs even when a part runs long.
         install
         PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
             2>&1 | tee "$OUT/gpu-tests.log" || true

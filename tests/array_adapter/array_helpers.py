@@ -26,7 +26,7 @@ def cupy_available() -> bool:
 
 CUPY_SKIP = (
     "waits for a CUDA GPU with CuPy (cupy is not installed or cupy.cuda.is_available() is False; run `nox -s gpu` "
-    "on a lent GPU machine)"
+    "on a machine with an NVIDIA GPU)"
 )
 
 
