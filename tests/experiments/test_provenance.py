@@ -76,3 +76,13 @@ def test_check_command_lists_stale(tmp_path, capsys, monkeypatch):
     assert f"regenerate with `{command(name)}`" in capsys.readouterr().out
     _copy(name, tmp_path)
     assert cli.main(["--check", name]) == 0
+
+
+def test_every_figure_is_in_the_docs():
+    """docs/experiments.md shows every committed figure, and every figure it shows exists."""
+    import re
+
+    doc = (ROOT / "docs" / "experiments.md").read_text()
+    shown = set(re.findall(r"\.\./benchmarks/results/experiments/([\w.-]+\.png)", doc))
+    committed = {p.name for p in RESULTS.glob("*.png")}
+    assert shown == committed, f"in the results but not the docs: {sorted(committed - shown)}; in the docs only: {sorted(shown - committed)}"
