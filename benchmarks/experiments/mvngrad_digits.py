@@ -37,8 +37,6 @@ from .mvngrad_theory import candidate_steps
 SOURCES = (
     "benchmarks/experiments/_digits.py",
     "benchmarks/experiments/mvngrad_theory.py",
-    "src/xpoptim/adapters/_torch_engine.py",
-    "src/xpoptim/adapters/torch.py",
     "src/xpoptim/core/_backend.py",
     "src/xpoptim/core/adam_family.py",
     "src/xpoptim/core/functional.py",
