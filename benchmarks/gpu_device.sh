@@ -11,6 +11,9 @@
 #                            bash benchmarks/gpu_device.sh check       (GPU tests, CuPy tests, the equivalence matrix
 #                                                                       on the GPU backends; about 6 minutes,
 #                                                                       time-boxed)
+#                            bash benchmarks/gpu_device.sh release     (GPU tests, CuPy tests, the matrix for one rule
+#                                                                       of each kind, the elementwise benchmark;
+#                                                                       about 8 minutes, time-boxed)
 #                            bash benchmarks/gpu_device.sh quick       (check's tests, then the elementwise GPU
 #                                                                       benchmark; about 9 minutes, time-boxed)
 #
@@ -76,6 +79,24 @@ case "$stage" in
             --out /tmp/matrix-gpu 2>&1 | tee "$OUT/matrix.log" || true
         tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
         ;;
+    release)
+        # One call of about 8 minutes for a release: the GPU tests, the CuPy tests, the matrix on the GPU backends for
+        # one rule of each kind (AdamW, MVN-Grad, M-SVAG, Muon, DeVA_Sinf; default configurations), and the
+        # elementwise GPU benchmark; each part time-boxed.
+        install
+        PYTHONUNBUFFERED=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
+            2>&1 | tee "$OUT/gpu-tests.log" || true
+        PYTHONUNBUFFERED=1 timeout 70 python3 -m pytest -q -p no:cacheprovider \
+            tests/array_adapter/test_array_cupy.py tests/array_adapter/test_array_trajectories.py \
+            2>&1 | tee "$OUT/cupy-tests.log" || true
+        PYTHONUNBUFFERED=1 timeout 110 python3 -m xpoptim.matrix --backends numpy,gpu --no-demo --no-progress \
+            --optimizers adamw,mvngrad,msvag,muon,deva_sinf --no-variants --out /tmp/matrix-gpu \
+            2>&1 | tee "$OUT/matrix.log" || true
+        tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
+        PYTHONUNBUFFERED=1 timeout 120 python3 -m benchmarks --device cuda --only elementwise --out /tmp/bench-gpu \
+            2>&1 | tee "$OUT/bench.log" || true
+        tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
+        ;;
     quick)
         # Everything in one call of under 10 minutes: the GPU tests, then the elementwise GPU benchmark, each
         # time-boxed so that the call ends with its logs even when a part runs long.
@@ -90,7 +111,7 @@ case "$stage" in
         tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
         ;;
     *)
-        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|check|matrix|bench|quick [benchmark args]" >&2
+        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|check|release|matrix|bench|quick [benchmark args]" >&2
         exit 2
         ;;
 esac

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = (ROOT / "docs" / "algorithms.md").read_text()
-# "docs/algorithms.md section 2.3", "algorithms.md sections 3.4", and the older short form "spec 2.3" / "spec section 4".
+# "docs/algorithms.md section 2.3" and "algorithms.md sections 3.4"; the short form "spec 2.3" / "spec section 4" is read too.
 CITATION = re.compile(r"(?:algorithms\.md|\bspec)(?: sections?)? (\d+(?:\.\d+)?)")
 
 

@@ -1,9 +1,12 @@
 """Provenance of the committed results: which sources a result was computed from, and whether it is stale.
 
-Every experiment writes ``<name>.json`` next to its Markdown summary with the commit it ran at and the
-SHA-256 of the exact bytes of every source file its numbers depend on: the experiment script,
-``_common.py`` and the library modules whose functions it runs (each script's ``SOURCES``; the smoke
-tests check that list against the library files a quick run actually executes). A result is *stale*
+Every experiment writes ``<name>.json`` next to its Markdown summary with the commit it ran at and a
+SHA-256 of the code of every source file its numbers depend on: the experiment script, ``_common.py`` and
+the core modules whose rules it runs (each script's ``SOURCES``; the smoke tests check that list against
+the core files a quick run actually executes). The hash of a Python file is taken over its syntax tree
+without docstrings (:func:`code_sha256`), so a reworded docstring or comment, or a reformatting, leaves a
+result current while any change to what the code computes makes it stale. The adapters are not listed:
+they hold no math, and the test suite and the verifier hold them to the core rule. A result is *stale*
 when any of those files changed since it was written, when the list itself changed, or when it was
 written by a ``--quick`` run. ``python -m benchmarks.experiments --check`` lists stale results and
 ``python -m benchmarks.experiments --stale`` reruns only those.
@@ -11,6 +14,7 @@ written by a ``--quick`` run. ``python -m benchmarks.experiments --check`` lists
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import json
@@ -34,12 +38,29 @@ def sources_of(name: str, declared: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({f"benchmarks/experiments/{name}.py", *COMMON_SOURCES, *declared}))
 
 
-def file_sha256(rel: str) -> str:
-    """SHA-256 of the exact bytes of repository file ``rel`` (``"missing"`` when it does not exist)."""
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` with the docstring of every module, class and function removed (``pass`` where it was alone)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_sha256(rel: str) -> str:
+    """SHA-256 of the code of repository file ``rel`` (``"missing"`` when it does not exist).
+
+    A Python file is hashed as its syntax tree without docstrings (``ast.dump``: comments, blank lines and
+    formatting do not count; every name, literal and operation does); any other file as its exact bytes.
+    """
     path = REPO / rel
     if not path.is_file():
         return "missing"
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()
+    if path.suffix == ".py":
+        data = ast.dump(_without_docstrings(ast.parse(data, filename=rel))).encode()
+    return hashlib.sha256(data).hexdigest()
 
 
 def git_commit() -> str:
@@ -66,7 +87,7 @@ def provenance(name: str, declared: Iterable[str]) -> dict[str, Any]:
     return {
         "commit": git_commit(),
         "uncommitted_sources": uncommitted(paths),
-        "sources": {p: file_sha256(p) for p in paths},
+        "sources": {p: code_sha256(p) for p in paths},
     }
 
 
@@ -101,18 +122,18 @@ def stale_reasons(name: str, results: Path = RESULTS) -> list[str]:
     for p in sorted(set(recorded) - set(want)):
         reasons.append(f"{p} was recorded but is no longer a dependency")
     for p in want:
-        if p in recorded and recorded[p] != file_sha256(p):
-            reasons.append(f"{p} changed (recorded sha256 {recorded[p][:12]}, now {file_sha256(p)[:12]})")
+        if p in recorded and recorded[p] != code_sha256(p):
+            reasons.append(f"{p} changed (recorded sha256 {recorded[p][:12]}, now {code_sha256(p)[:12]})")
     return reasons
 
 
 def executed_library_files(fn: Callable[[], Any]) -> tuple[Any, set[str]]:
-    """Run ``fn()`` and return its result and the repository files under ``src/`` whose functions ran.
+    """Run ``fn()`` and return its result and the core files (``src/xpoptim/core``) whose functions ran.
 
     Module-level code (imports) and package ``__init__.py`` files (name lookups such as ``get_spec``) do
-    not count: a result depends on the modules whose functions compute it.
+    not count: a result depends on the core modules whose functions compute it.
     """
-    root = str(REPO / "src")
+    root = str(REPO / "src" / "xpoptim" / "core")
     seen: set[str] = set()
 
     def profile(frame: Any, event: str, arg: Any) -> None:

@@ -28,8 +28,6 @@ from ._common import Report, parse_args, run_main
 #: Library modules whose functions compute this experiment's numbers (see ``_provenance``).
 SOURCES = (
     "benchmarks/experiments/_digits.py",
-    "src/xpoptim/adapters/_torch_engine.py",
-    "src/xpoptim/adapters/torch.py",
     "src/xpoptim/core/_backend.py",
     "src/xpoptim/core/adam_family.py",
     "src/xpoptim/core/deva.py",

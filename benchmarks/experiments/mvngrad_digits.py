@@ -37,8 +37,6 @@ from .mvngrad_theory import candidate_steps
 SOURCES = (
     "benchmarks/experiments/_digits.py",
     "benchmarks/experiments/mvngrad_theory.py",
-    "src/xpoptim/adapters/_torch_engine.py",
-    "src/xpoptim/adapters/torch.py",
     "src/xpoptim/core/_backend.py",
     "src/xpoptim/core/adam_family.py",
     "src/xpoptim/core/functional.py",
@@ -54,7 +52,7 @@ OTHERS = ("adam", "adabelief", "laprop")
 def part_a(rep: Report, data: dict, quick: bool) -> dict:
     sizes = (16, 64) if quick else (16, 64, 256)
     steps = 10 if quick else 300
-    grid = D.GRID[3:5] if quick else D.GRID[4:8]
+    grid = D.GRID[3:5] if quick else D.GRID[3:8]
     tuning, evals = (D.TUNING_SEEDS[:1], D.EVAL_SEEDS[:2]) if quick else (D.TUNING_SEEDS[:2], D.EVAL_SEEDS)
     out, rows = {}, []
     for bs in sizes:
@@ -88,7 +86,7 @@ def part_a(rep: Report, data: dict, quick: bool) -> dict:
 
 
 def part_b(rep: Report, data: dict, quick: bool) -> dict:
-    lrs = (0.03, 0.003) if quick else (0.03, 0.01, 3e-3, 1e-3)
+    lrs = (0.03, 0.003) if quick else (0.1, 0.03, 0.01, 3e-3, 1e-3)
     beta2s = (0.9, 0.999) if quick else (0.9, 0.99, 0.999, 0.9999)
     steps = 10 if quick else 300
     seeds = D.TUNING_SEEDS[:1] if quick else D.TUNING_SEEDS[:2]

@@ -1,7 +1,7 @@
 """The committed experiment results match the current sources (fast; part of the default run).
 
-Every experiment's ``benchmarks/results/experiments/<name>.json`` records the SHA-256 of the exact
-bytes of the files its numbers depend on. When one of them changes, the committed numbers may no
+Every experiment's ``benchmarks/results/experiments/<name>.json`` records a SHA-256 of the code of
+the files its numbers depend on (the syntax tree without docstrings). When one of them changes, the committed numbers may no
 longer be what the code gives: the test fails, naming the changed files and the command that
 regenerates the result (``python -m benchmarks.experiments --stale`` regenerates every stale one).
 """
@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:  # ``benchmarks`` lives at the repository root, no
 pytest.importorskip("matplotlib")
 
 from benchmarks.experiments import EXPERIMENTS  # noqa: E402
-from benchmarks.experiments._provenance import RESULTS, command, declared_sources, file_sha256, stale_reasons  # noqa: E402
+from benchmarks.experiments._provenance import RESULTS, command, declared_sources, code_sha256, stale_reasons  # noqa: E402
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -37,7 +37,7 @@ def test_committed_result_is_current(name):
 def test_declared_sources_exist():
     for name in EXPERIMENTS:
         for path in declared_sources(name):
-            assert file_sha256(path) != "missing", f"{name} declares {path}, which does not exist"
+            assert code_sha256(path) != "missing", f"{name} declares {path}, which does not exist"
 
 
 def _copy(name: str, tmp_path: Path) -> dict:
@@ -76,3 +76,13 @@ def test_check_command_lists_stale(tmp_path, capsys, monkeypatch):
     assert f"regenerate with `{command(name)}`" in capsys.readouterr().out
     _copy(name, tmp_path)
     assert cli.main(["--check", name]) == 0
+
+
+def test_every_figure_is_in_the_docs():
+    """docs/experiments.md shows every committed figure, and every figure it shows exists."""
+    import re
+
+    doc = (ROOT / "docs" / "experiments.md").read_text()
+    shown = set(re.findall(r"\.\./benchmarks/results/experiments/([\w.-]+\.png)", doc))
+    committed = {p.name for p in RESULTS.glob("*.png")}
+    assert shown == committed, f"in the results but not the docs: {sorted(committed - shown)}; in the docs only: {sorted(shown - committed)}"

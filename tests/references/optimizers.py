@@ -1,4 +1,4 @@
-"""Float64 reference implementations of all 15 optimizers, written from ``shared/spec/algorithms.md``.
+"""Float64 reference implementations of all 15 optimizers, written from ``docs/algorithms.md``.
 
 Each reference is a plain NumPy loop over steps that follows the spec's pseudo-code literally (section numbers
 in the docstrings), deliberately in the *paper's* form where the core uses an algebraically equal closed form
@@ -59,7 +59,7 @@ QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
 def kappa_reference(mu: float, t: int) -> float:
-    """kappa(mu, t) as the sum of squared weights of the bias-corrected EMA (spec 3.1 [D]).
+    """kappa(mu, t) as the sum of squared weights of the bias-corrected EMA (docs/algorithms.md section 3.1 [D]).
 
     ``m_hat_t = sum_s c_s g_s`` with ``c_s = (1 - mu) mu^(t-s) / (1 - mu^t)``; ``kappa = sum_s c_s^2``.
     """
@@ -90,7 +90,7 @@ def _coefficient_table(coefficients, steps: int) -> list:
 
 
 def ns_reference(x, steps: int = 5, coefficients=QUINTIC, prenorm: str = "frobenius", eps: float = 1e-7) -> np.ndarray:
-    """Newton-Schulz orthogonalisation, spec 5.1 / 5.2, one matrix at a time (stacks are looped).
+    """Newton-Schulz orthogonalisation, docs/algorithms.md section 5.1 / 5.2, one matrix at a time (stacks are looped).
 
     * ``frobenius``: ``X / max(||X||_F, eps)`` (torch.optim.Muon clamp);
     * ``frobenius_add``: ``X / (||X||_F + eps)`` (KellerJordan/Muon, optax);
@@ -137,7 +137,7 @@ def _erf(x: np.ndarray) -> np.ndarray:
 def _adam(theta, g, S, t, hp, decoupled):
     lr, b1, b2, eps, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]
     if decoupled:
-        theta = theta * (1 - lr * wd)  # spec 1.1 step 5: AdamW decays first (torch order)
+        theta = theta * (1 - lr * wd)  # docs/algorithms.md section 1.1 step 5: AdamW decays first (torch order)
     else:
         g = g + wd * theta  # torch.optim.Adam's coupled L2
     S["m"] = b1 * S["m"] + (1 - b1) * g
@@ -234,7 +234,7 @@ def ref_svag(theta, g, S, t, hp):
 
 def ref_msvag(theta, g, S, t, hp):
     """Spec 3.4 (paper Alg. 2: ``eta^2 = kappa (v - m^2)/m^2``, ``gamma = 1/(1 + eta^2)``, m = 0 -> 0) and
-    spec 3.9 (published/repo: factor ``m^2/(m^2 + rho s)``, ``s = (v - m^2)/(1 - rho)``, clip, NaN -> 0)."""
+    docs/algorithms.md section 3.9 (published/repo: factor ``m^2/(m^2 + rho s)``, ``s = (v - m^2)/(1 - rho)``, clip, NaN -> 0)."""
     lr, mu = hp["lr"], hp["mu"]
     theta = theta * (1 - lr * hp["weight_decay"])
     m, v = _bh_moments(g, S, t, mu)
@@ -250,7 +250,7 @@ def ref_msvag(theta, g, S, t, hp):
 
 
 def _sign_factor(m, eta2, adaptation):
-    """gamma for a sign direction: ``(1 + eta^2)^(-1/2)`` or ``erf(1/(sqrt(2) eta))`` (spec 3.5, 3.7)."""
+    """gamma for a sign direction: ``(1 + eta^2)^(-1/2)`` or ``erf(1/(sqrt(2) eta))`` (docs/algorithms.md section 3.5, 3.7)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         if adaptation == "adam":
             gamma = 1.0 / np.sqrt(1.0 + eta2)
@@ -261,7 +261,7 @@ def _sign_factor(m, eta2, adaptation):
 
 
 def ref_adam_star(theta, g, S, t, hp):
-    """Spec 3.5 (Alg. 4) with the spec 3.7 erf option: ``theta -= alpha gamma sign(m)``."""
+    """Spec 3.5 (Alg. 4) with the docs/algorithms.md section 3.7 erf option: ``theta -= alpha gamma sign(m)``."""
     lr, mu = hp["lr"], hp["mu"]
     theta = theta * (1 - lr * hp["weight_decay"])
     m, v = _bh_moments(g, S, t, mu)

@@ -838,7 +838,7 @@ def scale_by_muon(
         A ``GradientTransformationExtraArgs`` with state :class:`ScaleByMuonState`.
 
     References:
-        K. Jordan et al., Muon (2024); torch.optim.Muon; spec 5.
+        K. Jordan et al., Muon (2024); torch.optim.Muon; docs/algorithms.md section 5.
     """
     hp = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
               ns_prenorm=ns_prenorm, ns_eps=ns_eps, shape_scale=shape_scale)
@@ -880,7 +880,7 @@ def scale_by_deva_sinf(
         :func:`deva_sinf` applies ``W <- (W - lr delta)(1 - lr wd)`` (decay after the step, as released).
 
     References:
-        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVASchattenNorm``; spec 4.2.
+        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVASchattenNorm``; docs/algorithms.md section 4.2.
     """
     hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
               max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
@@ -972,7 +972,7 @@ def deva_sinf(
         A ``GradientTransformationExtraArgs``.
 
     References:
-        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation; spec 4.2.
+        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation; docs/algorithms.md section 4.2.
     """
     hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
               max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,

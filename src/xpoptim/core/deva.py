@@ -4,7 +4,7 @@ DeVA writes an adaptive step as *(variance-adaptation factor) x (scale-invariant
 ``sign`` in the vector (l_inf) case, ``msign`` (Muon's orthogonalisation) in the spectral (S_inf)
 case. **Provenance:** the paper's algorithm boxes could not be read; both rules follow the authors'
 released code exactly (Tsedao/Decoupled-Variance-Adaptation ``optimizers/deva.py``, classes
-``DeVAEuclideanNorm`` and ``DeVASchattenNorm``, HEAD 2e4d26e), spec section 4.
+``DeVAEuclideanNorm`` and ``DeVASchattenNorm``, HEAD 2e4d26e), docs/algorithms.md section 4.
 
 **DeVA_Sinf as a well-defined function (departure from the release).** The update is not invariant to the
 basis chosen inside a near-degenerate eigenspace of a Kronecker factor (``V`` and ``Gamma`` are elementwise in
@@ -73,7 +73,7 @@ def deva_linf_gamma(xp: Any, m: Any, v: Any, eps: Any, bc1: Any = 1.0, bc2: Any 
 
     Without bias correction (``bc1 = bc2 = 1``, as released) and with ``v = EMA(m^2)``,
     ``Gamma = (1 + eta_m^2)^(-1/2)`` where ``eta_m^2 = EMA(m^2)/m^2 - 1`` is the momentum's own
-    relative variance (spec 4.1). Also the diagnostic Fig. 2(c-d) of the paper uses.
+    relative variance (docs/algorithms.md section 4.1). Also the diagnostic Fig. 2(c-d) of the paper uses.
     """
     return xp.abs(m / bc1) / xp.sqrt(v / bc2 + eps)
 
@@ -104,7 +104,7 @@ def deva_linf_direction(
     The ``bias_correction`` switch acts only through the scalars: ``bc1 = bc2 = 1`` when off.
 
     References:
-        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVAEuclideanNorm``; spec 4.1.
+        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVAEuclideanNorm``; docs/algorithms.md section 4.1.
     """
     m = ema(xp, m, g, beta1)
     x = m if second_moment_of == "momentum" else g
@@ -333,7 +333,7 @@ def _canonical_basis(xp: Any, q: Any, w: Any) -> Any:
 
 
 def _eigenbasis(xp: Any, factor: Any) -> Any:
-    """Eigenvectors of a PSD factor, columns by descending eigenvalue (spec 4.2, first call).
+    """Eigenvectors of a PSD factor, columns by descending eigenvalue (docs/algorithms.md section 4.2, first call).
 
     **Deviation from the release:** the released code keeps whatever basis LAPACK returns inside a factor's
     near-degenerate eigenspaces: its null space (one factor of any non-square gradient is rank-deficient) and any
@@ -419,7 +419,7 @@ def deva_sinf_init(xp: Any, g: Any, max_precond_dim: int = 10000) -> dict:
 def deva_sinf_seed(xp: Any, state: dict, g: Any, shampoo_beta: Any) -> dict:
     """First call: ``L = (1-b_s) G G^T``, ``R = (1-b_s) G^T G``, eigenbases by descending eigenvalue.
 
-    The parameter does not move on this call (spec 4.2). Inside a factor's null space (one side of any
+    The parameter does not move on this call (docs/algorithms.md section 4.2). Inside a factor's null space (one side of any
     non-square ``G`` is rank-deficient) and in every cluster of near-equal eigenvalues the basis is the canonical one of ``_canonical_cluster_basis``, not
     LAPACK's arbitrary one as in the release, so every backend seeds the same basis (see ``_eigenbasis``).
     """
@@ -453,7 +453,7 @@ def deva_sinf_update(
     ns_coefficients: Any = "quintic",
     ns_dtype: Any = None,
 ) -> tuple:
-    """One DeVA_Sinf step after the seed (``DeVASchattenNorm.step``, spec 4.2 steps 1-14).
+    """One DeVA_Sinf step after the seed (``DeVASchattenNorm.step``, docs/algorithms.md section 4.2 steps 1-14).
 
     1. ``G~ = Q_L^T G Q_R``; 3. ``M~ <- b1 M~ + (1-b1) G~``;
     4. ``r_i = ||M~_{i,:}||``, ``c_j = ||M~_{:,j}||``; 5. ``V <- b2 V + (1-b2) r c^T``;
@@ -485,7 +485,7 @@ def deva_sinf_update(
 
     References:
         arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVASchattenNorm``; SOAP (Vyas et
-        al. 2024) for the preconditioner maintenance; spec 4.2.
+        al. 2024) for the preconditioner maintenance; docs/algorithms.md section 4.2.
     """
     ql, qr = state["QL"], state["QR"]
     g_rot = _rotate(xp, g, ql, qr)
