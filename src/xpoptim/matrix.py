@@ -1,9 +1,10 @@
 """The cross-backend equivalence verifier: ``python -m xpoptim.matrix`` (console script ``xpoptim-matrix``).
 
 It runs every optimizer on every array backend installed here (NumPy always; array-api-strict, torch
-CPU/CUDA, JAX CPU/GPU, CuPy when usable), in float64 and float32, for ``--steps`` steps on three fixed
-problems (``xpoptim._problems``: a noisy quadratic, a small tanh MLP with hand-written backprop, a
-matrix least-squares problem for the spectral rules), and compares each parameter trajectory with the
+CPU/CUDA, JAX CPU/GPU, CuPy when usable), in float64 and float32, for ``--steps`` steps on fixed
+problems (``xpoptim._problems``; by default the closed-loop ones: a noisy quadratic, a small tanh MLP with
+hand-written backprop, a matrix least-squares problem for the spectral rules; ``--problems structured,digits``
+adds gradients with the structure of real models, replayed identically to every backend), and compares each parameter trajectory with the
 float64 NumPy run of the same core rule (``xpoptim.core.functional``) on the same inputs (for a
 float32 candidate the reference starts from the float32-rounded initial point and data, so the check
 measures the candidate's arithmetic, not the rounding of its inputs). It also drives the adapters
@@ -21,8 +22,14 @@ when the optimizer moves little). A cell's error is the maximum over problems an
 when ``err <= tolerance(optimizer, dtype, steps)`` (:data:`TOLERANCES`, each bound with its reason;
 measured at 20 steps, scaled by ``20/steps`` for shorter runs, see :func:`tolerance`).
 
-Every candidate computes its own gradients on its own trajectory (closed loop), so the check covers the
-whole training loop, not one step.
+On the closed-loop problems every candidate computes its own gradients on its own trajectory, so the check
+covers the whole training loop, not one step; on the replayed ones every candidate gets the same gradients, so a
+difference is the optimizer's alone.
+
+Nothing checked is never a pass: a backend named in ``backends`` that cannot run here is an error, a run with no
+cell does not pass (exit status 1), and the report lists the backends and adapter paths actually compared.
+Each rule's settings and bounds come from its spec (``spec.verification``, ``xpoptim.core.verification``), with
+documented defaults, so a rule added to ``xpoptim.core.SPECS`` gets cells without an edit here.
 
 The verifier pins matmul precision (JAX ``default_matmul_precision="float32"``, torch TF32 off) and
 enables JAX x64 while it runs, restoring the previous settings at the end.
@@ -494,7 +501,7 @@ def run(
         backends: backend names or aliases (``"numpy,torch"``; default: ``$XPOPTIM_BACKENDS`` or all).
         dtypes: subset of ``("float64", "float32")``.
         steps: steps per trajectory (>= 1).
-        problems: subset of ``PROBLEMS`` (default: all three).
+        problems: subset of ``PROBLEMS`` (default: ``DEFAULT_PROBLEMS``, the closed-loop ones).
         adapters: also check the torch / optax / array adapters.
         variants: include the non-default configurations when ``optimizers`` names an optimizer.
         override: registry name -> spec used by the *core candidates* instead of the real one (the
@@ -812,7 +819,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", help="comma-separated optimizer names or configuration labels (default: all)")
     p.add_argument("--backends", help="comma-separated backends or aliases (numpy, strict, torch, jax, cupy, gpu; default: $XPOPTIM_BACKENDS or all installed)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of float64,float32")
-    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)} (default: all; 'digits' needs scikit-learn)")
+    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)} (default: {','.join(DEFAULT_PROBLEMS)}; 'digits' needs scikit-learn)")
     p.add_argument("--steps", type=int, default=20, help="steps per trajectory (default 20)")
     p.add_argument("--out", help="write matrix.md and matrix.json into this folder")
     p.add_argument("--no-adapters", action="store_true", help="check the core rules only")

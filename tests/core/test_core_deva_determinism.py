@@ -227,3 +227,46 @@ def test_seed_and_refresh_trace_under_jax_jit():
     got = jax.jit(lambda a, b: both(jnp, a, b))(jnp.asarray(g1), jnp.asarray(g2))
     for w, o in zip(want, got):
         assert np.max(np.abs(np.asarray(o) - w)) <= 1e-12 * max(1.0, np.max(np.abs(w)))
+
+
+def _clustered_factor(n=9, seed=8):
+    """``U diag(w) U^T`` with two near-degenerate clusters (relative gaps 1e-13, far below ``tau``)."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.array([1.0, 0.6, 0.6 * (1 - 1e-13), 0.6 * (1 - 2e-13), 0.3, 1e-2, 1e-2 + 1e-15, 1e-2 + 3e-15, 0.0])[:n]
+    return (u * w) @ u.T, u, w
+
+
+def test_near_degenerate_clusters_get_one_canonical_basis(backend):
+    """Eigenvalues closer than ``tau max|w|`` (not only zeros) are one cluster: a rotated basis inside a cluster gives
+    the same columns, on every backend, and the result is still an orthonormal eigenbasis to round-off."""
+    xp = backend.xp
+    a, _, w = _clustered_factor()
+    n = a.shape[0]
+    lf = backend.asarray(a, "float64")
+    q = to_numpy(D._eigenbasis(xp, lf))
+    # clusters {1.0}, {0.6 x3}, {0.3}, {1e-2 x3}, {0}: separated clusters are 1e-2 apart (error ~ eps / 1e-2)
+    cid = to_numpy(D._clusters(xp, backend.asarray(np.sort(w)[::-1], "float64"), D.cluster_tolerance(n, np.finfo(np.float64).eps)))
+    assert cid.tolist() == [0, 1, 1, 1, 2, 3, 3, 3, 4]
+    rng = np.random.default_rng(2)
+    rot = q.copy()
+    rot[:, 1:4] = q[:, 1:4] @ _orthogonal(rng, 3)
+    rot[:, 5:8] = q[:, 5:8] @ _orthogonal(rng, 3)
+    again = to_numpy(D._canonical_cluster_basis(xp, backend.asarray(rot, "float64"), backend.asarray(cid, "float64")))
+    assert np.max(np.abs(again - q)) <= 1e-12
+    import array_api_compat.numpy as xnp
+
+    assert np.max(np.abs(to_numpy(D._eigenbasis(xnp, a)) - q)) <= 1e-12  # the same basis as NumPy's
+    assert np.max(np.abs(q.T @ q - np.eye(n))) <= 1e-12
+    lam = q.T @ a @ q
+    assert np.max(np.abs(lam - np.diag(np.diag(lam)))) <= 1e-12
+
+
+def test_cluster_tolerance_is_sqrt_n_eps():
+    assert D.cluster_tolerance(64, np.finfo(np.float64).eps) == pytest.approx(np.sqrt(64 * np.finfo(np.float64).eps))
+    assert D.cluster_tolerance(64, np.finfo(np.float32).eps) == pytest.approx(2.76e-3, rel=1e-2)
+    with D.cluster_precision(float(np.finfo(np.float32).eps)):
+        import array_api_compat.numpy as xnp
+
+        assert D._tau(xnp, np.eye(64)) == pytest.approx(D.cluster_tolerance(64, np.finfo(np.float32).eps))
+    assert D._tau(xnp, np.eye(64)) == pytest.approx(D.cluster_tolerance(64, np.finfo(np.float64).eps))

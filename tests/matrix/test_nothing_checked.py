@@ -114,3 +114,28 @@ def test_report_lists_what_was_compared():
 def test_assert_backends_agree_with_no_dtype_compares_nothing():
     with pytest.raises(AssertionError, match="nothing was compared"):
         assert_backends_agree(lambda xp, dtype, device: [xp.asarray([1.0], dtype=dtype)], backends="numpy", dtypes=())
+
+
+def test_digits_without_scikit_learn_says_so():
+    """The digits problem needs scikit-learn: named explicitly without it, the run refuses with the reason."""
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "sklearn":
+                    raise ImportError("No module named 'sklearn'", name="sklearn")
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        import xpoptim.matrix as M  # importing the verifier needs no scikit-learn
+        try:
+            M.run(["sgd"], backends="numpy", steps=2, adapters=False, problems=["digits"])
+        except ValueError as exc:
+            print("REFUSED:", exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("REFUSED:") and "'digits' cannot be built here" in out.stdout and "scikit-learn" in out.stdout

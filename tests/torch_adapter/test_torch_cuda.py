@@ -13,6 +13,7 @@ from xpt_support import CASES, NAMES, make_params, run_torch, spec_hp
 
 from xpoptim.adapters import torch as xt
 from xpoptim.core import ELEMENTWISE, SPECS
+from xpoptim.matrix import tolerance
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,23 +51,32 @@ def test_cuda_matches_cpu_float64(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", FUSABLE)
-def test_cuda_foreach_path_equals_the_cpu_compiled_loop_bit_for_bit(name, dtype):
-    """Every ``_foreach_*`` operation is one IEEE operation (CUDA's division and square root are correctly rounded),
-    as is every operation of the CPU's compiled C loop: the two give the same bits."""
+def test_cuda_foreach_path_follows_the_cpu_compiled_loop_within_the_verifier_bound(name, dtype):
+    """The CUDA ``_foreach_*`` path and the CPU's compiled C loop agree within the rule's cross-backend bound
+    (:func:`xpoptim.matrix.tolerance`: the largest difference over the distance travelled).
+
+    They are not bit for bit: on an NVIDIA H200 (torch 2.11, CUDA 13) every rule differed in the last bits in float32
+    and float64, as CUDA kernels may fuse a multiply and an add into one rounding where the C loop rounds twice.
+    """
     gen = np.random.default_rng(0)
     shapes = [(64, 33), (1000,), (3, 1, 5), (), (7,)]
     init = [gen.standard_normal(s) for s in shapes]
+    steps = 4
     out = []
     for device in ("cpu", "cuda"):
         params = [torch.tensor(x, dtype=dtype, device=device).requires_grad_() for x in init]
         opt = xt.create(name, params, **CASES[name])
-        for k in range(4):
+        for k in range(steps):
             g_gen = np.random.default_rng([k, 7])
             for p in params:
                 p.grad = torch.tensor(0.5 * g_gen.standard_normal(tuple(p.shape)), dtype=dtype, device=device)
             opt.step()
-        out.append([p.detach().cpu().numpy().tobytes() for p in params])
-    assert out[0] == out[1]
+        out.append(np.concatenate([p.detach().cpu().double().numpy().ravel() for p in params]))
+    start = np.concatenate([x.ravel() for x in init])
+    travelled = np.max(np.abs(out[0] - start))
+    err = np.max(np.abs(out[1] - out[0])) / travelled
+    bound = tolerance(name, "float32" if dtype == torch.float32 else "float64", steps)
+    assert err <= bound.bound, f"{name} {dtype}: CUDA vs CPU {err:.3g} of the distance travelled > {bound.bound:g} ({bound.reason})"
 
 
 def test_cuda_parameters_and_gradients_are_never_repointed():

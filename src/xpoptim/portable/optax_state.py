@@ -74,7 +74,7 @@ def leaf_orientations(params: Any, dimension_numbers: Any = None) -> list[Orient
 def _rule_of(node: Any) -> str | None:
     """The registry name of an adapter rule state (the adapter's ``ScaleBy<Title>State`` classes), else None."""
     cls = type(node)
-    if cls.__module__ != xo.__name__ or not _is_namedtuple(node):
+    if not _is_namedtuple(node) or getattr(xo, cls.__name__, None) is not cls:  # a state class the adapter exports
         return None
     for s in SPECS.values():
         if cls.__name__ == f"ScaleBy{s.title}State":
