@@ -241,3 +241,15 @@ def test_traced_negative_grad_variance_gives_nan_for_that_element(name):
     w = np.asarray(updates["w"])
     assert np.isnan(w[1, 2]) and np.isfinite(np.delete(w.reshape(-1), 6)).all()
     assert np.isfinite(np.asarray(updates["b"])).all()
+
+
+@pytest.mark.parametrize(("name", "arg", "value"), [("muon", "momentum", 1.5), ("muon", "learning_rate", -1.0),
+                                                    ("deva_sinf", "beta2", math.nan), ("deva_sinf", "weight_decay", -1.0)])
+def test_invalid_traced_hyperparameter_of_a_matrix_rule_gives_nan_matrix_updates(name, arg, value):
+    """The matrix leaves get NaN updates; the fallback rule's leaves (with their own, concrete hyperparameters) not."""
+    tx, state = _injected_with(name, arg, value)
+    step = _jitted_step(tx)
+    params = PARAMS
+    for _ in range(2):  # DeVA_Sinf's first call only seeds its preconditioner
+        params, state, updates = step(params, state)
+    assert bool(jnp.all(jnp.isnan(updates["w"]))) and bool(jnp.all(jnp.isfinite(updates["b"])))

@@ -406,3 +406,18 @@ def test_any_hyperparameter_value_is_accepted_or_refused_cleanly(name, value, ar
         assert_unchanged(before, _snap(opt, params))
     else:
         assert valid
+
+
+def test_deva_sinf_decomposition_failure_on_one_matrix_leaves_every_matrix_alone():
+    """The torch adapter wrote ``a`` and then raised in ``b``'s eigh (a refresh step): here every matrix rule update
+    is computed before the first write, so a failure changes nothing."""
+    params = {"a": np.ones((4, 3), np.float32), "b": np.ones((5, 2), np.float32), "c": np.ones(3, np.float32)}
+    opt = _opt("deva_sinf", params, precondition_frequency=10)
+    for s in range(10):
+        opt.step(_grads(params, seed=s))
+    grads = _grads(params, seed=10)
+    grads["b"] = np.full((5, 2), 1e20, np.float32)
+    before = _snap(opt, params)
+    with pytest.raises(FloatingPointError, match=r"DeVASinf: the matrix step of parameter\(s\) \['b'\] failed"):
+        opt.step(grads)  # step 11: the eigenbases are refreshed
+    assert_unchanged(before, _snap(opt, params))

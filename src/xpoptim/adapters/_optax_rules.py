@@ -371,7 +371,7 @@ def scale_by_mvngrad(
     Convention: normalise (by EMA of (g - m_t)^2 + eps_s, bias-corrected) then momentum; eps outside the sqrt; momentum bias-corrected; decoupled decay before [I].
 
     Args:
-        beta1: decay of the mean tracker and of the momentum (one beta1, spec 2.3) (default 0.9).
+        beta1: decay of the mean tracker and of the momentum (one beta1, docs/algorithms.md section 2.3) (default 0.9).
         beta2: decay of the residual variance proxy (default 0.999).
         eps: added to sqrt(v_hat) (outside the sqrt); a real hyperparameter in low noise (default 1e-08).
         eps_s: variance floor added to v every step (AdaBelief-style) (default 0.0).
@@ -382,7 +382,7 @@ def scale_by_mvngrad(
         A ``GradientTransformationExtraArgs`` with state ``ScaleByMVNGradState``.
 
     References:
-        arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, spec 2).
+        arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, docs/algorithms.md section 2).
     """
     from . import optax as _ox  # noqa: PLC0415  (the adapter module, already imported: it imports this one)
 
@@ -408,7 +408,7 @@ def mvngrad(
 
     Args:
         learning_rate: a float or an optax schedule (default 0.001).
-        beta1: decay of the mean tracker and of the momentum (one beta1, spec 2.3) (default 0.9).
+        beta1: decay of the mean tracker and of the momentum (one beta1, docs/algorithms.md section 2.3) (default 0.9).
         beta2: decay of the residual variance proxy (default 0.999).
         eps: added to sqrt(v_hat) (outside the sqrt); a real hyperparameter in low noise (default 1e-08).
         eps_s: variance floor added to v every step (AdaBelief-style) (default 0.0).
@@ -421,7 +421,7 @@ def mvngrad(
         A ``GradientTransformationExtraArgs``.
 
     References:
-        arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, spec 2).
+        arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, docs/algorithms.md section 2).
     """
     from . import optax as _ox  # noqa: PLC0415
 

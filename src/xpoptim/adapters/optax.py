@@ -82,6 +82,8 @@ __all__ = [
     "ScaleByMuonState",
     "ScaleByDeVASinfState",
     "DecayAfterState",
+    "export_state",
+    "import_state",
 ]
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -503,13 +505,19 @@ def _resolve_dims(dimension_numbers: Any, tree: Any) -> tuple:
     elif _is_dims(dimension_numbers):
         dims = [None if _is_masked(x) else dimension_numbers for x in leaves]
     else:
-        dn = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
-        dims = jax.tree.flatten(dn, is_leaf=lambda x: x is None or _is_dims(x) or _is_masked(x))[0]
-        if len(dims) != len(leaves):
+        # A function is a pytree leaf; a callable pytree (an equinox Module) is a tree of dimension numbers.
+        is_fn = callable(dimension_numbers) and jax.tree_util.treedef_is_leaf(jax.tree.structure(dimension_numbers))
+        dn = dimension_numbers(tree) if is_fn else dimension_numbers
+        is_dim = lambda x: x is None or _is_dims(x) or _is_masked(x)  # noqa: E731
+        try:  # dn is a prefix of the parameters: broadcast each entry over its subtree (None subtrees stay empty)
+            full = jax.tree.map(lambda d, sub: jax.tree.map(lambda _: d, sub, is_leaf=_is_masked), dn, tree, is_leaf=is_dim)
+            dims = treedef.flatten_up_to(full)
+        except (ValueError, TypeError):
+            n = len(jax.tree.flatten(dn, is_leaf=is_dim)[0])
             raise ValueError(
-                f"dimension_numbers has {len(dims)} entries but the parameters have {len(leaves)} leaves: give one "
-                "DimensionNumbers (or None) per leaf"
-            )
+                f"dimension_numbers has {n} entries but the parameters have {len(leaves)} leaves: give one "
+                "DimensionNumbers (or None) per leaf, or per subtree"
+            ) from None
         dims = [None if _is_masked(x) or _is_masked(d) else d for x, d in zip(leaves, dims)]
     return leaves, treedef, dims
 
@@ -622,6 +630,8 @@ def _scale_by_matrix(
     title = spec.title
 
     def init_fn(params: Any) -> Any:
+        _check_real_leaves(title, params, "params")
+
         def init_leaf(x: Any, lay: Any) -> tuple:
             sd = _default_state_dtype(x.dtype, state_dtype)
             if elementwise_state:  # elementwise state: built like the leaf, so it is placed (sharded) like it
@@ -643,6 +653,13 @@ def _scale_by_matrix(
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple:
         del params, extra_args
+        if not isinstance(state, state_cls):
+            raise TypeError(
+                f"{title}: state is a {type(state).__name__}: expected the {state_cls.__name__} built by this "
+                "transformation's init (a state of another optimizer or layout?)"
+            )
+        _check_real_leaves(title, updates, "updates")
+        guard = _traced_guard(spec, hp)
         hpn = _hp_for_scalars(hp)
         count = optax.safe_increment(state.count)
         t = count.astype(_float_dtype())
@@ -675,7 +692,13 @@ def _scale_by_matrix(
             return out, new
 
         res = _map_matrix_leaves(title, dimension_numbers, updates, leaf_update, *state[1:])
-        return res[0], state_cls(count, *res[1:])
+        new_state = state_cls(count, *res[1:])
+        if guard is None:
+            return res[0], new_state
+        # an invalid traced hyperparameter: NaN update, the state stays as it was
+        keep = jnp.isnan(guard)
+        out = jax.tree.map(lambda u: u if _is_masked(u) else u * guard.astype(u.dtype), res[0], is_leaf=_is_masked)
+        return out, jax.tree.map(lambda n, o: jnp.where(keep, o, n), new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -729,13 +752,15 @@ def _lr_and_decay_after(spec: MatrixSpec, hp: Mapping[str, Any], learning_rate: 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any) -> Any:
+def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any, learning_rate: Any) -> Any:
+    """The fallback rule's alias; its learning rate is ``learning_rate`` unless ``fallback_hyperparams`` gives one."""
     user = dict(fallback_hyperparams or {})
     if "learning_rate" in user:
         user["lr"] = user.pop("learning_rate")
     fspec, given = spec.resolve_fallback(fallback or None, user)
     hp = {**fspec.defaults, **given}
-    lr = hp.pop("lr")
+    hp.pop("lr")
+    lr = given.get("lr", learning_rate)
     return _elementwise_alias(fspec, lr, hp, mask, state_dtype)
 
 
@@ -774,8 +799,10 @@ def _matrix_alias(
         stages.append(optax.scale_by_learning_rate(learning_rate))
     else:
         stages = [rule, _lr_and_decay_after(spec, full, learning_rate, weight_decay, mask)]
-    fb = _fallback_alias(spec, fallback, fallback_hyperparams, mask, state_dtype)
-    return _routed(_preserve_dtypes(optax.chain(*stages)), fb, dimension_numbers, spec.title)
+    fb = _fallback_alias(spec, fallback, fallback_hyperparams, mask, state_dtype, learning_rate)
+    guard = {"lr": learning_rate, "weight_decay": weight_decay}
+    matrix_tx = _preserve_dtypes(optax.chain(*stages), lambda: _traced_guard(spec, guard))
+    return _routed(matrix_tx, fb, dimension_numbers, spec.title)
 
 
 def scale_by_muon(
@@ -809,7 +836,7 @@ def scale_by_muon(
         A ``GradientTransformationExtraArgs`` with state :class:`ScaleByMuonState`.
 
     References:
-        K. Jordan et al., Muon (2024); torch.optim.Muon; spec 5.
+        K. Jordan et al., Muon (2024); torch.optim.Muon; docs/algorithms.md section 5.
     """
     hp = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
               ns_prenorm=ns_prenorm, ns_eps=ns_eps, shape_scale=shape_scale)
@@ -851,7 +878,7 @@ def scale_by_deva_sinf(
         :func:`deva_sinf` applies ``W <- (W - lr delta)(1 - lr wd)`` (decay after the step, as released).
 
     References:
-        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVASchattenNorm``; spec 4.2.
+        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVASchattenNorm``; docs/algorithms.md section 4.2.
     """
     hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
               max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
@@ -881,8 +908,10 @@ def muon(
 
     Matrix leaves: ``p <- p (1 - lr wd) - lr * scale * NS5(nesterov(B))`` (see :func:`scale_by_muon`).
     Other leaves (default: every leaf that is not 2-D; with ``dimension_numbers`` every leaf mapped to
-    None) go to ``fallback`` (default the spec's: AdamW with lr 3e-4, betas (0.9, 0.95), eps 1e-10,
-    wd 0, KellerJordan/Muon's auxiliary Adam), with ``fallback_hyperparams`` overriding those.
+    None) go to ``fallback`` (default the spec's: AdamW with betas (0.9, 0.95), eps 1e-10, wd 0,
+    KellerJordan/Muon's auxiliary Adam), with ``fallback_hyperparams`` overriding those. The fallback's
+    learning rate is ``learning_rate`` (a float or the same schedule) unless ``fallback_hyperparams``
+    gives one.
 
     Args:
         learning_rate: float or schedule for the matrix leaves.
@@ -941,7 +970,7 @@ def deva_sinf(
         A ``GradientTransformationExtraArgs``.
 
     References:
-        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation; spec 4.2.
+        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation; docs/algorithms.md section 4.2.
     """
     hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
               max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
@@ -1317,3 +1346,23 @@ def flatten_by_dtype(inner: optax.GradientTransformation) -> optax.GradientTrans
         return unravel(new_u), FlattenByDtypeState(new_s)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Portable state (xpoptim.portable)
+# ----------------------------------------------------------------------------------------------
+
+
+def export_state(state: Any, params: Any, optimizer: str, **kwargs: Any) -> Any:
+    """The framework-neutral state of ``state``: :func:`xpoptim.portable.optax_state.export_optax`."""
+    from xpoptim.portable.optax_state import export_optax  # noqa: PLC0415
+
+    return export_optax(state, params, optimizer, **kwargs)
+
+
+def import_state(portable: Any, params: Any, tx: Any, **kwargs: Any) -> Any:
+    """A state for ``tx`` holding ``portable``: :func:`xpoptim.portable.optax_state.import_optax`."""
+    from xpoptim.portable.optax_state import import_optax  # noqa: PLC0415
+
+    return import_optax(portable, params, tx, **kwargs)
+

@@ -238,11 +238,11 @@ class MVNGrad(Optimizer):
 
     normalise (by EMA of (g - m_t)^2 + eps_s, bias-corrected) then momentum; eps outside the sqrt; momentum bias-corrected; decoupled decay before [I]
 
-    Source: arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, spec 2)
+    Source: arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, docs/algorithms.md section 2)
 
     Hyperparameters:
         lr (default 0.001): learning rate (a float; adapters also take schedules)
-        beta1 (default 0.9): decay of the mean tracker and of the momentum (one beta1, spec 2.3)
+        beta1 (default 0.9): decay of the mean tracker and of the momentum (one beta1, docs/algorithms.md section 2.3)
         beta2 (default 0.999): decay of the residual variance proxy
         eps (default 1e-08): added to sqrt(v_hat) (outside the sqrt); a real hyperparameter in low noise
         eps_s (default 0.0): variance floor added to v every step (AdaBelief-style)
