@@ -1139,6 +1139,9 @@ _MADE: dict[tuple, tuple] = {}  # (kind, name) -> (spec, function), for rules ad
 for _spec in (SPECS[n] for n in BUILTIN):
     if isinstance(_spec, ElementwiseSpec):
         _STATE_CLASSES[_spec.name] = globals()[f"ScaleBy{_spec.title}State"]
+        # The state classes are this module's (pickled states and tools that recognise the adapter's states by
+        # module name see them here, where the runtime-made classes of registered rules live too).
+        _STATE_CLASSES[_spec.name].__module__ = __name__
         _ALIASES[_spec.name] = globals()[_spec.name]
         _SCALE_BY[_spec.name] = globals()[f"scale_by_{_spec.name}"]
 __all__ += ["muon", "scale_by_muon", "deva_sinf", "scale_by_deva_sinf"]
