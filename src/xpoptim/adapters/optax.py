@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xpoptim.core import BUILTIN, SPECS, get_spec, make_direction_kernel
+from xpoptim.core import BUILTIN, SPECS, default_state_dtype, get_spec, make_direction_kernel
 from xpoptim.core import moments as _moments
 from xpoptim.core.functional import matrix_scale
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
@@ -96,11 +96,9 @@ def _is_masked(x: Any) -> bool:
 
 
 def _default_state_dtype(leaf_dtype: Any, state_dtype: Any) -> Any:
-    """The state dtype policy: ``state_dtype`` if given, else the leaf's, float32 for bf16/fp16."""
-    if state_dtype is not None:
-        return jnp.dtype(state_dtype)
-    d = jnp.dtype(leaf_dtype)
-    return jnp.dtype(jnp.float32) if d in _LOW_PRECISION else d
+    """The core's state dtype policy (:func:`xpoptim.core.default_state_dtype`) as a JAX dtype: ``state_dtype`` if
+    given, else the leaf's, float32 for bf16/fp16."""
+    return jnp.dtype(default_state_dtype(jnp.dtype(leaf_dtype), state_dtype, jnp.float32))
 
 
 def _zero_count(params: Any) -> jax.Array:
@@ -1141,6 +1139,9 @@ _MADE: dict[tuple, tuple] = {}  # (kind, name) -> (spec, function), for rules ad
 for _spec in (SPECS[n] for n in BUILTIN):
     if isinstance(_spec, ElementwiseSpec):
         _STATE_CLASSES[_spec.name] = globals()[f"ScaleBy{_spec.title}State"]
+        # The state classes are this module's (pickled states and tools that recognise the adapter's states by
+        # module name see them here, where the runtime-made classes of registered rules live too).
+        _STATE_CLASSES[_spec.name].__module__ = __name__
         _ALIASES[_spec.name] = globals()[_spec.name]
         _SCALE_BY[_spec.name] = globals()[f"scale_by_{_spec.name}"]
 __all__ += ["muon", "scale_by_muon", "deva_sinf", "scale_by_deva_sinf"]
