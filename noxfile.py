@@ -12,6 +12,7 @@ Sessions:
     gpu          CuPy + CUDA torch + GPU JAX; skips with a message when there is no CUDA device
     bench        the benchmarks (python -m benchmarks); results under benchmarks/results/<machine>/
     experiments  the paper experiments; results under benchmarks/results/experiments/
+    docs         the documentation site (mkdocs build --strict, warnings as errors) into a temporary folder
 
 ``tests``, ``slow``, ``matrix``, ``bench`` and ``experiments`` install the same heavy packages, so they share
 one environment (``.nox/_shared-cpu``), created once and refreshed when pyproject.toml changes.
@@ -130,3 +131,10 @@ def experiments(session: nox.Session) -> None:
             failed.append(name)
     if failed:
         session.error(f"paper claims failed in: {', '.join(failed)} (see benchmarks/results/experiments/)")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with warnings as errors (the API pages read the sources; no framework needed)."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(session.create_tmp()), *session.posargs)

@@ -49,6 +49,12 @@ def _clear_caches() -> None:
 
     os.environ["XPOPTIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="xpoptim-bench-cfuse-")
     _cfuse._LOADED.clear()
+    try:  # the torch adapter's loaded kernels too (its CPU path compiles the same C loop)
+        from xpoptim.adapters import _torch_ckernel
+
+        _torch_ckernel._KERNELS.clear()
+    except ImportError:
+        pass
 
 
 def _malloc_for_accounting() -> str:
@@ -96,9 +102,10 @@ def _paths(layout, data, cfg: Config, skipped: list) -> list:
     out = []
     for impl in ("forloop", "foreach", "fused"):
         out.append((f"torch.optim.AdamW {impl}", lambda impl=impl: torch_paths.peer_adamw(arrays, grads, dev, impl, n)))
+    out.append(("heavyball.AdamW", lambda: torch_paths.peer_heavyball(arrays, grads, dev, n)))
     out.append(("optax.adamw jit", lambda: jax_paths.peer_adamw(arrays, grads, dev, n)))
     for path, options in torch_paths.ours_paths():
-        if "gathered" in path or (not cfg.torch_compile and "compile" in path):
+        if not cfg.torch_compile and options.get("compile"):
             continue
         out.append((f"xpoptim torch {path}", lambda path=path, options=options: torch_paths.ours("adamw", arrays, grads, dev, path, options, n, 28, hp)))
     for path, options in jax_paths.ours_paths():

@@ -48,12 +48,14 @@ def _try(builder, *args, skipped: list, label: str, **kw) -> Subject | None:
 
 
 def build_peers(layout: Layout, data, cfg: Config, skipped: list) -> list[Subject]:
-    """torch.optim.AdamW forloop / foreach / fused, optax.adamw jit, the floors (copy, in-place; NumPy's copy on CPU)."""
+    """torch.optim.AdamW forloop / foreach / fused, heavyball.AdamW, optax.adamw jit, the floors (copy, in-place;
+    NumPy's copy on CPU)."""
     arrays, grads = data
     n = layout.n_params
     out = []
     for impl in ("forloop", "foreach", "fused"):
         out.append(_try(torch_paths.peer_adamw, arrays, grads, cfg.device, impl, n, skipped=skipped, label=f"torch.optim.AdamW {impl}"))
+    out.append(_try(torch_paths.peer_heavyball, arrays, grads, cfg.device, n, skipped=skipped, label="heavyball.AdamW"))
     out.append(_try(jax_paths.peer_adamw, arrays, grads, cfg.device, n, skipped=skipped, label="optax.adamw jit"))
     out.append(_try(torch_paths.copy_floor, n, cfg.device, 28, skipped=skipped, label="copy floor"))
     out.append(_try(torch_paths.inplace_floor, n, cfg.device, 28, skipped=skipped, label="in-place floor"))
@@ -71,7 +73,7 @@ def build_ours(rule: str, layout: Layout, data, cfg: Config, skipped: list) -> l
     if not paths:  # no adapter: record why
         out.append(_try(torch_paths.ours, rule, arrays, grads, cfg.device, "eager", {}, n, bpp, skipped=skipped, label=f"xpoptim torch {rule}"))
     for path, options in paths:
-        if not cfg.torch_compile and "compile" in path:
+        if not cfg.torch_compile and options.get("compile"):
             skipped.append({"label": f"xpoptim torch {path} {rule}", "reason": "--no-compile"})
             continue
         out.append(_try(torch_paths.ours, rule, arrays, grads, cfg.device, path, options, n, bpp, hp, skipped=skipped, label=f"xpoptim torch {path} {rule}"))

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# GPU checks on a lent device machine (the workplace's `device` tool), which has no network: its image holds
-# torch (CUDA), jax (CUDA), cupy, optax, numpy, scipy and pytest, but not array-api-compat / array-api-strict,
-# which travel as wheels in .whl/ (ignored by git; named in the run's `carry`).
+# The project's GPU checks for a CUDA machine without network access: its image holds torch (CUDA), jax (CUDA),
+# cupy, optax, numpy, scipy and pytest, but not array-api-compat / array-api-strict, which travel as wheels in
+# .whl/ (ignored by git; copy it to the GPU machine with the working tree).
 #
-#   here, once per session:  bash benchmarks/gpu_device.sh prepare     (downloads the wheels into .whl/)
-#   on the device machine:   bash benchmarks/gpu_device.sh tests       (pytest -m "gpu or not slow": CuPy, torch CUDA,
+#   with network, once:      bash benchmarks/gpu_device.sh prepare     (downloads the wheels into .whl/)
+#   on the GPU machine:      bash benchmarks/gpu_device.sh tests       (pytest -m "gpu or not slow": CuPy, torch CUDA,
 #                                                                       JAX on GPU; about 5 minutes)
 #                            bash benchmarks/gpu_device.sh matrix      (the equivalence matrix on the GPU backends)
 #                            bash benchmarks/gpu_device.sh bench       (python -m benchmarks --device cuda)
 #                            bash benchmarks/gpu_device.sh check       (GPU tests, CuPy tests, the equivalence matrix
 #                                                                       on the GPU backends; about 6 minutes,
 #                                                                       time-boxed)
+#                            bash benchmarks/gpu_device.sh release     (GPU tests, CuPy tests, the matrix for one rule
+#                                                                       of each kind, the elementwise benchmark;
+#                                                                       about 8 minutes, time-boxed)
 #                            bash benchmarks/gpu_device.sh quick       (check's tests, then the elementwise GPU
 #                                                                       benchmark; about 9 minutes, time-boxed)
 #
-# Each stage writes its log and a tarball of its results to $OUT (the device tool brings back at most 8 files,
-# 2 folders deep), so a session unpacks them into benchmarks/results/<gpu>/ and commits them. Every stage fits
-# the tool's 10-minute limit per command; run them as separate calls.
+# Each stage writes its log and a tarball of its results to $OUT (default /tmp/xpoptim-gpu-out); unpack them into
+# benchmarks/results/<gpu>/. Every stage takes under 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-}"
@@ -77,9 +79,27 @@ case "$stage" in
             --out /tmp/matrix-gpu 2>&1 | tee "$OUT/matrix.log" || true
         tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
         ;;
+    release)
+        # One call of about 8 minutes for a release: the GPU tests, the CuPy tests, the matrix on the GPU backends for
+        # one rule of each kind (AdamW, MVN-Grad, M-SVAG, Muon, DeVA_Sinf; default configurations), and the
+        # elementwise GPU benchmark; each part time-boxed.
+        install
+        PYTHONUNBUFFERED=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
+            2>&1 | tee "$OUT/gpu-tests.log" || true
+        PYTHONUNBUFFERED=1 timeout 70 python3 -m pytest -q -p no:cacheprovider \
+            tests/array_adapter/test_array_cupy.py tests/array_adapter/test_array_trajectories.py \
+            2>&1 | tee "$OUT/cupy-tests.log" || true
+        PYTHONUNBUFFERED=1 timeout 110 python3 -m xpoptim.matrix --backends numpy,gpu --no-demo --no-progress \
+            --optimizers adamw,mvngrad,msvag,muon,deva_sinf --no-variants --out /tmp/matrix-gpu \
+            2>&1 | tee "$OUT/matrix.log" || true
+        tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
+        PYTHONUNBUFFERED=1 timeout 120 python3 -m benchmarks --device cuda --only elementwise --out /tmp/bench-gpu \
+            2>&1 | tee "$OUT/bench.log" || true
+        tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
+        ;;
     quick)
-        # One call for a whole 15-minute lease (machine start included): the GPU tests, then the elementwise GPU
-        # benchmark, each time-boxed so that the call ends inside the tool's 10-minute limit with its logs.
+        # Everything in one call of under 10 minutes: the GPU tests, then the elementwise GPU benchmark, each
+        # time-boxed so that the call ends with its logs even when a part runs long.
         install
         PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
             2>&1 | tee "$OUT/gpu-tests.log" || true
@@ -91,7 +111,7 @@ case "$stage" in
         tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
         ;;
     *)
-        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|check|matrix|bench|quick [benchmark args]" >&2
+        echo "usage: bash benchmarks/gpu_device.sh prepare|tests|check|release|matrix|bench|quick [benchmark args]" >&2
         exit 2
         ;;
 esac

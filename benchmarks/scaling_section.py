@@ -1,7 +1,7 @@
 """Scaling: AdamW step time against parameter count (one tensor) and against tensor count (fixed total size).
 
 Each point is one interleaved block of: torch.optim.AdamW foreach and fused, optax.adamw under jit, our torch
-adapter (eager and compiled), our optax adapter (per leaf and flat), our array adapter, and the copy floor.
+adapter (default path and torch.compile), our optax adapter (per leaf and flat), our array adapter, and the copy floor.
 Plots (PNG, log-log) are written next to the tables.
 """
 
@@ -51,7 +51,7 @@ def _subjects(layout: Layout, data, cfg: Config, skipped: list) -> list:
     ]
     hp = {"weight_decay": 0.01}
     for path, options in torch_paths.ours_paths():
-        if path in ("eager", "compiled") and (cfg.torch_compile or "compile" not in path):
+        if path in ("default", "torch.compile") and (cfg.torch_compile or not options.get("compile")):
             out.append(_try(torch_paths.ours, "adamw", arrays, grads, dev, path, options, n, 28, hp, skipped=skipped, label=f"xpoptim torch {path}"))
     for path, options in jax_paths.ours_paths():
         if path != "flatten_by_dtype":  # its compile grows with the leaf count (see the elementwise section)

@@ -3,9 +3,11 @@
 Each target is a ratio measured in one interleaved run:
 
 CPU
-    * torch adapter, AdamW, layouts A and B: step time <= 1.2 x torch.optim.AdamW(fused=True);
-    * torch adapter, MVN-Grad, layouts A and B: <= 1.3 x torch fused AdamW (it moves 36 bytes per parameter, not 28);
-    * torch adapter, any rule, layout C: >= 10 x faster than torch fused AdamW;
+    * torch adapter, default path (fresh gradients every step), AdamW, layouts A and B: step time <= 1.1 x
+      torch.optim.AdamW(fused=True);
+    * torch adapter, default path, MVN-Grad, layouts A and B: <= 1.35 x torch fused AdamW (it moves 36 bytes per
+      parameter, not 28);
+    * torch adapter, default path, any rule, layout C: >= 8 x faster than torch fused AdamW;
     * optax adapter, AdamW, layouts A and B: <= 1.1 x optax.adamw under jit; MVN-Grad on A: <= 1.3 x;
     * optax adapter, flat path, any rule, layout C: >= 10 x faster than optax.adamw;
     * NumPy adapter, layout A: <= 3 x the copy floor (the copy floor scaled to the rule's bytes per parameter).
@@ -62,13 +64,13 @@ def elementwise_targets(device: str, framework: str, path: str, rule: str, layou
     if device == "cuda":
         return [Target("gpu-floor", "at_most", 1.2, "floor")]
     out: list[Target] = []
-    if framework == "torch":
+    if framework == "torch" and path == "default":
         if layout in ("A", "B") and rule == "adamw":
-            out.append(Target("cpu-torch-adamw", "at_most", 1.2, "torch_fused"))
+            out.append(Target("cpu-torch-adamw", "at_most", 1.1, "torch_fused"))
         if layout in ("A", "B") and rule == "mvngrad":
-            out.append(Target("cpu-torch-mvngrad", "at_most", 1.3, "torch_fused"))
+            out.append(Target("cpu-torch-mvngrad", "at_most", 1.35, "torch_fused"))
         if layout == "C":
-            out.append(Target("cpu-torch-C", "at_least", 10.0, "torch_fused"))
+            out.append(Target("cpu-torch-C", "at_least", 8.0, "torch_fused"))
     elif framework == "jax":
         if layout in ("A", "B") and rule == "adamw":
             out.append(Target("cpu-optax-adamw", "at_most", 1.1, "optax_adamw"))

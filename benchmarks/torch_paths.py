@@ -13,6 +13,8 @@ from .harness import Skip, Subject
 __all__ = [
     "torch_device",
     "peer_adamw",
+    "peer_heavyball",
+    "fresh_grads",
     "copy_floor",
     "inplace_floor",
     "ours",
@@ -59,6 +61,21 @@ def to_params(arrays: Sequence[np.ndarray], grads: Sequence[np.ndarray], device:
     return params
 
 
+def fresh_grads(params: list) -> Any:
+    """``prepare`` for a subject: before every step, hand each parameter a gradient tensor other than the one of
+    the step before (two sets, alternating), as backward does after ``zero_grad(set_to_none=True)`` (torch's
+    default loop), without timing an allocation."""
+    sets = [[p.grad for p in params], [p.grad.clone() for p in params]]
+    box = {"k": 0}
+
+    def prepare() -> None:
+        box["k"] ^= 1
+        for p, g in zip(params, sets[box["k"]]):
+            p.grad = g
+
+    return prepare
+
+
 def peer_adamw(arrays, grads, device: str, impl: str, n_params: int) -> Subject:
     """``torch.optim.AdamW(lr=1e-3, weight_decay=0.01)`` with ``impl`` in forloop / foreach / fused."""
     torch = _torch()
@@ -83,6 +100,41 @@ def peer_adamw(arrays, grads, device: str, impl: str, n_params: int) -> Subject:
         n_params=n_params,
         bytes_per_param=28,
         info={"torch": torch.__version__},
+        prepare=fresh_grads(params),
+        **_timing(device),
+    )
+
+
+def peer_heavyball(arrays, grads, device: str, n_params: int) -> Subject:
+    """HeavyBall's ``AdamW`` (a compile-first torch optimizer library: its step runs under ``torch.compile``), with
+    torch's AdamW hyperparameters (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01). Its first step
+    (``first_s`` in the results) includes Inductor's compile."""
+    torch = _torch()
+    try:
+        heavyball = importlib.import_module("heavyball")
+    except ImportError as exc:
+        raise Skip(
+            f"heavyball is not installed ({exc}); `pip install heavyball` installs it next to a CPU torch "
+            "(it requires torch>=2.2, opt-einsum and numpy>=2.3.4, and no CUDA build)"
+        ) from None
+    params = to_params(arrays, grads, device)
+    box: dict = {}
+
+    def setup():
+        box["opt"] = heavyball.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+    return Subject(
+        label="heavyball.AdamW",
+        kind="peer",
+        framework="torch",
+        path="heavyball",
+        rule="adamw",
+        step=lambda: box["opt"].step(),
+        setup=setup,
+        n_params=n_params,
+        bytes_per_param=28,
+        info={"heavyball": getattr(heavyball, "__version__", "unknown"), "torch": torch.__version__},
+        prepare=fresh_grads(params),
         **_timing(device),
     )
 
@@ -147,28 +199,27 @@ def _adapter():
 def ours_paths() -> list[tuple[str, dict]]:
     """The torch adapter's elementwise paths as ``(path name, options)``; empty without the adapter.
 
-    * ``eager``: ``compile=False`` (the core kernel op by op, in cache-sized chunks on CPU);
-    * ``compiled``: ``compile=True`` (one ``torch.compile``-fused kernel per flat bucket);
-    * ``compiled, grads gathered``: as ``compiled``, but every step receives fresh gradient tensors (what a
-      backward pass produces after the default ``zero_grad(set_to_none=True)``), so the adapter gathers them into
-      its flat buffer each step. The other two keep the gradients the adapter re-pointed into its buffer (the
-      ``zero_grad(set_to_none=False)`` pattern), as torch.optim's peers read ``p.grad`` wherever it is.
+    Every path gets fresh gradient tensors before each step (the default loop: ``zero_grad()`` sets them to
+    ``None`` and backward makes new ones); parameters and state are the user's own tensors in every path.
 
-    ``compile="auto"`` (the default) equals ``compiled`` for buckets of at least 2**20 elements (every full-size
-    layout here) and ``eager`` below.
+    * ``default``: ``compile=False``, what a user gets: on CPU the core kernel compiled into one C loop over the
+      tensors' addresses (float32/float64, contiguous), on CUDA the ``torch._foreach_*`` multi-tensor path;
+    * ``op by op``: the same with the compiled C loop switched off (``_torch_ckernel.ENABLED = False``): what a
+      machine without a C compiler runs (the ``_foreach`` path; same numbers);
+    * ``torch.compile``: ``compile=True`` (opt-in), ``torch.compile`` of the in-place step, per tensor.
     """
     try:
         _adapter()
     except Skip:
         return []
-    return [("eager", {"compile": False}), ("compiled", {"compile": True}), ("compiled, grads gathered", {"compile": True, "_fresh_grads": True})]
+    return [("default", {}), ("op by op", {"_c_loop": False}), ("torch.compile", {"compile": True})]
 
 
 def ours(rule: str, arrays, grads, device: str, path: str, options: dict, n_params: int, bpp: float, hp: dict | None = None) -> Subject:
     """A step of ``rule`` through ``xpoptim.adapters.torch.create`` with the path's options."""
     mod = _adapter()
     options = dict(options)
-    fresh = options.pop("_fresh_grads", False)
+    c_loop = options.pop("_c_loop", True)
     params = to_params(arrays, grads, device)
     box: dict = {}
 
@@ -178,13 +229,17 @@ def ours(rule: str, arrays, grads, device: str, path: str, options: dict, n_para
         except TypeError as exc:
             raise Skip(f"xpoptim.adapters.torch.create({rule!r}, {options}) rejected the options: {exc}") from None
 
-    prepare = None
-    if fresh:
-        originals = [p.grad for p in params]
+    if c_loop:
+        step = lambda: box["opt"].step()  # noqa: E731
+    else:
+        ck = importlib.import_module("xpoptim.adapters._torch_ckernel")
 
-        def prepare():
-            for p, g in zip(params, originals):
-                p.grad = g
+        def step():
+            ck.ENABLED = False
+            try:
+                box["opt"].step()
+            finally:
+                ck.ENABLED = True
 
     return Subject(
         label=f"xpoptim torch {path}",
@@ -192,12 +247,12 @@ def ours(rule: str, arrays, grads, device: str, path: str, options: dict, n_para
         framework="torch",
         path=path,
         rule=rule,
-        step=lambda: box["opt"].step(),
+        step=step,
         setup=setup,
         n_params=n_params,
         bytes_per_param=bpp,
-        info={"options": {k: repr(v) for k, v in options.items()}, "fresh_grads_each_step": fresh},
-        prepare=prepare,
+        info={"options": {k: repr(v) for k, v in options.items()}, "c_loop": c_loop, "fresh_grads_each_step": True},
+        prepare=fresh_grads(params),
         **_timing(device),
     )
 

@@ -46,3 +46,43 @@ def test_readme_examples_run():
     assert len(blocks) >= 4
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+REPO = "https://github.com/xpoptim/xpoptim"
+RAW = "https://raw.githubusercontent.com/xpoptim/xpoptim/main/"
+DOCS = "https://xpoptim.github.io/xpoptim/"
+
+
+def _link_targets(text: str) -> list[str]:
+    inline = re.findall(r"\]\(([^)\s]+)\)", text)
+    reference = re.findall(r"^\[[^\]]+\]:\s*(\S+)", text, re.M)
+    html = re.findall(r"""(?:src|href)=["']([^"']+)["']""", text)
+    return inline + reference + html
+
+
+def test_readme_links_are_absolute_and_resolve_in_the_repository():
+    """The README is the package index's long description: no relative link or image (they break there), and every
+    link into the repository or the docs site names a file that exists."""
+    targets = _link_targets(README)
+    assert targets, "the README links to its documentation and pictures"
+    for url in targets:
+        assert url.startswith("https://"), f"relative or non-https link in the README: {url}"
+        if url.startswith(RAW):
+            path = url[len(RAW) :]
+        elif url.startswith(f"{REPO}/blob/main/") or url.startswith(f"{REPO}/tree/main/"):
+            path = url[len(REPO) + len("/blob/main/") :]
+        elif url.startswith(DOCS):
+            page = url[len(DOCS) :].strip("/") or "index"
+            path = f"docs/{page}.md"
+        else:
+            continue
+        assert (ROOT / path).exists(), f"{url} points at {path}, which is not in the repository"
+
+
+def test_readme_examples_are_the_scripts_in_examples():
+    """Each quickstart script (run by tests/examples) appears in the README as written, docstring aside."""
+    blocks = _python_blocks()
+    for script in sorted((ROOT / "examples").glob("quickstart_*.py")):
+        text = script.read_text()
+        body = text[text.index('"""', 3) + 3 :].strip("\n") + "\n"
+        assert body in blocks, f"the README's example differs from {script.relative_to(ROOT)}"

@@ -1,9 +1,10 @@
-"""Shared plumbing for the experiment scripts: output folder, claim bookkeeping, Markdown summary."""
+"""Shared plumbing for the experiment scripts: output folder, claim bookkeeping, Markdown summary, provenance."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -13,10 +14,9 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+from ._provenance import RESULTS, command, provenance
 
-#: Default output folder (``benchmarks/results/experiments``).
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "experiments"
+matplotlib.use("Agg")
 
 
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,10 +52,14 @@ class Report:
         title: heading of the summary.
         out: output folder.
         quick: whether this is a ``--quick`` run (written into the summary).
+        sources: repository paths of the library modules the numbers depend on (the script and
+            ``_common.py`` are added); their SHA-256 go into ``<name>.json`` (see ``_provenance``).
     """
 
-    def __init__(self, name: str, title: str, out: Path | None, quick: bool) -> None:
+    def __init__(self, name: str, title: str, out: Path | None, quick: bool, sources: tuple[str, ...] = ()) -> None:
         self.name, self.title, self.quick = name, title, quick
+        self.sources = tuple(sources)
+        self.provenance = provenance(name, self.sources)  # the sources as this run read them
         self.out = Path(out) if out is not None else RESULTS
         self.out.mkdir(parents=True, exist_ok=True)
         self.claims: list[Claim] = []
@@ -100,13 +104,19 @@ class Report:
         return [c for c in self.claims if c.strict and not c.passed]
 
     def finish(self) -> int:
-        """Write ``<out>/<name>.md`` and return the exit code (1 if a strict claim failed)."""
+        """Write ``<out>/<name>.md`` and ``<out>/<name>.json``; return the exit code (1 if a strict claim failed)."""
         elapsed = time.perf_counter() - self.t0
+        prov = self.provenance
+        if provenance(self.name, self.sources)["sources"] != prov["sources"]:
+            print(f"{self.name}: a source file changed during the run; the result records the sources as they were at its start")
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        cmd = command(self.name) + (" --quick" if self.quick else "")
         lines = [f"# {self.title}", ""]
         lines.append(
-            f"Run: `python -m benchmarks.experiments.{self.name}{' --quick' if self.quick else ''}` "
-            f"in {elapsed:.1f} s on {platform.machine()} ({os.cpu_count()} logical CPUs), Python "
-            f"{platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+            f"Run: `{cmd}` in {elapsed:.1f} s on {platform.machine()} ({os.cpu_count()} logical CPUs), Python "
+            f"{platform.python_version()}, {date}, at commit `{prov['commit']}`"
+            + (f" with uncommitted changes to {', '.join(prov['uncommitted_sources'])}" if prov["uncommitted_sources"] else "")
+            + "."
         )
         if self.quick:
             lines.append("")
@@ -117,7 +127,7 @@ class Report:
         lines += [
             "",
             "PASS/FAIL: a claim of the paper (or an exact identity) that fails the run when it does not hold. "
-            "REPORT: an expectation that rests on our own reconstruction of a protocol ([I]/[3P] in the spec); "
+            "REPORT: an expectation that rests on our own reconstruction of a protocol or a stand-in problem; "
             "reported, never failed.",
         ]
         for s in self.sections:
@@ -126,8 +136,20 @@ class Report:
             lines += ["", "## Figures"]
             for fname, cap in self.figures:
                 lines += ["", f"![{cap}]({fname})", "", f"*{cap}*"]
+        lines += ["", "## Provenance", "", f"Sources (SHA-256 of the exact bytes; the result is stale when one changes, see `{self.name}.json`):", ""]
+        lines += [f"- `{p}` `{h[:16]}`" for p, h in prov["sources"].items()]
         path = self.out / f"{self.name}.md"
         path.write_text("\n".join(lines) + "\n")
+        record = {
+            "experiment": self.name,
+            "command": cmd,
+            "quick": self.quick,
+            "date": date,
+            "elapsed_s": round(elapsed, 1),
+            **prov,
+            "claims": [{"name": c.name, "status": c.status, "numbers": c.detail, "source": c.source} for c in self.claims],
+        }
+        (self.out / f"{self.name}.json").write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {path}  ({elapsed:.1f} s)")
         n_fail = len(self.failed)
         print(f"{self.name}: {sum(c.passed for c in self.claims)}/{len(self.claims)} claims hold; {n_fail} strict failure(s)")

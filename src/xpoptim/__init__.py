@@ -7,4 +7,6 @@
 * ``xpoptim.testing``: ``assert_backends_agree`` for your own code.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__"]

@@ -15,6 +15,11 @@ def _fmt(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _cell(text: str) -> str:
+    """A Markdown table cell: a literal ``|`` (as in ``|m|``) is escaped so it does not end the cell."""
+    return text.replace("|", "\\|")
+
+
 def conventions_table() -> str:
     """Markdown table: optimizer, defaults, conventions (eps, bias correction, weight decay), source."""
     lines = [
@@ -24,7 +29,8 @@ def conventions_table() -> str:
     for spec in SPECS.values():
         defaults = ", ".join(f"{h.name}={_fmt(h.default)}" for h in spec.hyperparams)
         extra = f"; non-matrix params: {spec.fallback}" if spec.kind == "matrix" else ""
-        lines.append(f"| `{spec.title}` | {defaults} | {spec.conventions}{extra} | {spec.source} |")
+        cells = (f"`{spec.title}`", defaults, f"{spec.conventions}{extra}", spec.source)
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

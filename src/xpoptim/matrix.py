@@ -206,7 +206,7 @@ def _route(spec: ElementwiseSpec | MatrixSpec, hp: Mapping[str, Any], param: Any
     """(spec, validated hp) serving ``param``: matrix rules take ndim >= 2, the rest goes to the fallback."""
     if isinstance(spec, MatrixSpec) and param.ndim < 2:
         fb, base = spec.resolve_fallback()
-        return fb, fb.validate(**base)
+        return fb, fb.validate(**{"lr": spec.validate(**dict(hp))["lr"], **base})  # the fallback's lr follows lr
     return spec, spec.validate(**dict(hp))
 
 
@@ -221,7 +221,7 @@ def run_core(
     """Run ``spec`` through ``xpoptim.core.functional`` on ``backend`` for ``steps`` steps.
 
     Matrix specs serve parameters with ``ndim >= 2`` (layout ``out_in``); other parameters go to the
-    spec's elementwise fallback with its ``fallback_defaults``.
+    spec's elementwise fallback with its ``fallback_defaults`` and the optimizer's ``lr``.
 
     Args:
         spec: the rule (may be a deliberately perturbed copy, see :func:`perturbed`).

@@ -26,7 +26,7 @@ def cupy_available() -> bool:
 
 CUPY_SKIP = (
     "waits for a CUDA GPU with CuPy (cupy is not installed or cupy.cuda.is_available() is False; run `nox -s gpu` "
-    "on a lent GPU machine)"
+    "on a machine with an NVIDIA GPU)"
 )
 
 
@@ -114,7 +114,7 @@ def reference(name: str, hp: dict, params: list, grads: list, var: list, *, maxi
             shape = (p.shape[0], math.prod(p.shape[1:])) if layout == "out_in" else (math.prod(p.shape[:-1]), p.shape[-1])
         elif isinstance(spec, MatrixSpec):
             rule = get_spec(spec.fallback)
-            rhp = rule.validate(**spec.fallback_defaults)
+            rhp = rule.validate(**{"lr": spec.validate(**hp)["lr"], **spec.fallback_defaults})  # the fallback lr follows lr
             shape = p.shape
         else:
             rule, rhp, shape = spec, spec.validate(**hp), p.shape

@@ -182,7 +182,7 @@ def test_fallback_defaults_and_override() -> None:
     (b,) = opt._buckets
     assert b.spec.name == "adamw"
     fb = opt.param_groups[0]["fallback_hyperparams"]
-    assert fb == {"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0}
+    assert fb == {"beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0}  # lr: the optimizer's
     opt = A.Muon([np.ones((2, 2)), np.ones(2)], fallback="sgd", fallback_hyperparams={"lr": 0.5, "momentum": 0.0})
     assert opt._buckets[0].spec.name == "sgd"
     v = opt._entries[1].array

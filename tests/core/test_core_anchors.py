@@ -1,6 +1,6 @@
 """Closed-form anchors from the spec: kappa, first steps, 0/0 edge cases, the erf factor, mini-batch variance.
 
-Every expected value here is a number printed in ``shared/spec/algorithms.md`` or a closed form derived there,
+Every expected value here is a number printed in ``docs/algorithms.md`` or a closed form derived there,
 evaluated independently of the core (``math``/NumPy, ``references``).
 """
 
@@ -30,7 +30,7 @@ RNG = np.random.default_rng(20261122)
 
 
 # ----------------------------------------------------------------------------------------------
-# kappa (Eq. 19, spec 3.1)
+# kappa (Eq. 19, docs/algorithms.md section 3.1)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -217,7 +217,7 @@ def test_factor_functions_at_zero():
 
 
 # ----------------------------------------------------------------------------------------------
-# The erf factor (spec 3.1, 3.7, 6.2)
+# The erf factor (docs/algorithms.md section 3.1, 3.7, 6.2)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -247,7 +247,7 @@ def test_erf_factor_matches_math_erf_on_every_backend(backend):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mini-batch variance (Eq. 44, unbiased form, spec 3.6)
+# Mini-batch variance (Eq. 44, unbiased form, docs/algorithms.md section 3.6)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -280,7 +280,7 @@ def test_minibatch_variance_from_moments_rejects_batch_of_one():
 
 
 # ----------------------------------------------------------------------------------------------
-# Shape scales (spec 5.3)
+# Shape scales (docs/algorithms.md section 5.3)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""MVN-Grad Theorem 3.1 (spec 2.5a): the one-step conditional update-variance gap.
+"""MVN-Grad Theorem 3.1 (docs/algorithms.md section 2.5a): the one-step conditional update-variance gap.
 
 From a frozen state with ``m_{t-1} = mu`` (the theorem's assumption) and a symmetric gradient ``g = mu + sigma xi``:
 both rules share ``v_t``; ``w = 1/(sqrt(v_t/bc2) + eps)``; the momentum-then-normalise step is ``m_t w / bc1``

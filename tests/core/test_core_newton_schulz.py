@@ -1,4 +1,4 @@
-"""Newton-Schulz orthogonalisation (spec 5.1-5.3, 6.8): golden properties and the independent reference."""
+"""Newton-Schulz orthogonalisation (docs/algorithms.md sections 5.1-5.3, 6.8): golden properties and the independent reference."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_bulk_singular_values_of_ns5_gaussian(shape, backend):
 
 def test_singular_values_of_a_square_gaussian_follow_the_scalar_map(backend):
     """NS acts on singular values only: sorted output = sorted phi^5(normalised input) (a square Gaussian has
-    singular values near 0, which land outside [0.68, 1.13], up to 1.20, as spec 5.1 says)."""
+    singular values near 0, which land outside [0.68, 1.13], up to 1.20, as docs/algorithms.md section 5.1 says)."""
     x = np.random.default_rng(11).standard_normal((40, 40))
     sv_in = np.linalg.svd(x / np.linalg.norm(x), compute_uv=False)
     sv_out = np.linalg.svd(_ns(backend, x), compute_uv=False)

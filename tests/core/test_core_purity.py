@@ -101,7 +101,7 @@ def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
 
 
 #: The one dynamic import of a GPU module the core may do: ``erf`` of a CuPy array dispatches to
-#: ``cupyx.scipy.special`` (spec section 0: erf is not in the standard). It runs only when a CuPy array is
+#: ``cupyx.scipy.special`` (docs/algorithms.md section 0: erf is not in the standard). It runs only when a CuPy array is
 #: already in hand, i.e. the caller has imported cupy; the subprocess test above proves it is never reached
 #: otherwise.
 ALLOWED_DYNAMIC = {("_backend.py", "cupyx.scipy.special")}

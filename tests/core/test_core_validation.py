@@ -68,7 +68,7 @@ def test_mvngrad_beta1_zero_is_degenerate_with_the_m_t_residual():
     with pytest.raises(ValueError, match=r"beta1=0\.0") as info:
         spec.validate(beta1=0.0)
     assert "residual" in str(info.value)
-    spec.validate(beta1=0.0, residual="m_prev")  # spec 2.4: fine with m_{t-1}
+    spec.validate(beta1=0.0, residual="m_prev")  # docs/algorithms.md section 2.4: fine with m_{t-1}
     spec.validate(beta1=0.0, eps_s=1e-8)  # fine with a variance floor
 
 

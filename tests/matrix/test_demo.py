@@ -59,3 +59,20 @@ def test_demo_without_the_frameworks_says_what_it_would_compare(monkeypatch, pre
         assert res["frameworks"] == ["numpy"] and res["max_abs_diff"] is None
         assert "torch and jax not installed" in text and "nothing to compare against" in text
     assert "pip install torch jax optax" in text
+
+
+def test_demo_cli_writes_its_png_by_default(tmp_path, monkeypatch, capsys):
+    """``python -m xpoptim.demo`` writes ``xpoptim-demo.png`` when matplotlib is installed; ``--no-png`` writes nothing."""
+    pytest.importorskip("matplotlib", reason="needs matplotlib for the figure")
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--optimizer", "adamw", "--steps", "3", "--no-png"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert demo.main(["--optimizer", "adamw", "--steps", "3"]) == 0
+    assert (tmp_path / demo.DEFAULT_PNG).stat().st_size > 1000
+    assert f"wrote {demo.DEFAULT_PNG}" in capsys.readouterr().out
+
+
+def test_demo_trains_on_digits_when_scikit_learn_is_installed():
+    pytest.importorskip("sklearn", reason="needs scikit-learn for the digits data")
+    x_tr, y_tr, x_te, y_te, source = demo.load_data()
+    assert "digits" in source and len(x_tr) + len(x_te) == 1797 and x_tr.shape[1] == 64

@@ -16,12 +16,6 @@ pytest.importorskip("sklearn", reason="the digits problem needs scikit-learn (in
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="DeVA_Sinf with both Kronecker sides factored on the digits gradients still differs between torch and "
-    "NumPy by 6.1e-10 (float64) and 1.8e-2 (float32) after a refresh, above its bounds 1e-11 / 3e-4; the cause "
-    "(a cluster decision or refresh ordering that rounding still flips) is not yet found",
-)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_deva_sinf_agrees_on_digits_gradients(dtype):
     config = M.Config("deva_sinf", "deva_sinf", {"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4})

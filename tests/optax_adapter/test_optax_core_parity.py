@@ -116,7 +116,7 @@ def test_matrix_trajectory_matches_core_and_reference(name, x64):
     _close(ours, core, 1e-12, f"{name} kernel vs core.functional")
     ref = _reference(name, hp, params0["kernel"], "kernel", name)
     _close(ours, ref, 1e-10, f"{name} kernel vs reference")
-    fb_hp = {**SPECS[spec.fallback].defaults, **dict(spec.fallback_defaults)}
+    fb_hp = {**SPECS[spec.fallback].defaults, **dict(spec.fallback_defaults), "lr": hp["lr"]}  # the fallback lr follows lr
     for leaf in ("bias", "cube"):
         ours = np.stack([p[leaf] for p in traj])
         core = np.stack(_run_functional(spec.fallback, fb_hp, params0[leaf], leaf, spec.fallback))

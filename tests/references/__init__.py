@@ -1,6 +1,6 @@
 """Independent float64 references for the test suite.
 
-Written directly from ``shared/spec/algorithms.md`` pseudo-code as plain NumPy loops over steps. Nothing here
+Written directly from ``docs/algorithms.md`` pseudo-code as plain NumPy loops over steps. Nothing here
 imports ``xpoptim``: a reference must share no code with what it tests. ``backends`` holds the array-backend
 harness used by ``tests/conftest.py``.
 """

@@ -1,4 +1,4 @@
-"""Float64 reference implementations of all 15 optimizers, written from ``shared/spec/algorithms.md``.
+"""Float64 reference implementations of all 15 optimizers, written from ``docs/algorithms.md``.
 
 Each reference is a plain NumPy loop over steps that follows the spec's pseudo-code literally (section numbers
 in the docstrings), deliberately in the *paper's* form where the core uses an algebraically equal closed form
@@ -59,7 +59,7 @@ QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
 def kappa_reference(mu: float, t: int) -> float:
-    """kappa(mu, t) as the sum of squared weights of the bias-corrected EMA (spec 3.1 [D]).
+    """kappa(mu, t) as the sum of squared weights of the bias-corrected EMA (docs/algorithms.md section 3.1 [D]).
 
     ``m_hat_t = sum_s c_s g_s`` with ``c_s = (1 - mu) mu^(t-s) / (1 - mu^t)``; ``kappa = sum_s c_s^2``.
     """
@@ -90,7 +90,7 @@ def _coefficient_table(coefficients, steps: int) -> list:
 
 
 def ns_reference(x, steps: int = 5, coefficients=QUINTIC, prenorm: str = "frobenius", eps: float = 1e-7) -> np.ndarray:
-    """Newton-Schulz orthogonalisation, spec 5.1 / 5.2, one matrix at a time (stacks are looped).
+    """Newton-Schulz orthogonalisation, docs/algorithms.md section 5.1 / 5.2, one matrix at a time (stacks are looped).
 
     * ``frobenius``: ``X / max(||X||_F, eps)`` (torch.optim.Muon clamp);
     * ``frobenius_add``: ``X / (||X||_F + eps)`` (KellerJordan/Muon, optax);
@@ -137,7 +137,7 @@ def _erf(x: np.ndarray) -> np.ndarray:
 def _adam(theta, g, S, t, hp, decoupled):
     lr, b1, b2, eps, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]
     if decoupled:
-        theta = theta * (1 - lr * wd)  # spec 1.1 step 5: AdamW decays first (torch order)
+        theta = theta * (1 - lr * wd)  # docs/algorithms.md section 1.1 step 5: AdamW decays first (torch order)
     else:
         g = g + wd * theta  # torch.optim.Adam's coupled L2
     S["m"] = b1 * S["m"] + (1 - b1) * g
@@ -234,7 +234,7 @@ def ref_svag(theta, g, S, t, hp):
 
 def ref_msvag(theta, g, S, t, hp):
     """Spec 3.4 (paper Alg. 2: ``eta^2 = kappa (v - m^2)/m^2``, ``gamma = 1/(1 + eta^2)``, m = 0 -> 0) and
-    spec 3.9 (published/repo: factor ``m^2/(m^2 + rho s)``, ``s = (v - m^2)/(1 - rho)``, clip, NaN -> 0)."""
+    docs/algorithms.md section 3.9 (published/repo: factor ``m^2/(m^2 + rho s)``, ``s = (v - m^2)/(1 - rho)``, clip, NaN -> 0)."""
     lr, mu = hp["lr"], hp["mu"]
     theta = theta * (1 - lr * hp["weight_decay"])
     m, v = _bh_moments(g, S, t, mu)
@@ -250,7 +250,7 @@ def ref_msvag(theta, g, S, t, hp):
 
 
 def _sign_factor(m, eta2, adaptation):
-    """gamma for a sign direction: ``(1 + eta^2)^(-1/2)`` or ``erf(1/(sqrt(2) eta))`` (spec 3.5, 3.7)."""
+    """gamma for a sign direction: ``(1 + eta^2)^(-1/2)`` or ``erf(1/(sqrt(2) eta))`` (docs/algorithms.md section 3.5, 3.7)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         if adaptation == "adam":
             gamma = 1.0 / np.sqrt(1.0 + eta2)
@@ -261,7 +261,7 @@ def _sign_factor(m, eta2, adaptation):
 
 
 def ref_adam_star(theta, g, S, t, hp):
-    """Spec 3.5 (Alg. 4) with the spec 3.7 erf option: ``theta -= alpha gamma sign(m)``."""
+    """Spec 3.5 (Alg. 4) with the docs/algorithms.md section 3.7 erf option: ``theta -= alpha gamma sign(m)``."""
     lr, mu = hp["lr"], hp["mu"]
     theta = theta * (1 - lr * hp["weight_decay"])
     m, v = _bh_moments(g, S, t, mu)
@@ -365,12 +365,14 @@ class _DevaSinfMatrix:
 
     Cluster convention (xpoptim's, documented in ``core/deva.py`` and ``docs/verification.md``; the release leaves
     it to LAPACK): the trajectory is *not* invariant to the basis inside a near-degenerate eigenspace (V is
-    elementwise in the rotated basis). After the seed's ``eigh`` and after each refresh's QR, the values
-    (eigenvalues, or Rayleigh quotients ``q^T F q`` after the QR) are sorted descending and split into clusters
+    elementwise in the rotated basis). The values (the seed's eigenvalues; at a refresh, the estimates
+    ``q^T F q`` of the current basis, before the power step) are sorted descending and split into clusters
     wherever two consecutive ones differ by more than ``tau max|.|``, ``tau = sqrt(n eps)``; every cluster of two or
     more columns ``N`` is replaced, in column order, by the eigenvectors of ``N^T D N`` (ascending),
     ``D = diag(sqrt(1 + j/n))``, mapped back by ``N``. At a refresh the columns are ordered by cluster (descending),
-    keeping their previous order inside a cluster, before the power step. ``tau_eps`` sets the ``eps`` of ``tau``
+    keeping their previous order inside a cluster, then the power step + QR, then the same clusters (now
+    consecutive columns) are replaced, except that columns with ``|R_jj| <= tau max|R_ii|`` (noise columns of a
+    rank-deficient ``F Q``) join the last cluster. ``tau_eps`` sets the ``eps`` of ``tau``
     (default float64's; a float32 run's reference uses float32's).
     """
 
@@ -478,15 +480,23 @@ class _DevaSinfMatrix:
                     continue
                 F, Q = (self.L, self.QL) if side == "L" else (self.R, self.QR)
                 est = np.diag(Q.T @ F @ Q)
-                order = [j for cluster in self._groups(est) for j in sorted(cluster)]
+                groups = [sorted(cluster) for cluster in self._groups(est)]
+                order = [j for cluster in groups for j in cluster]
                 Q = Q[:, order]
                 self.V = self.V[order, :] if side == "L" else self.V[:, order]
                 Q, Rfac = np.linalg.qr(F @ Q)
                 Q = self._signs(Q, Rfac)
                 n = Q.shape[0]
-                rq = [float(Q[:, j] @ F @ Q[:, j]) for j in range(n)]
-                for cluster in self._groups(rq):
-                    Q = self._fill_null(Q, cluster)
+                rdiag = np.abs(np.diag(Rfac))
+                null = [j for j in range(n) if rdiag[j] <= self._tau(n) * rdiag.max()]
+                start = 0  # the groups, decided before the power step, now sit in consecutive columns
+                blocks = []
+                for cluster in groups:
+                    blocks.append([j for j in range(start, start + len(cluster)) if j not in null])
+                    start += len(cluster)
+                blocks[-1] = sorted(set(blocks[-1]) | set(null))  # QR noise columns join the last cluster
+                for block in blocks:
+                    Q = self._fill_null(Q, block)
                 if side == "L":
                     self.QL = Q
                 else:

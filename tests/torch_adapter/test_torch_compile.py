@@ -1,4 +1,4 @@
-"""The compiled path (torch.compile of the core kernel over a flat buffer) against the eager path, and
+"""The opt-in compiled path (torch.compile of the core kernel, per tensor) against the default path, and
 torch.compile of a training step that calls ``opt.step()``.
 
 Compiled and eager runs are not bitwise equal in general: inductor's generated C++/Triton code may contract

@@ -567,7 +567,7 @@ def test_matrix_param_groups_routing(name):
     assert {"emb.weight", "head.weight", "head.bias", "norm.weight", "norm.bias", "conv.bias", "hidden.bias"} == set(other)
     assert groups[0]["rule"] == name and groups[1]["rule"] == SPECS[name].fallback
     opt = xt.create(name, groups, compile=False)
-    assert opt.param_groups[1]["lr"] == SPECS[name].fallback_defaults.get("lr", SPECS[SPECS[name].fallback].defaults["lr"])
+    assert opt.param_groups[1]["lr"] == opt.defaults["lr"]  # the fallback's lr follows the optimizer's
     assert "ns_steps" not in opt.param_groups[1]
     idx, img = torch.randint(0, 10, (5, 4)), torch.randn(5, 1, 5, 5)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}

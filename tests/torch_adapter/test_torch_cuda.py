@@ -1,20 +1,28 @@
-"""CUDA tensors: the same numbers as on CPU, compiled and eager, state on the parameter's device.
+"""CUDA tensors: the multi-tensor ``torch._foreach_*`` path (the default on CUDA), ``torch.compile`` (opt-in), state
+on the parameter's device, parameters and gradients never re-pointed.
 
-Marked ``gpu`` (deselected by default) and skipped without a CUDA device.
+Marked ``gpu`` (deselected by default; ``pytest -m gpu`` selects them) and skipped without a CUDA device.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from xpt_support import NAMES, make_params, run_torch, spec_hp
+from xpt_support import CASES, NAMES, make_params, run_torch, spec_hp
 
 from xpoptim.adapters import torch as xt
+from xpoptim.core import ELEMENTWISE, SPECS
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for a CUDA GPU (torch.cuda.is_available() is False; run `nox -s gpu` on a lent GPU machine)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs an NVIDIA GPU with a CUDA build of torch (torch.cuda.is_available() is False on this machine)",
+    ),
 ]
+
+FUSABLE = [n for n in ELEMENTWISE if not SPECS[n].extras and SPECS[n].is_fusable(SPECS[n].validate(**CASES[n]))]
 
 
 @pytest.fixture(autouse=True)
@@ -25,13 +33,12 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_cuda_matches_cpu_float64(name, compile):
+def test_cuda_matches_cpu_float64(name):
     cpu = make_params(name)
     gpu = make_params(name, device="cuda")
-    run_torch(lambda ps: xt.create(name, ps, compile=False, **spec_hp(name)), name, cpu, 4)
-    opt = run_torch(lambda ps: xt.create(name, ps, compile=compile, **spec_hp(name)), name, gpu, 4)
+    run_torch(lambda ps: xt.create(name, ps, **spec_hp(name)), name, cpu, 4)
+    opt = run_torch(lambda ps: xt.create(name, ps, **spec_hp(name)), name, gpu, 4)
     tol = dict(rtol=1e-9, atol=1e-11) if name == "deva_sinf" else dict(rtol=1e-12, atol=1e-13)
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(a.detach(), b.detach().cpu(), **tol)
@@ -41,23 +48,75 @@ def test_cuda_matches_cpu_float64(name, compile):
                 assert v.device.type == "cuda"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", FUSABLE)
+def test_cuda_foreach_path_equals_the_cpu_compiled_loop_bit_for_bit(name, dtype):
+    """Every ``_foreach_*`` operation is one IEEE operation (CUDA's division and square root are correctly rounded),
+    as is every operation of the CPU's compiled C loop: the two give the same bits."""
+    gen = np.random.default_rng(0)
+    shapes = [(64, 33), (1000,), (3, 1, 5), (), (7,)]
+    init = [gen.standard_normal(s) for s in shapes]
+    out = []
+    for device in ("cpu", "cuda"):
+        params = [torch.tensor(x, dtype=dtype, device=device).requires_grad_() for x in init]
+        opt = xt.create(name, params, **CASES[name])
+        for k in range(4):
+            g_gen = np.random.default_rng([k, 7])
+            for p in params:
+                p.grad = torch.tensor(0.5 * g_gen.standard_normal(tuple(p.shape)), dtype=dtype, device=device)
+            opt.step()
+        out.append([p.detach().cpu().numpy().tobytes() for p in params])
+    assert out[0] == out[1]
+
+
+def test_cuda_parameters_and_gradients_are_never_repointed():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).cuda()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    opt = xt.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 8, device="cuda")
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        grads = [(p.grad, p.grad.data_ptr()) for p in model.parameters()]
+        opt.step()
+        assert all(p.grad is g and p.grad.data_ptr() == gp for p, (g, gp) in zip(model.parameters(), grads))
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert all(st["step"].device.type == "cpu" and st["step"].item() == 3 for st in opt.state.values())
+
+
+def test_cuda_compiled_adamw_follows_the_default_path():
+    """``compile=True`` (opt-in) gives the default path's numbers up to the last bits (Inductor may contract into
+    FMAs)."""
+    p = [torch.randn(1 << 12, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).requires_grad_() for _ in range(2)]
+    q = [x.detach().clone().requires_grad_() for x in p]
+    oa, ob = xt.AdamW(p, lr=1e-2, compile=False), xt.AdamW(q, lr=1e-2, compile=True)
+    for k in range(3):
+        for a, b in zip(p, q):
+            g = torch.randn(1 << 12, device="cuda", generator=torch.Generator("cuda").manual_seed(k + 1))
+            a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for a, b in zip(p, q):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_cuda_state_dict_loads_onto_the_param_device():
     p = torch.ones(10, device="cuda", requires_grad=True)
-    opt = xt.AdamW([p], compile=False)
+    opt = xt.AdamW([p])
     p.grad = torch.ones(10, device="cuda")
     opt.step()
     sd = opt.state_dict()
     cpu_sd = {"param_groups": sd["param_groups"], "state": {k: {n: (v.cpu() if isinstance(v, torch.Tensor) else v) for n, v in s.items()} for k, s in sd["state"].items()}}
     q = torch.ones(10, device="cuda", requires_grad=True)
-    opt2 = xt.AdamW([q], compile=False)
+    opt2 = xt.AdamW([q])
     opt2.load_state_dict(cpu_sd)
     assert opt2.state[q]["exp_avg"].device.type == "cuda"
 
 
-def test_cuda_bf16_compiled_adamw_close_to_float32():
+def test_cuda_bf16_adamw_close_to_float32():
     p32 = torch.randn(1 << 16, device="cuda", requires_grad=True)
     p16 = p32.detach().to(torch.bfloat16).requires_grad_()
-    o32, o16 = xt.AdamW([p32], compile=True), xt.AdamW([p16], compile=True)
+    o32, o16 = xt.AdamW([p32]), xt.AdamW([p16])
     for k in range(3):
         g = torch.randn(1 << 16, device="cuda", generator=torch.Generator("cuda").manual_seed(k))
         p32.grad, p16.grad = g.clone(), g.to(torch.bfloat16)

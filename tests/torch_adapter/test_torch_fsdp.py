@@ -188,7 +188,7 @@ def _refusals() -> None:
     with pytest.raises(ValueError, match=r"state 'QL' of a DTensor parameter \(shape \(7, 5\)\) has placements .*replicated"):
         deva.step()
     assert torch.equal(kept, p.to_local())
-    # Plain and DTensor parameters in one group: the plain ones go through the flat buffer, as usual.
+    # Plain and DTensor parameters in one group: the plain ones take the usual path.
     plain = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     twin = plain.detach().clone().requires_grad_()
     mixed = xt.AdamW([plain, *model.parameters()], lr=LR, compile=False)

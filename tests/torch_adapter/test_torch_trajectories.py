@@ -1,6 +1,6 @@
 """Every optimizer through the torch adapter gives the trajectory of ``core.functional`` on NumPy (float64).
 
-The adapter lays parameters out in flat buffers, stacks same-shape matrices and flattens conv weights; the
+The adapter runs one multi-tensor kernel per group, stacks same-shape matrices and flattens conv weights; the
 reference steps each parameter on its own with NumPy arrays, so any layout, routing or bookkeeping error shows.
 """
 

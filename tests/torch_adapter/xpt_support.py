@@ -115,7 +115,7 @@ def reference_run(name: str, params0: list[np.ndarray], steps: int, skip: tuple[
         if spec.kind == "matrix" and p.ndim < 2:
             fb = SPECS[spec.fallback]
             rules.append(fb)
-            hps.append(fb.validate(**spec.fallback_defaults))
+            hps.append(fb.validate(**{"lr": hp["lr"], **spec.fallback_defaults}))  # the fallback lr follows lr
         else:
             rules.append(spec)
             hps.append(hp)

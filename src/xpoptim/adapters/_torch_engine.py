@@ -159,12 +159,17 @@ def read_steps(steps: Sequence[torch.Tensor], kernel: Any = None) -> list[int]:
     if kernel is not None and _plain_f32_cpu(steps):
         vals = kernel.read_steps(_ck.pointers([steps])[:, 0].copy())
         return [int(v) for v in vals.tolist()]
+    if len(steps) > 1 and _plain_f32_cpu(steps) and all(s.ndim == 0 for s in steps):
+        return [int(v) for v in torch.stack(list(steps)).tolist()]  # one copy instead of one .item() per parameter
     return [int(s.item()) for s in steps]
 
 
 def write_steps(steps: Sequence[torch.Tensor], t: int, kernel: Any = None) -> None:
     if kernel is not None and _plain_f32_cpu(steps):
         kernel.write_steps(_ck.pointers([steps])[:, 0].copy(), float(t))
+        return
+    if len(steps) > 1 and _plain_f32_cpu(steps):
+        torch._foreach_copy_(list(steps), [torch.tensor(float(t))] * len(steps))  # one call for every counter
         return
     for s in steps:
         s.fill_(float(t))

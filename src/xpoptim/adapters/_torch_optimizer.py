@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from xpoptim.core import ELEMENTWISE, SPECS, STATE_VERSION, get_spec
+from xpoptim.core import ELEMENTWISE, SPECS, get_spec
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from . import _torch_engine as _eng
@@ -150,6 +150,8 @@ class XPOptimizer(Optimizer):
             normalize_betas(fb, fb_hp, f"{where} fallback {fb.title}")
             fb_full = {**to_group_form(fb, fb.defaults), **fb_hp}
             hp_from_group(fb, fb_full, f"{where} fallback {fb.title}")
+            if "lr" not in fb_hp:  # the fallback's lr follows the optimizer's (see MatrixSpec.fallback_defaults)
+                del fb_full["lr"]
             defaults["fallback"] = (fb.name, fb_full)  # kept in defaults (pickled), popped from the groups
         elif fallback is not None or fallback_hyperparams is not None:
             raise TypeError(f"{where}: fallback= and fallback_hyperparams= only apply to the matrix rules")
@@ -238,7 +240,7 @@ class XPOptimizer(Optimizer):
         else:
             gspec = self._fallback_spec(rule, where, "rule", spec.name)
             fb_name, fb_full = self._fallback()
-            base = fb_full if fb_name == rule else to_group_form(gspec, gspec.defaults)
+            base = fb_full if fb_name == rule else {k: v for k, v in to_group_form(gspec, gspec.defaults).items() if k != "lr"}
             normalize_betas(gspec, group, where)
             for k, v in base.items():
                 group.setdefault(k, v)
@@ -565,4 +567,23 @@ class XPOptimizer(Optimizer):
         self.__setstate__({"state": new_state, "param_groups": groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    # -- portable state (xpoptim.portable) ----------------------------------------------------------------------
+
+    def export_state(self, names: Any = None) -> Any:
+        """The framework-neutral state (:class:`xpoptim.portable.PortableState`); see :mod:`xpoptim.portable`.
+
+        Args:
+            names: parameter names in param-group order, or ``model.named_parameters()``; default: the groups'
+                ``param_names``, else the positions ``"0"``, ``"1"``, ...
+        """
+        from xpoptim.portable.torch_state import export_torch  # noqa: PLC0415
+
+        return export_torch(self, names)
+
+    def import_state(self, portable: Any, names: Any = None) -> None:
+        """Load a :class:`xpoptim.portable.PortableState` (names as for :meth:`export_state`); hyperparameters are kept."""
+        from xpoptim.portable.torch_state import import_torch  # noqa: PLC0415
+
+        import_torch(self, portable, names)
 

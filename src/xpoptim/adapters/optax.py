@@ -57,17 +57,19 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xpoptim.core import SPECS, get_spec, make_direction_kernel
+from xpoptim.core import BUILTIN, SPECS, get_spec, make_direction_kernel
 from xpoptim.core import moments as _moments
 from xpoptim.core.functional import matrix_scale
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
+
+from ._optax_docs import _alias_doc, _doc_args, _scale_by_doc, _sig_default
 
 __all__ = [
     "create",
@@ -80,6 +82,8 @@ __all__ = [
     "ScaleByMuonState",
     "ScaleByDeVASinfState",
     "DecayAfterState",
+    "export_state",
+    "import_state",
 ]
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -503,13 +507,19 @@ def _resolve_dims(dimension_numbers: Any, tree: Any) -> tuple:
     elif _is_dims(dimension_numbers):
         dims = [None if _is_masked(x) else dimension_numbers for x in leaves]
     else:
-        dn = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
-        dims = jax.tree.flatten(dn, is_leaf=lambda x: x is None or _is_dims(x) or _is_masked(x))[0]
-        if len(dims) != len(leaves):
+        # A function is a pytree leaf; a callable pytree (an equinox Module) is a tree of dimension numbers.
+        is_fn = callable(dimension_numbers) and jax.tree_util.treedef_is_leaf(jax.tree.structure(dimension_numbers))
+        dn = dimension_numbers(tree) if is_fn else dimension_numbers
+        is_dim = lambda x: x is None or _is_dims(x) or _is_masked(x)  # noqa: E731
+        try:  # dn is a prefix of the parameters: broadcast each entry over its subtree (None subtrees stay empty)
+            full = jax.tree.map(lambda d, sub: jax.tree.map(lambda _: d, sub, is_leaf=_is_masked), dn, tree, is_leaf=is_dim)
+            dims = treedef.flatten_up_to(full)
+        except (ValueError, TypeError):
+            n = len(jax.tree.flatten(dn, is_leaf=is_dim)[0])
             raise ValueError(
-                f"dimension_numbers has {len(dims)} entries but the parameters have {len(leaves)} leaves: give one "
-                "DimensionNumbers (or None) per leaf"
-            )
+                f"dimension_numbers has {n} entries but the parameters have {len(leaves)} leaves: give one "
+                "DimensionNumbers (or None) per leaf, or per subtree"
+            ) from None
         dims = [None if _is_masked(x) or _is_masked(d) else d for x, d in zip(leaves, dims)]
     return leaves, treedef, dims
 
@@ -744,13 +754,15 @@ def _lr_and_decay_after(spec: MatrixSpec, hp: Mapping[str, Any], learning_rate: 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any) -> Any:
+def _fallback_alias(spec: MatrixSpec, fallback: Optional[str], fallback_hyperparams: Optional[Mapping], mask: Any, state_dtype: Any, learning_rate: Any) -> Any:
+    """The fallback rule's alias; its learning rate is ``learning_rate`` unless ``fallback_hyperparams`` gives one."""
     user = dict(fallback_hyperparams or {})
     if "learning_rate" in user:
         user["lr"] = user.pop("learning_rate")
     fspec, given = spec.resolve_fallback(fallback or None, user)
     hp = {**fspec.defaults, **given}
-    lr = hp.pop("lr")
+    hp.pop("lr")
+    lr = given.get("lr", learning_rate)
     return _elementwise_alias(fspec, lr, hp, mask, state_dtype)
 
 
@@ -789,7 +801,7 @@ def _matrix_alias(
         stages.append(optax.scale_by_learning_rate(learning_rate))
     else:
         stages = [rule, _lr_and_decay_after(spec, full, learning_rate, weight_decay, mask)]
-    fb = _fallback_alias(spec, fallback, fallback_hyperparams, mask, state_dtype)
+    fb = _fallback_alias(spec, fallback, fallback_hyperparams, mask, state_dtype, learning_rate)
     guard = {"lr": learning_rate, "weight_decay": weight_decay}
     matrix_tx = _preserve_dtypes(optax.chain(*stages), lambda: _traced_guard(spec, guard))
     return _routed(matrix_tx, fb, dimension_numbers, spec.title)
@@ -826,7 +838,7 @@ def scale_by_muon(
         A ``GradientTransformationExtraArgs`` with state :class:`ScaleByMuonState`.
 
     References:
-        K. Jordan et al., Muon (2024); torch.optim.Muon; spec 5.
+        K. Jordan et al., Muon (2024); torch.optim.Muon; docs/algorithms.md section 5.
     """
     hp = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
               ns_prenorm=ns_prenorm, ns_eps=ns_eps, shape_scale=shape_scale)
@@ -868,7 +880,7 @@ def scale_by_deva_sinf(
         :func:`deva_sinf` applies ``W <- (W - lr delta)(1 - lr wd)`` (decay after the step, as released).
 
     References:
-        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVASchattenNorm``; spec 4.2.
+        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation ``DeVASchattenNorm``; docs/algorithms.md section 4.2.
     """
     hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
               max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
@@ -898,8 +910,10 @@ def muon(
 
     Matrix leaves: ``p <- p (1 - lr wd) - lr * scale * NS5(nesterov(B))`` (see :func:`scale_by_muon`).
     Other leaves (default: every leaf that is not 2-D; with ``dimension_numbers`` every leaf mapped to
-    None) go to ``fallback`` (default the spec's: AdamW with lr 3e-4, betas (0.9, 0.95), eps 1e-10,
-    wd 0, KellerJordan/Muon's auxiliary Adam), with ``fallback_hyperparams`` overriding those.
+    None) go to ``fallback`` (default the spec's: AdamW with betas (0.9, 0.95), eps 1e-10, wd 0,
+    KellerJordan/Muon's auxiliary Adam), with ``fallback_hyperparams`` overriding those. The fallback's
+    learning rate is ``learning_rate`` (a float or the same schedule) unless ``fallback_hyperparams``
+    gives one.
 
     Args:
         learning_rate: float or schedule for the matrix leaves.
@@ -958,7 +972,7 @@ def deva_sinf(
         A ``GradientTransformationExtraArgs``.
 
     References:
-        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation; spec 4.2.
+        arXiv 2602.06880; Tsedao/Decoupled-Variance-Adaptation; docs/algorithms.md section 4.2.
     """
     hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
               max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
@@ -974,18 +988,9 @@ def deva_sinf(
 _P = inspect.Parameter
 
 
-def _sig_default(h: Any) -> Any:
-    """Integer switches default to None (= the spec default) so inject_hyperparams keeps them static."""
-    return None if h.kind == "int_pos" else h.default
-
-
-def _doc_args(spec: Any, skip: tuple) -> str:
-    lines = []
-    for h in spec.hyperparams:
-        if h.name in skip:
-            continue
-        lines.append(f"        {h.name}: {h.doc} (default {h.default!r}).")
-    return "\n".join(lines)
+def _elementwise_scale_by(spec: ElementwiseSpec, hp: dict, state_dtype: Any) -> optax.GradientTransformationExtraArgs:
+    """``scale_by_<name>`` from its arguments (``hp``: the rule's hyperparameters, ``None`` for a default switch)."""
+    return _scale_by_elementwise(spec, _split_hp(spec, _check_static(spec, hp)), state_dtype)
 
 
 def _make_scale_by(spec: ElementwiseSpec) -> Callable:
@@ -999,31 +1004,12 @@ def _make_scale_by(spec: ElementwiseSpec) -> Callable:
         b.apply_defaults()
         kw = dict(b.arguments)
         state_dtype = kw.pop("state_dtype")
-        full = _check_static(spec, kw)
-        return _scale_by_elementwise(spec, _split_hp(spec, full), state_dtype)
+        return _elementwise_scale_by(spec, kw, state_dtype)
 
     scale_by.__signature__ = sig  # type: ignore[attr-defined]
     scale_by.__name__ = scale_by.__qualname__ = f"scale_by_{spec.name}"
     scale_by.__module__ = __name__
-    extra = (
-        f"\n    ``update`` needs the extra argument ``{spec.extras[0]}=`` (a pytree like the gradients).\n"
-        if spec.extras
-        else ""
-    )
-    scale_by.__doc__ = f"""Rescale updates by the {spec.title} rule (the direction; no learning rate, no decay).
-
-    Convention: {spec.conventions}.
-{extra}
-    Args:
-{_doc_args(spec, ("lr", "weight_decay"))}
-        state_dtype: dtype of the state buffers (default: the leaf's, float32 for bf16/fp16 leaves).
-
-    Returns:
-        A ``GradientTransformationExtraArgs`` with state ``ScaleBy{spec.title}State``.
-
-    References:
-        {spec.source}.
-    """
+    scale_by.__doc__ = _scale_by_doc(spec)
     return scale_by
 
 
@@ -1044,24 +1030,7 @@ def _make_alias(spec: ElementwiseSpec) -> Callable:
     alias.__signature__ = sig  # type: ignore[attr-defined]
     alias.__name__ = alias.__qualname__ = spec.name
     alias.__module__ = __name__
-    where = "before the rule (coupled L2: g + wd p)" if spec.weight_decay == "coupled" else "after the rule (decoupled: p - lr (d + wd p))"
-    alias.__doc__ = f"""The {spec.title} optimizer as an optax alias (same numbers as the torch adapter).
-
-    ``chain`` of the weight decay {where}, :func:`scale_by_{spec.name}` and
-    ``optax.scale_by_learning_rate``. Convention: {spec.conventions}.
-
-    Args:
-        learning_rate: a float or an optax schedule (default {spec.defaults['lr']!r}).
-{_doc_args(spec, ("lr",))}
-        mask: weight-decay mask (pytree of bools or callable), as in ``optax.add_decayed_weights``.
-        state_dtype: dtype of the state buffers (default: the leaf's, float32 for bf16/fp16 leaves).
-
-    Returns:
-        A ``GradientTransformationExtraArgs``.
-
-    References:
-        {spec.source}.
-    """
+    alias.__doc__ = _alias_doc(spec)
     return alias
 
 
@@ -1119,28 +1088,69 @@ def _state_class(spec: ElementwiseSpec | MatrixSpec) -> type:
     return cls
 
 
-_STATE_CLASSES: dict[str, Any] = {}
+# --- generated by `python -m xpoptim._codegen` from xpoptim.core.SPECS: do not edit by hand ---
+from ._optax_rules import (  # noqa: E402
+    ScaleByAdamState as ScaleByAdamState,
+    scale_by_adam as scale_by_adam,
+    adam as adam,
+    ScaleByAdamWState as ScaleByAdamWState,
+    scale_by_adamw as scale_by_adamw,
+    adamw as adamw,
+    ScaleByAdaBeliefState as ScaleByAdaBeliefState,
+    scale_by_adabelief as scale_by_adabelief,
+    adabelief as adabelief,
+    ScaleByLaPropState as ScaleByLaPropState,
+    scale_by_laprop as scale_by_laprop,
+    laprop as laprop,
+    ScaleByMVNGradState as ScaleByMVNGradState,
+    scale_by_mvngrad as scale_by_mvngrad,
+    mvngrad as mvngrad,
+    ScaleBySGDState as ScaleBySGDState,
+    scale_by_sgd as scale_by_sgd,
+    sgd as sgd,
+    ScaleByMSSDState as ScaleByMSSDState,
+    scale_by_mssd as scale_by_mssd,
+    mssd as mssd,
+    ScaleBySVAGState as ScaleBySVAGState,
+    scale_by_svag as scale_by_svag,
+    svag as svag,
+    ScaleByMSVAGState as ScaleByMSVAGState,
+    scale_by_msvag as scale_by_msvag,
+    msvag as msvag,
+    ScaleByAdamStarState as ScaleByAdamStarState,
+    scale_by_adam_star as scale_by_adam_star,
+    adam_star as adam_star,
+    ScaleByMSVAGMBState as ScaleByMSVAGMBState,
+    scale_by_msvag_mb as scale_by_msvag_mb,
+    msvag_mb as msvag_mb,
+    ScaleByAdamStarMBState as ScaleByAdamStarMBState,
+    scale_by_adam_star_mb as scale_by_adam_star_mb,
+    adam_star_mb as adam_star_mb,
+    ScaleByDeVALinfState as ScaleByDeVALinfState,
+    scale_by_deva_linf as scale_by_deva_linf,
+    deva_linf as deva_linf,
+)
+
+__all__ += ["ScaleByAdamState", "scale_by_adam", "adam", "ScaleByAdamWState", "scale_by_adamw", "adamw", "ScaleByAdaBeliefState", "scale_by_adabelief", "adabelief", "ScaleByLaPropState", "scale_by_laprop", "laprop", "ScaleByMVNGradState", "scale_by_mvngrad", "mvngrad", "ScaleBySGDState", "scale_by_sgd", "sgd", "ScaleByMSSDState", "scale_by_mssd", "mssd", "ScaleBySVAGState", "scale_by_svag", "svag", "ScaleByMSVAGState", "scale_by_msvag", "msvag", "ScaleByAdamStarState", "scale_by_adam_star", "adam_star", "ScaleByMSVAGMBState", "scale_by_msvag_mb", "msvag_mb", "ScaleByAdamStarMBState", "scale_by_adam_star_mb", "adam_star_mb", "ScaleByDeVALinfState", "scale_by_deva_linf", "deva_linf"]
+# --- end of generated code ---
+
+_STATE_CLASSES: dict[str, Any] = {}  # name -> ScaleBy<Title>State (built-in rules: the generated classes)
 _ALIASES: dict[str, Callable] = {"muon": muon, "deva_sinf": deva_sinf}
 _SCALE_BY: dict[str, Callable] = {"muon": scale_by_muon, "deva_sinf": scale_by_deva_sinf}
 _MADE: dict[tuple, tuple] = {}  # (kind, name) -> (spec, function), for rules added with xpoptim.core.register
-
-for _spec in SPECS.values():
+for _spec in (SPECS[n] for n in BUILTIN):
     if isinstance(_spec, ElementwiseSpec):
-        _cls = _state_class(_spec)
-        globals()[_cls.__name__] = _cls
-        __all__.append(_cls.__name__)
-        _ALIASES[_spec.name] = globals()[_spec.name] = _make_alias(_spec)
-        _SCALE_BY[_spec.name] = globals()[f"scale_by_{_spec.name}"] = _make_scale_by(_spec)
-for _name in SPECS:
-    __all__ += [_name, f"scale_by_{_name}"]
-_BUILTIN = frozenset(SPECS)
-del _spec, _name
+        _STATE_CLASSES[_spec.name] = globals()[f"ScaleBy{_spec.title}State"]
+        _ALIASES[_spec.name] = globals()[_spec.name]
+        _SCALE_BY[_spec.name] = globals()[f"scale_by_{_spec.name}"]
+__all__ += ["muon", "scale_by_muon", "deva_sinf", "scale_by_deva_sinf"]
+del _spec
 
 
 def _function_for(kind: str, spec: ElementwiseSpec | MatrixSpec) -> Callable:
     """The alias (``kind="alias"``) or ``scale_by_<name>`` (``"scale_by"``) of ``spec``: this module's own for the
     built-in rules, else made once for a rule added with ``xpoptim.core.register``."""
-    if spec.name in _BUILTIN:
+    if spec.name in BUILTIN:
         return (_ALIASES if kind == "alias" else _SCALE_BY)[spec.name]
     made = _MADE.get((kind, spec.name))
     if made is None or made[0] is not spec:
@@ -1152,16 +1162,18 @@ def _function_for(kind: str, spec: ElementwiseSpec | MatrixSpec) -> Callable:
     return made[1]
 
 
-def __getattr__(name: str) -> Any:
-    """``<name>``, ``scale_by_<name>`` and ``ScaleBy<Title>State`` of a rule added with ``xpoptim.core.register``."""
-    for spec in SPECS.values():
-        if name == spec.name:
-            return _function_for("alias", spec)
-        if name == f"scale_by_{spec.name}":
-            return _function_for("scale_by", spec)
-        if name == f"ScaleBy{spec.title}State":
-            return _state_class(spec)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # at run time only: type checkers report an unknown name as unknown
+
+    def __getattr__(name: str) -> Any:
+        """``<name>``, ``scale_by_<name>`` and ``ScaleBy<Title>State`` of a rule added with ``xpoptim.core.register``."""
+        for spec in SPECS.values():
+            if name == spec.name:
+                return _function_for("alias", spec)
+            if name == f"scale_by_{spec.name}":
+                return _function_for("scale_by", spec)
+            if name == f"ScaleBy{spec.title}State":
+                return _state_class(spec)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create(name: str, **hp: Any) -> optax.GradientTransformationExtraArgs:
@@ -1336,3 +1348,23 @@ def flatten_by_dtype(inner: optax.GradientTransformation) -> optax.GradientTrans
         return unravel(new_u), FlattenByDtypeState(new_s)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Portable state (xpoptim.portable)
+# ----------------------------------------------------------------------------------------------
+
+
+def export_state(state: Any, params: Any, optimizer: str, **kwargs: Any) -> Any:
+    """The framework-neutral state of ``state``: :func:`xpoptim.portable.optax_state.export_optax`."""
+    from xpoptim.portable.optax_state import export_optax  # noqa: PLC0415
+
+    return export_optax(state, params, optimizer, **kwargs)
+
+
+def import_state(portable: Any, params: Any, tx: Any, **kwargs: Any) -> Any:
+    """A state for ``tx`` holding ``portable``: :func:`xpoptim.portable.optax_state.import_optax`."""
+    from xpoptim.portable.optax_state import import_optax  # noqa: PLC0415
+
+    return import_optax(portable, params, tx, **kwargs)
+

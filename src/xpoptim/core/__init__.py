@@ -110,8 +110,8 @@ def register(spec: ElementwiseSpec | MatrixSpec, *, replace: bool = False) -> El
     if missing:
         raise ValueError(f"{spec.title}: the hyperparameters lack {missing}: every rule has lr and weight_decay (use lr_hyper, wd_hyper)")
     old = SPECS.get(spec.name)
-    if old is not None and (not replace or spec.name in _BUILTIN):
-        why = "a built-in optimizer" if spec.name in _BUILTIN else "registered (pass replace=True to replace it)"
+    if old is not None and (not replace or spec.name in BUILTIN):
+        why = "a built-in optimizer" if spec.name in BUILTIN else "registered (pass replace=True to replace it)"
         raise ValueError(f"spec.name={spec.name!r} is taken: {why}")
     for other in SPECS.values():
         if other.name != spec.name and (other.title in (spec.title, spec.name) or other.name == spec.title):
@@ -134,7 +134,7 @@ def unregister(name: str) -> None:
         ValueError: ``name`` is a built-in optimizer or is not registered.
     """
     global ELEMENTWISE, MATRIX
-    if name in _BUILTIN:
+    if name in BUILTIN:
         raise ValueError(f"name={name!r} is a built-in optimizer: it cannot be removed")
     if name not in SPECS:
         raise ValueError(f"name={name!r} is not registered")
@@ -143,7 +143,8 @@ def unregister(name: str) -> None:
     MATRIX = tuple(n for n, s in SPECS.items() if s.kind == "matrix")
 
 
-_BUILTIN = frozenset(SPECS)
+#: The names of the optimizers that ship with xpoptim (the ones :func:`register` cannot replace).
+BUILTIN = frozenset(SPECS)
 
 
 def get_spec(name: str) -> ElementwiseSpec | MatrixSpec:
@@ -168,6 +169,7 @@ __all__ = [
     "get_spec",
     "register",
     "unregister",
+    "BUILTIN",
     "RuleBinding",
     "bind_rule",
     "lr_hyper",

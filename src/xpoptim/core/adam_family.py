@@ -1,4 +1,4 @@
-"""The baselines of MVN-Grad: Adam, AdamW, AdaBelief and LaProp (spec section 1).
+"""The baselines of MVN-Grad: Adam, AdamW, AdaBelief and LaProp (docs/algorithms.md section 1).
 
 Each rule is ``direction(xp, g, *state, *scalars) -> (d, *new_state)``; the parameter moves by
 ``-lr * d`` (see ``core.spec``). Step-derived scalars are computed by the spec's ``scalars``.
@@ -46,7 +46,7 @@ def adam_direction(xp: Any, g: Any, m: Any, v: Any, beta1: Any, beta2: Any, eps:
         ``(d, m, v)``.
 
     References:
-        Kingma & Ba, Adam (2015), Alg. 1; spec 1.1.
+        Kingma & Ba, Adam (2015), Alg. 1; docs/algorithms.md section 1.1.
     """
     m = ema(xp, m, g, beta1)
     v = beta2 * v + (1 - beta2) * (g * g)
@@ -97,7 +97,7 @@ def adabelief_direction(xp: Any, g: Any, m: Any, s: Any, beta1: Any, beta2: Any,
     eps added into the state every step); ``d = (m / bc1) / (sqrt(s) / sqrt(bc2) + eps)``.
 
     References:
-        Zhuang et al., AdaBelief (2020); juntang-zhuang/Adabelief-Optimizer; spec 1.2.
+        Zhuang et al., AdaBelief (2020); juntang-zhuang/Adabelief-Optimizer; docs/algorithms.md section 1.2.
     """
     m = ema(xp, m, g, beta1)
     s = residual_variance_update(xp, s, g, m, beta2, eps)
@@ -130,10 +130,10 @@ def laprop_direction(xp: Any, g: Any, v: Any, m: Any, beta1: Any, beta2: Any, ep
 
     ``v <- b2 v + (1-b2) g^2``; ``n = g / (sqrt(v)/sqrt(bc2) + eps)``; ``m <- b1 m + (1-b1) n``;
     ``d = m / bc1``. With a constant lr this equals the repo's update; the repo folds lr into the
-    momentum so that schedules only affect new contributions (we use the simple form, spec 1.3).
+    momentum so that schedules only affect new contributions (we use the simple form, docs/algorithms.md section 1.3).
 
     References:
-        Ziyin et al., LaProp (2020); Z-T-WANG/LaProp-Optimizer; spec 1.3.
+        Ziyin et al., LaProp (2020); Z-T-WANG/LaProp-Optimizer; docs/algorithms.md section 1.3.
     """
     v = beta2 * v + (1 - beta2) * (g * g)
     n = g / (xp.sqrt(v) / sqrt_bc2 + eps)

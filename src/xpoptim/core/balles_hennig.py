@@ -1,11 +1,11 @@
 """Balles & Hennig, "Dissecting Adam": momentum SGD, M-SSD, SVAG, M-SVAG, ADAM* and the mini-batch
-variants M-SVAG-mb and ADAM*-mb (spec section 3).
+variants M-SVAG-mb and ADAM*-mb (docs/algorithms.md section 3).
 
-All EMAs share one constant ``mu`` and are bias-corrected by ``1 - mu^t`` (spec 3.3: "we do not use
+All EMAs share one constant ``mu`` and are bias-corrected by ``1 - mu^t`` (docs/algorithms.md section 3.3: "we do not use
 different moving average constants"). The relative variance of the momentum is estimated as
 ``w * max(v - m^2, 0) / m^2`` with ``w = kappa(mu, t)`` (Eq. 19, the seed's Alg. 2 and 4) or, for
 (M-)SVAG with ``variance_unbiasing=True`` (default), the published/authors' ``rho/(1-rho)``
-(spec 3.9). Divisions use closed forms that never divide by m.
+(docs/algorithms.md section 3.9). Divisions use closed forms that never divide by m.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def sgd_direction(xp: Any, g: Any, buf: Any, momentum: Any, gscale: Any, *, nest
     ``dampening = 0`` this is Balles & Hennig's M-SGD ``r_t = mu r_{t-1} + g_t``.
 
     References:
-        Polyak 1964; Sutskever et al. 2013; torch.optim.SGD; spec 3.4 (M-SGD).
+        Polyak 1964; Sutskever et al. 2013; torch.optim.SGD; docs/algorithms.md section 3.4 (M-SGD).
     """
     buf = momentum * buf + gscale * g
     d = g + momentum * buf if nesterov else buf
@@ -120,7 +120,7 @@ def mssd_direction(xp: Any, g: Any, m: Any, mu: Any) -> tuple:
     parameter moves for 828 more steps everywhere (``mu^k >= 2^-126`` for ``k <= 828``).
 
     References:
-        Balles & Hennig, Dissecting Adam, Alg. 1; spec 3.2.
+        Balles & Hennig, Dissecting Adam, Alg. 1; docs/algorithms.md section 3.2.
     """
     m = ema_sum(xp, m, g, mu)
     m = xp.where(abs(m) < M_SSD_FLUSH, 0 * m, m)
@@ -160,7 +160,7 @@ def svag_rule_direction(xp: Any, g: Any, m: Any, v: Any, mu: Any, bc: Any, weigh
     ``eta^2 = (v - m^2)/m^2``). ``gamma`` lies in [0, 1] and is 0 where ``m = 0``.
 
     References:
-        Balles & Hennig, Dissecting Adam, section 3.2; lballes/msvag ``SVAGOptimizer``; spec 3.3.
+        Balles & Hennig, Dissecting Adam, section 3.2; lballes/msvag ``SVAGOptimizer``; docs/algorithms.md section 3.3.
     """
     m, v, m_hat, var = _moments(xp, g, m, v, mu, bc)
     return svag_factor(xp, m_hat, weight * var) * g, m, v
@@ -173,7 +173,7 @@ def msvag_direction(xp: Any, g: Any, m: Any, v: Any, mu: Any, bc: Any, weight: A
     also when ``v = 0`` (0/0 := 0). At t = 1 the step is ``g``.
 
     References:
-        Balles & Hennig, Dissecting Adam, Alg. 2; arXiv 1705.07774; lballes/msvag; spec 3.4, 3.9.
+        Balles & Hennig, Dissecting Adam, Alg. 2; arXiv 1705.07774; lballes/msvag; docs/algorithms.md section 3.4, 3.9.
     """
     m, v, m_hat, var = _moments(xp, g, m, v, mu, bc)
     return svag_direction(xp, m_hat, weight * var), m, v
@@ -183,11 +183,11 @@ def adam_star_rule_direction(xp: Any, g: Any, m: Any, v: Any, mu: Any, bc: Any, 
     """ADAM* (Alg. 4): ``d = gamma sign(m)`` with ``eta^2 = kappa (v - m^2)/m^2``.
 
     ``adaptation="adam"``: ``gamma = (1 + eta^2)^(-1/2)``, i.e. ``d = m / sqrt(m^2 + kappa (v - m^2))``;
-    ``adaptation="erf"``: ``gamma = erf(|m| / sqrt(2 kappa (v - m^2)))`` (sign-optimal, spec 3.7).
+    ``adaptation="erf"``: ``gamma = erf(|m| / sqrt(2 kappa (v - m^2)))`` (sign-optimal, docs/algorithms.md section 3.7).
     "ADAM with beta1 = beta2 = mu, eps = 0, except for kappa."
 
     References:
-        Balles & Hennig, Dissecting Adam, Alg. 4, Eq. 8, 15; spec 3.5, 3.7.
+        Balles & Hennig, Dissecting Adam, Alg. 4, Eq. 8, 15; docs/algorithms.md section 3.5, 3.7.
     """
     m, v, m_hat, var = _moments(xp, g, m, v, mu, bc)
     s = weight * var
@@ -317,7 +317,7 @@ def msvag_mb_direction(xp: Any, g: Any, s_hat: Any, m: Any, s_bar: Any, mu: Any)
         mu: momentum constant.
 
     References:
-        Balles & Hennig, Dissecting Adam, App. C.2/D, Alg. 3, Eq. 44, 48; spec 3.6.
+        Balles & Hennig, Dissecting Adam, App. C.2/D, Alg. 3, Eq. 44, 48; docs/algorithms.md section 3.6.
     """
     m = ema_sum(xp, m, g, mu)
     s_bar = ema_sum(xp, s_bar, _variance_domain(xp, s_hat), mu * mu)
@@ -328,7 +328,7 @@ def adam_star_mb_direction(xp: Any, g: Any, s_hat: Any, m: Any, s_bar: Any, mu: 
     """ADAM*-mb (Alg. 5): as M-SVAG-mb with ``d = m / sqrt(m^2 + s_bar)`` (or the erf factor).
 
     References:
-        Balles & Hennig, Dissecting Adam, Alg. 5, Eq. 48; spec 3.6.
+        Balles & Hennig, Dissecting Adam, Alg. 5, Eq. 48; docs/algorithms.md section 3.6.
     """
     m = ema_sum(xp, m, g, mu)
     s_bar = ema_sum(xp, s_bar, _variance_domain(xp, s_hat), mu * mu)

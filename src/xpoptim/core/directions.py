@@ -1,7 +1,7 @@
 """Direction maps: identity, elementwise sign and spectral orthogonalisation (Newton-Schulz).
 
 Also the shape scales that the matrix rules multiply their orthogonalised direction by. Spec
-references are to ``shared/spec/algorithms.md`` sections 0, 5 and 7.
+references are to ``docs/algorithms.md`` sections 0, 5 and 7.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
 
 
 def sign(xp: Any, x: Any) -> Any:
-    """Elementwise sign with ``sign(0) = 0`` (spec section 0; Balles & Hennig footnote 3)."""
+    """Elementwise sign with ``sign(0) = 0`` (docs/algorithms.md section 0; Balles & Hennig footnote 3)."""
     return xp.sign(x)
 
 
@@ -69,7 +69,7 @@ def resolve_ns_coefficients(
                 "an (a, b, c) triple or a per-step table of triples"
             )
         return (NS_COEFFICIENTS[coefficients],) * steps
-    coeffs = tuple(coefficients)
+    coeffs: tuple[Any, ...] = tuple(coefficients)
     if len(coeffs) == 3 and all(isinstance(c, (int, float)) for c in coeffs):
         return (tuple(float(c) for c in coeffs),) * steps  # type: ignore[return-value]
     table = tuple(tuple(float(c) for c in row) for row in coeffs)
@@ -115,7 +115,7 @@ def newton_schulz(
     With ``A = X X^T`` each step is ``X <- a X + (b A + c A^2) X``; on singular values it applies
     ``phi(s) = a s + b s^3 + c s^5``. The pre-normalisation is overflow-safe: where ``sum(X^2)`` overflows it is
     taken on ``X / max|X|`` (the same result, see ``_prenorm_scaled``). With the quintic coefficients and 5 steps, normalised singular
-    values >= 0.01 land in [0.68, 1.13] rather than exactly 1 (spec 5.1). ``NS(X^T) = NS(X)^T`` and
+    values >= 0.01 land in [0.68, 1.13] rather than exactly 1 (docs/algorithms.md section 5.1). ``NS(X^T) = NS(X)^T`` and
     ``NS(0) = 0``. Works on one matrix or a stack (leading axes are batch axes). Each step is three
     GEMMs: ``A = X X^T``, ``b A + c A A`` and ``a X + (.) X``, the last two accumulating in the GEMM
     (``_backend.matmul_add``: ``addmm`` on torch, as torch.optim.Muon does).
@@ -136,7 +136,7 @@ def newton_schulz(
         The orthogonalised array, same shape and dtype as ``x``.
 
     References:
-        K. Jordan et al., Muon (KellerJordan/Muon); torch.optim.Muon; DeVA repo ``msign`` (spec 5.1-5.3).
+        K. Jordan et al., Muon (KellerJordan/Muon); torch.optim.Muon; DeVA repo ``msign`` (docs/algorithms.md sections 5.1-5.3).
     """
     if prenorm not in NS_PRENORMS:
         raise ValueError(f"ns_prenorm={prenorm!r} is invalid: expected one of {NS_PRENORMS}")
@@ -188,7 +188,7 @@ def newton_schulz(
     return x
 
 
-#: Shape scales for the matrix rules, in fan terms (spec 5.3). ``fan_out`` is the output dimension
+#: Shape scales for the matrix rules, in fan terms (docs/algorithms.md section 5.3). ``fan_out`` is the output dimension
 #: (rows of a torch ``Linear.weight``, columns of a flax kernel), ``fan_in`` the reduction dimension.
 SHAPE_SCALES = ("original", "match_rms_adamw", "deva_muon", "none")
 

@@ -46,7 +46,7 @@ def kappa(mu: Any, t: Any) -> Any:
         ``kappa(mu, t)``.
 
     References:
-        Balles & Hennig, Dissecting Adam, Eq. 19 (spec 3.1).
+        Balles & Hennig, Dissecting Adam, Eq. 19 (docs/algorithms.md section 3.1).
     """
     return (1 - mu ** (2 * t)) * (1 - mu) ** 2 / ((1 - mu**2) * (1 - mu**t) ** 2)
 
@@ -55,7 +55,7 @@ def unbiasing_weight(mu: Any, t: Any, ops: Any = HOST, rho_cap: float = RHO_CAP)
     """The published/repo variance weight ``rho/(1-rho)``, ``rho = min(kappa(mu, t), rho_cap)``.
 
     The authors' code unbiases ``v - m^2`` by ``1/(1-rho)`` and the M-SVAG factor multiplies the
-    result by ``rho``, so the relative variance is ``rho/(1-rho) (v - m^2)/m^2`` (spec 3.9).
+    result by ``rho``, so the relative variance is ``rho/(1-rho) (v - m^2)/m^2`` (docs/algorithms.md section 3.9).
 
     Args:
         mu: EMA constant.
@@ -123,7 +123,7 @@ def svag_factor(xp: Any, m: Any, s: Any) -> Any:
         ``gamma`` in [0, 1]; 0 where ``m = 0`` (also when ``s = 0``) and where ``s = inf``.
 
     References:
-        Balles & Hennig, Dissecting Adam, Eq. 14 and Alg. 2 (spec 3.3-3.4).
+        Balles & Hennig, Dissecting Adam, Eq. 14 and Alg. 2 (docs/algorithms.md sections 3.3-3.4).
     """
     m2 = m * m
     den = m2 + s
@@ -143,7 +143,7 @@ def svag_direction(xp: Any, m: Any, s: Any) -> Any:
     would be subnormal, so a finite momentum never gives NaN and a tiny one still moves.
 
     References:
-        Balles & Hennig, Dissecting Adam, Alg. 2 (spec 3.4).
+        Balles & Hennig, Dissecting Adam, Alg. 2 (docs/algorithms.md section 3.4).
     """
     m2 = m * m
     naive = safe_divide(xp, m2 * m, m2 + s)
@@ -160,7 +160,7 @@ def adam_factor(xp: Any, m: Any, s: Any) -> Any:
         The factor in [0, 1]; 0 where ``m = 0``.
 
     References:
-        Balles & Hennig, Dissecting Adam, Eq. 6 (spec 1.1, 3.5).
+        Balles & Hennig, Dissecting Adam, Eq. 6 (docs/algorithms.md section 1.1, 3.5).
     """
     den = m * m + s
     naive = safe_divide(xp, xp.abs(m), xp.sqrt(den))
@@ -176,7 +176,7 @@ def adam_star_direction(xp: Any, m: Any, s: Any) -> Any:
     As written while ``PLAIN_FLOOR <= m^2 + s < inf`` (same bits); ``sign(m) adam_factor(m, s)`` elsewhere.
 
     References:
-        Balles & Hennig, Dissecting Adam, Alg. 4 and 5 (spec 3.5-3.6).
+        Balles & Hennig, Dissecting Adam, Alg. 4 and 5 (docs/algorithms.md sections 3.5-3.6).
     """
     den = m * m + s
     naive = safe_divide(xp, m, xp.sqrt(den))
@@ -199,7 +199,7 @@ def erf_factor(xp: Any, m: Any, s: Any) -> Any:
         The factor in [0, 1].
 
     References:
-        Balles & Hennig, Dissecting Adam, Eq. 8, 15, 23; App. B.3 (spec 3.7).
+        Balles & Hennig, Dissecting Adam, Eq. 8, 15, 23; App. B.3 (docs/algorithms.md section 3.7).
     """
     den = xp.sqrt(2 * s)
     # sqrt(2) sqrt(s) where 2 s overflows (s above ~1.7e38 in float32): the same ratio without the overflow.

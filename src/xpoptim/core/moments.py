@@ -2,7 +2,7 @@
 
 Every function here is elementwise (fusable): arrays in, arrays out, hyperparameters as Python floats
 or 0-D arrays, no array creation and no branching on array values. Spec references are to
-``shared/spec/algorithms.md``.
+``docs/algorithms.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def finite(x: Any) -> Any:
 
 
 def ema(xp: Any, state: Any, x: Any, beta: Any) -> Any:
-    """Exponential moving average ``s <- beta * s + (1 - beta) * x`` (spec section 0).
+    """Exponential moving average ``s <- beta * s + (1 - beta) * x`` (docs/algorithms.md section 0).
 
     Written as ``s + (1 - beta) * (x - s)``, the form of ``torch.lerp`` for weights below 0.5,
     so that Adam's first moment rounds like torch.optim's. Where that form is not finite (an infinite state,
@@ -68,7 +68,7 @@ def ema_sum(xp: Any, state: Any, x: Any, beta: Any) -> Any:
 
 
 def bias_correction(beta: Any, t: Any) -> Any:
-    """Bias-correction denominator ``1 - beta**t`` (spec section 0).
+    """Bias-correction denominator ``1 - beta**t`` (docs/algorithms.md section 0).
 
     Step-derived scalar: call it on the host with Python numbers (float64) or inside a traced graph
     with 0-D float arrays, never in bf16/fp16 (``bf16(0.999) == 1``).
@@ -84,7 +84,7 @@ def bias_correction(beta: Any, t: Any) -> Any:
 
 
 def centered_variance(xp: Any, m: Any, v: Any) -> Any:
-    """Variance estimate ``max(v - m**2, 0)`` from first and second moments (spec 3.4, 3.9).
+    """Variance estimate ``max(v - m**2, 0)`` from first and second moments (docs/algorithms.md section 3.4, 3.9).
 
     The clamp removes negative round-off, which would otherwise push the SVAG factor above 1. An infinite
     second moment (``g^2`` overflowed: float32 gradients above ``~1.8e19``) gives an infinite variance estimate,
@@ -128,7 +128,7 @@ def minibatch_variance(xp: Any, per_example_grads: Any, axis: int = 0) -> Any:
 
     ``s_hat = 1/|B| * 1/(|B|-1) * sum_k (grad_k - g)^2`` with ``g`` the batch mean. The formula
     printed in the paper, ``1/|B| [1/(|B|-1) sum_k grad_k^2 - g^2]``, is not unbiased although the
-    text says so; we implement the unbiased form (spec 3.6).
+    text says so; we implement the unbiased form (docs/algorithms.md section 3.6).
 
     Args:
         xp: array namespace.

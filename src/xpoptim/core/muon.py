@@ -1,4 +1,4 @@
-"""Muon: Newton-Schulz orthogonalised momentum for matrix parameters (spec section 5).
+"""Muon: Newton-Schulz orthogonalised momentum for matrix parameters (docs/algorithms.md section 5).
 
 Convention (torch.optim.Muon, which follows KellerJordan/Muon): EMA momentum without bias correction
 ``B <- mu B + (1 - mu) g``; Nesterov input ``N = (1 - mu) g + mu B`` (default on); ``O = NS5(N)``;
@@ -38,7 +38,7 @@ __all__ = [
 
 
 def muon_momentum(xp: Any, g: Any, buf: Any, momentum: Any, *, nesterov: bool = True) -> tuple:
-    """Muon's momentum and Newton-Schulz input (elementwise; spec 5.2).
+    """Muon's momentum and Newton-Schulz input (elementwise; docs/algorithms.md section 5.2).
 
     ``B <- B + (1 - mu)(g - B)`` (torch ``lerp``); ``N = g + mu (B - g)`` if Nesterov else ``B``.
 
@@ -53,7 +53,7 @@ def muon_momentum(xp: Any, g: Any, buf: Any, momentum: Any, *, nesterov: bool = 
         ``(N, B)``.
 
     References:
-        K. Jordan et al., Muon (2024), KellerJordan/Muon; torch.optim.Muon; spec 5.2.
+        K. Jordan et al., Muon (2024), KellerJordan/Muon; torch.optim.Muon; docs/algorithms.md section 5.2.
     """
     buf = ema(xp, buf, g, momentum)
     n = g + momentum * (buf - g) if nesterov else buf  # torch: grad.lerp(buf, momentum)
@@ -90,7 +90,7 @@ def muon_direction(
         ``(O, B)``.
 
     References:
-        K. Jordan et al., Muon (2024), KellerJordan/Muon; torch.optim.Muon; spec 5.1-5.2.
+        K. Jordan et al., Muon (2024), KellerJordan/Muon; torch.optim.Muon; docs/algorithms.md sections 5.1-5.2.
     """
     n, buf = muon_momentum(xp, g, buf, momentum, nesterov=nesterov)
     o = newton_schulz(
@@ -206,7 +206,7 @@ MUON = MatrixSpec(
         Hyper("shape_scale", "original", "choice", "scale of the orthogonalised update, in fan terms", SHAPE_SCALES),
     ),
     fallback="adamw",
-    fallback_defaults={"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
+    fallback_defaults={"beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},
     state=("momentum_buffer",),
     init=muon_init,
     state_shapes=muon_state_shapes,

@@ -4,7 +4,7 @@
 TL;DR, the theorem list and the captions were readable). The equations below follow a third-party
 catalogue entry (junaidaliop/zij ``canon/math/mvngrad.md``); they agree with everything the abstract
 states: per-coordinate normalisation by an EMA of gradient uncertainty (AdaBelief's residual
-proxy) and momentum applied *after* normalisation (LaProp's ordering). See spec section 2, where the
+proxy) and momentum applied *after* normalisation (LaProp's ordering). See docs/algorithms.md section 2, where the
 open points (residual against ``m_t`` or ``m_{t-1}``, eps placement, defaults, weight decay) are
 listed. Defaults are our inference.
 """
@@ -36,7 +36,7 @@ def mvngrad_direction(
     *,
     residual: str = "m_t",
 ) -> tuple:
-    """One MVN-Grad step (spec 2.3).
+    """One MVN-Grad step (docs/algorithms.md section 2.3).
 
     1. ``m_t = b1 m_{t-1} + (1-b1) g``   (mean tracker)
     2. ``v_t = b2 v_{t-1} + (1-b2) (g - r)^2 + eps_s``, ``r = m_t`` (default) or ``m_{t-1}``
@@ -58,7 +58,7 @@ def mvngrad_direction(
 
     References:
         Patitucci & Mokhtari, MVN-Grad, arXiv 2602.10204 (algorithm reconstructed, see module
-        docstring); spec 2.3.
+        docstring); docs/algorithms.md section 2.3.
     """
     m_new = ema(xp, m, g, beta1)
     v = residual_variance_update(xp, v, g, m_new if residual == "m_t" else m, beta2, eps_s)
@@ -76,7 +76,7 @@ def _mvngrad_check(hp: dict) -> None:
     if concrete(hp["beta1"]) == 0.0 and concrete(hp["eps_s"]) == 0.0 and hp["residual"] == "m_t":
         raise ValueError(
             "MVNGrad: beta1=0.0 is invalid with residual='m_t' and eps_s=0: the residual g - m_t is then "
-            "identically 0, v stays 0 and the step g/eps explodes (spec 2.4). Use 0 < beta1 < 1, eps_s > 0, "
+            "identically 0, v stays 0 and the step g/eps explodes (docs/algorithms.md section 2.4). Use 0 < beta1 < 1, eps_s > 0, "
             "or residual='m_prev'"
         )
 
@@ -86,7 +86,7 @@ MVNGRAD = ElementwiseSpec(
     title="MVNGrad",
     hyperparams=(
         lr_hyper(1e-3),
-        beta_hyper("beta1", 0.9, "decay of the mean tracker and of the momentum (one beta1, spec 2.3)"),
+        beta_hyper("beta1", 0.9, "decay of the mean tracker and of the momentum (one beta1, docs/algorithms.md section 2.3)"),
         beta_hyper("beta2", 0.999, "decay of the residual variance proxy"),
         eps_hyper(1e-8, "added to sqrt(v_hat) (outside the sqrt); a real hyperparameter in low noise"),
         Hyper("eps_s", 0.0, "nonneg", "variance floor added to v every step (AdaBelief-style)"),
@@ -98,7 +98,7 @@ MVNGRAD = ElementwiseSpec(
     direction=mvngrad_direction,
     arguments={"exp_avg": "m", "exp_avg_var": "v", "momentum": "u"},
     conventions="normalise (by EMA of (g - m_t)^2 + eps_s, bias-corrected) then momentum; eps outside the sqrt; momentum bias-corrected; decoupled decay before [I]",
-    source="arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, spec 2)",
+    source="arXiv 2602.10204 (algorithm box not read; equations from a third-party catalogue, docs/algorithms.md section 2)",
     check=_mvngrad_check,
     verification=Verification(
         hp={"lr": 1e-2, "weight_decay": 1e-2},

@@ -360,7 +360,7 @@ class ElementwiseSpec(_HyperparamsMixin):
     title: str
     hyperparams: tuple[Hyper, ...]
     state: tuple[str, ...]
-    scalars: Callable[..., tuple]
+    scalars: Callable[..., tuple | Mapping[str, Any]]
     direction: Callable[..., tuple]
     weight_decay: str = "decoupled"
     extras: tuple[str, ...] = ()
@@ -621,8 +621,12 @@ class MatrixSpec(_HyperparamsMixin):
         name, title, hyperparams, conventions, source, check: as for ``ElementwiseSpec``.
         fallback: the registry name of the default elementwise spec for non-matrix parameters
             (overridable per optimizer with the ``fallback`` argument of the adapters).
-        fallback_defaults: hyperparameter overrides for the fallback rule (e.g. Muon's AdamW at
-            lr 3e-4, betas (0.9, 0.95), eps 1e-10 as in KellerJordan/Muon's ``MuonWithAuxAdam``).
+        fallback_defaults: hyperparameter overrides for the fallback rule (e.g. Muon's AdamW with
+            betas (0.9, 0.95), eps 1e-10 as in KellerJordan/Muon's ``MuonWithAuxAdam``). Never the
+            learning rate: the fallback's learning rate **follows the optimizer's** ``lr`` (the same value,
+            as optax.contrib.muon's Adam does, and torch param groups without their own ``lr``) unless it
+            is given explicitly (``fallback_hyperparams={"lr": ...}``, or a param group's own ``lr``), in
+            every adapter.
         state: the names of the state arrays, in checkpoint order.
         init: ``init(xp, like, hp) -> dict``: the state at ``t = 0`` for matrices shaped and typed like ``like``
             (the state dtype); every name of ``state`` is a key (``None`` for an array the rule does not keep).
@@ -655,11 +659,11 @@ class MatrixSpec(_HyperparamsMixin):
     hyperparams: tuple[Hyper, ...]
     fallback: str
     fallback_defaults: Mapping[str, Any]
-    state: tuple[str, ...] = ()
-    init: Callable[..., dict] | None = None
-    state_shapes: Callable[[tuple, Mapping[str, Any]], dict] | None = None
-    direction: Callable[..., tuple] | None = None
-    apply: Callable[..., Any] | None = None
+    state: tuple[str, ...]
+    init: Callable[..., dict]
+    state_shapes: Callable[[tuple, Mapping[str, Any]], dict]
+    direction: Callable[..., tuple]
+    apply: Callable[..., Any]
     decay: str = "before"
     direction_includes_scale: bool = False
     phases: tuple[str, ...] = ("step",)

@@ -85,7 +85,7 @@ def check_state_entry(
         if v is None:
             continue
         got_shape = tuple(shape_of(v))
-        if got_shape != tuple(want):
+        if want is not None and got_shape != tuple(want):
             raise ValueError(f"{where}[{name!r}] has shape {got_shape}: expected {tuple(want)}")
         if is_floating is not None and not is_floating(v):
             raise ValueError(f"{where}[{name!r}] has dtype {getattr(v, 'dtype', type(v).__name__)}: expected a real floating dtype")

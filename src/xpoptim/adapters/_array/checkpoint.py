@@ -69,6 +69,8 @@ class CheckpointMixin:
         if state_dict["optimizer"] not in (self.spec.name, self.spec.title):
             raise ValueError(f"state_dict optimizer={state_dict['optimizer']!r} does not match this optimizer ({self.spec.name!r})")
         step = state_dict["step"]
+        if isinstance(step, np.ndarray) and step.ndim == 0 and step.dtype.kind in "iu":
+            step = step.item()  # numpy.savez / numpy.load give a 0-D array
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise ValueError(f"state_dict step={step!r} is invalid: expected an integer >= 0")
         groups = state_dict["param_groups"]
@@ -155,3 +157,15 @@ class CheckpointMixin:
             if fbh is not None:
                 g["fallback_hyperparams"] = fbh
         self._step = int(step)
+
+    def export_state(self) -> Any:
+        """The framework-neutral state (:class:`xpoptim.portable.PortableState`); see :mod:`xpoptim.portable`."""
+        from xpoptim.portable.array_state import export_array  # noqa: PLC0415
+
+        return export_array(self)
+
+    def import_state(self, portable: Any) -> None:
+        """Load a :class:`xpoptim.portable.PortableState` (keys ``str(key)``); hyperparameters are kept."""
+        from xpoptim.portable.array_state import import_array  # noqa: PLC0415
+
+        import_array(self, portable)

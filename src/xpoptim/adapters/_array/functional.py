@@ -51,7 +51,7 @@ class FunctionalOptimizer:
         self.fallback_hyperparams = None
         if isinstance(self.spec, MatrixSpec):
             self.fallback_spec, base = self.spec.resolve_fallback(fallback, fallback_hyperparams)
-            self.fallback_hyperparams = self.fallback_spec.validate(**base)
+            self.fallback_hyperparams = self.fallback_spec.validate(**{"lr": self.hyperparams["lr"], **base})  # lr follows lr
         elif fallback is not None or fallback_hyperparams is not None:
             raise TypeError(f"{self.spec.title} is elementwise: fallback/fallback_hyperparams apply to the matrix rules only ({_matrix_rules()})")
 

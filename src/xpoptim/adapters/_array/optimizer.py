@@ -242,7 +242,7 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
         hp = _host_numbers(self.spec, self.spec.validate(**{k: v for k, v in g.items() if k not in _GROUP_EXTRA_KEYS}))
         fb = None
         if self.fallback_spec is not None:
-            fb = _host_numbers(self.fallback_spec, self.fallback_spec.validate(**dict(g.get("fallback_hyperparams", {}))))
+            fb = _host_numbers(self.fallback_spec, self.fallback_spec.validate(**{"lr": hp["lr"], **dict(g.get("fallback_hyperparams", {}))}))  # lr follows the group's
         return hp, fb
 
     def set_hyperparams(self, group: int | None = None, **hyperparams: Any) -> None:
