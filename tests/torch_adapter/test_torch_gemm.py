@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xpoptim.adapters import _torch_gemm as _backend
+from xpoptim.adapters import _torch_gemm as _gemm
 from xpoptim.core._backend import matmul, matmul_add
 
 RNG = np.random.default_rng(17)
@@ -30,7 +30,7 @@ def test_torch_cpu_per_matrix_loop_equals_the_product(sa, sb, monkeypatch):
     torch = _torch()
     import array_api_compat.torch as txp
 
-    monkeypatch.setattr(_backend, "CPU_LOOP_MIN_MACS", 0)
+    monkeypatch.setattr(_gemm, "CPU_LOOP_MIN_MACS", 0)
     a, b, c = _operands(sa, sb)
     ta, tb, tc = (torch.from_numpy(x) for x in (a, b, c))
     np.testing.assert_allclose(matmul(txp, ta, tb).numpy(), a @ b, rtol=1e-13, atol=1e-14)
@@ -56,7 +56,7 @@ def test_torch_float32_products_within_the_gemm_rounding_bound(sa, sb, transpose
     torch = _torch()
     import array_api_compat.torch as txp
 
-    monkeypatch.setattr(_backend, "TORCH_CPU_ONEDNN", onednn)
+    monkeypatch.setattr(_gemm, "TORCH_CPU_ONEDNN", onednn)
     a, b, c = (x.astype(np.float32).astype(np.float64) for x in _operands(sa, sb))
     ta, tb, tc = (torch.from_numpy(x).float() for x in (a, b, c))
     if transposed:  # operands as transposed views (as Newton-Schulz passes X^T), same values
@@ -74,7 +74,7 @@ def test_onednn_path_is_taken_for_float32_cpu_torch_where_available():
     torch = _torch()
     a = torch.ones(4, 4)
     has = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    assert _backend._use_onednn(a, a) == (has and _backend.TORCH_CPU_ONEDNN)
-    assert not _backend._use_onednn(a.double(), a.double())  # float64 keeps torch.matmul
-    assert not _backend._use_onednn(a.requires_grad_(), a)  # autograd keeps torch.matmul
-    assert _backend._ONEDNN_BROKEN == []  # no oneDNN call has failed in this process
+    assert _gemm._use_onednn(a, a) == (has and _gemm.TORCH_CPU_ONEDNN)
+    assert not _gemm._use_onednn(a.double(), a.double())  # float64 keeps torch.matmul
+    assert not _gemm._use_onednn(a.requires_grad_(), a)  # autograd keeps torch.matmul
+    assert _gemm._ONEDNN_BROKEN == []  # no oneDNN call has failed in this process
