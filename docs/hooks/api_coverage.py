@@ -24,6 +24,7 @@ API_MODULES = {
     "xpoptim.adapters.numpy": "src/xpoptim/adapters/numpy.py",
     "xpoptim.adapters.cupy": "src/xpoptim/adapters/cupy.py",
     "xpoptim.adapters.array": "src/xpoptim/adapters/array.py",
+    "xpoptim.portable": "src/xpoptim/portable/__init__.py",
     "xpoptim.matrix": "src/xpoptim/matrix.py",
     "xpoptim.testing": "src/xpoptim/testing.py",
 }
