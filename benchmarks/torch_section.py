@@ -34,17 +34,19 @@ from .targets import elementwise_targets, judge
 __all__ = ["main", "first_step", "live_memory"]
 
 
-def _block(layout, device: str, repeats: int, warmup: int, budget_s: float, skipped: list) -> list[dict]:
+def _block(layout, device: str, repeats: int, warmup: int, budget_s: float, skipped: list, op_by_op: bool = True, heavyball: bool = True) -> list[dict]:
     data = make_data(layout)
     arrays, grads = data
     n = layout.n_params
     subjects = [
         _try(torch_paths.peer_adamw, arrays, grads, device, "fused", n, skipped=skipped, label="torch fused"),
         _try(torch_paths.peer_adamw, arrays, grads, device, "foreach", n, skipped=skipped, label="torch foreach"),
-        _try(torch_paths.peer_heavyball, arrays, grads, device, n, skipped=skipped, label="heavyball.AdamW"),
+        _try(torch_paths.peer_heavyball, arrays, grads, device, n, skipped=skipped, label="heavyball.AdamW") if heavyball else None,
         _try(torch_paths.ours, "adamw", arrays, grads, device, "default", {}, n, 28, {"weight_decay": 0.01}, skipped=skipped, label="ours adamw"),
         _try(torch_paths.ours, "mvngrad", arrays, grads, device, "default", {}, n, rule_bytes("mvngrad"), {}, skipped=skipped, label="ours mvngrad"),
-        _try(torch_paths.ours, "adamw", arrays, grads, device, "op by op", {"_c_loop": False}, n, 28, {"weight_decay": 0.01}, skipped=skipped, label="ours adamw op by op"),
+        _try(torch_paths.ours, "adamw", arrays, grads, device, "op by op", {"_c_loop": False}, n, 28, {"weight_decay": 0.01}, skipped=skipped, label="ours adamw op by op")
+        if op_by_op
+        else None,
     ]
     subjects = [s for s in subjects if s is not None]
     ms = measure_interleaved(subjects, warmup=warmup, repeats=repeats, budget_s=budget_s, name=layout.name)
@@ -228,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size-scale", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-first-step", action="store_true")
+    ap.add_argument("--op-by-op-layouts", default="A,B,C", help="layouts on which the op-by-op path is measured too")
+    ap.add_argument("--heavyball-layouts", default="A,B,C", help="layouts on which heavyball.AdamW is measured (its first step compiles for minutes on thousands of tensors)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import torch
@@ -239,7 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
     for layout in layouts_for(args.device, names, size_scale=args.size_scale, quick=args.quick):
         log(f"[torch] layout {layout.name} = {layout.shape_text} ({layout.n_params:,} params)")
-        block = _block(layout, args.device, args.repeats, args.warmup, args.block_budget, skipped)
+        block = _block(
+            layout, args.device, args.repeats, args.warmup, args.block_budget, skipped,
+            layout.name in args.op_by_op_layouts.split(","), layout.name in args.heavyball_layouts.split(","),
+        )
         for r in block:
             log(f"    {r['label']:<40} {_fmt(r['median_ms'], '9.3f')} ms  x fused {_fmt(r['vs_fused'])}  first {_fmt(r['first_step_ms'], '.1f')} ms  {'; '.join(r['targets'])} {r['error'] or ''}")
         rows += block

@@ -24,6 +24,7 @@ from ._common import Report, parse_args, run_main
 SOURCES = (
     "src/xpoptim/core/_backend.py",
     "src/xpoptim/core/factors.py",
+    "src/xpoptim/core/moments.py",
 )
 
 

@@ -42,6 +42,7 @@ SOURCES = (
     "src/xpoptim/core/muon.py",
     "src/xpoptim/core/mvngrad.py",
     "src/xpoptim/core/spec.py",
+    "src/xpoptim/core/state.py",
 )
 
 EARLY = 10  # steps over which the two frameworks must agree to rounding

@@ -41,7 +41,7 @@ def _run(name, params, grads_fn, steps=3, var=0.01):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_finite_float32_gradients_never_give_nan(name):
     """One jitted run per optimizer, a matrix and a vector leaf per gradient size (the leaves are independent)."""
-    params = {f"{kind}_{fill}": jnp.ones(shape) for fill in GRADIENT_FILLS for kind, shape in (("w", (4, 3)), ("b", (3,)))}
+    params = {f"{kind}_{fill}": jnp.ones(shape, jnp.float32) for fill in GRADIENT_FILLS for kind, shape in (("w", (4, 3)), ("b", (3,)))}
     rng = np.random.default_rng(0)
 
     def grads(s):
@@ -76,7 +76,7 @@ def test_zero_size_and_0d_leaves_step(name):
     shapes = {k: v for k, v in ODD_SHAPES.items() if not (name == "deva_sinf" and 0 in v and len(v) >= 2)}
     # DeVA_Sinf's core step does not take zero-size matrices yet (its eigenbasis refresh reduces over an empty
     # axis); the NumPy adapter skips them.
-    params = {**{k: jnp.ones(v) for k, v in shapes.items()}, "w": jnp.ones((4, 3))}
+    params = {**{k: jnp.ones(v, jnp.float32) for k, v in shapes.items()}, "w": jnp.ones((4, 3), jnp.float32)}
     out, _ = _run(name, params, lambda s: jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), params))
     for k, v in shapes.items():
         assert out[k].shape == v and bool(jnp.all(jnp.isfinite(out[k])))

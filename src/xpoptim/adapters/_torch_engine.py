@@ -494,7 +494,10 @@ class FastGroup:
     their addresses and sizes, and the compiled loop. A step reuses it only after checking that every parameter,
     state dict, state tensor and step counter is the same object at the same address as then (so a parameter moved
     by ``p.data = x``, state replaced by ``load_state_dict`` or by hand, or a new parameter in the group, all fall
-    back to the full checks); the fresh gradients are checked at every step (size, dtype, device, contiguity).
+    back to the full checks); the fresh gradients are checked at every step (element count, dtype, device,
+    contiguity: what the compiled loop needs to read them safely). A gradient swapped through ``p.grad.data = x`` for a
+    tensor with as many elements in another shape is read in memory order (torch itself refuses ``p.grad = x`` of
+    another shape; only ``.data`` gets past that check).
     """
 
     __slots__ = ("spec_key", "params", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel")
@@ -557,6 +560,8 @@ def fast_plan(
     if not all(all(map(_is, col, old)) for col, old in zip(cols, fg.cols)) or not all(map(_is, steps, fg.steps)):
         return None
     if not np.array_equal(_ptrs(params), fg.p_ptrs) or not np.array_equal(_ptrs(steps), fg.step_ptrs):
+        return None
+    if not all(map(_contig, params)):  # ``p.data = p.data.t()`` keeps the address but not the layout
         return None
     if not all(np.array_equal(_ptrs(col), old) for col, old in zip(cols, fg.col_ptrs)):
         return None
