@@ -46,6 +46,33 @@ print("cupy", cupy.__version__, "cuda", cupy.cuda.is_available())
 EOF
 }
 
+# The time-boxed parts of the check, release and quick stages (first argument: the time box in seconds); each writes
+# its log (and results tarball) to $OUT and never stops the stage.
+gpu_tests() {
+    PYTHONUNBUFFERED=1 timeout "$1" python3 -m pytest -q -p no:cacheprovider -m gpu tests \
+        2>&1 | tee "$OUT/gpu-tests.log" || true
+}
+
+cupy_tests() {
+    PYTHONUNBUFFERED=1 timeout "$1" python3 -m pytest -q -p no:cacheprovider \
+        tests/array_adapter/test_array_cupy.py tests/array_adapter/test_array_trajectories.py \
+        2>&1 | tee "$OUT/cupy-tests.log" || true
+}
+
+gpu_matrix() {
+    local box="$1"
+    shift
+    PYTHONUNBUFFERED=1 timeout "$box" python3 -m xpoptim.matrix --backends numpy,gpu --no-demo --no-progress \
+        --out /tmp/matrix-gpu "$@" 2>&1 | tee "$OUT/matrix.log" || true
+    tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
+}
+
+gpu_bench() {
+    PYTHONUNBUFFERED=1 timeout "$1" python3 -m benchmarks --device cuda --only elementwise --out /tmp/bench-gpu \
+        2>&1 | tee "$OUT/bench.log" || true
+    tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
+}
+
 case "$stage" in
     prepare)
         prepare
@@ -70,45 +97,27 @@ case "$stage" in
         # Correctness on the GPU in one call: GPU-marked tests, the CuPy adapter tests, and the equivalence matrix
         # on the GPU backends (CuPy, CUDA torch, JAX on GPU) against the float64 NumPy run; each part time-boxed.
         install
-        PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
-            2>&1 | tee "$OUT/gpu-tests.log" || true
-        PYTHONUNBUFFERED=1 timeout 100 python3 -m pytest -q -p no:cacheprovider \
-            tests/array_adapter/test_array_cupy.py tests/array_adapter/test_array_trajectories.py \
-            2>&1 | tee "$OUT/cupy-tests.log" || true
-        PYTHONUNBUFFERED=1 timeout 150 python3 -m xpoptim.matrix --backends numpy,gpu --no-demo --no-progress \
-            --out /tmp/matrix-gpu 2>&1 | tee "$OUT/matrix.log" || true
-        tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
+        gpu_tests 200
+        cupy_tests 100
+        gpu_matrix 150
         ;;
     release)
         # One call of about 8 minutes for a release: the GPU tests, the CuPy tests, the matrix on the GPU backends for
         # one rule of each kind (AdamW, MVN-Grad, M-SVAG, Muon, DeVA_Sinf; default configurations), and the
         # elementwise GPU benchmark; each part time-boxed.
         install
-        PYTHONUNBUFFERED=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
-            2>&1 | tee "$OUT/gpu-tests.log" || true
-        PYTHONUNBUFFERED=1 timeout 70 python3 -m pytest -q -p no:cacheprovider \
-            tests/array_adapter/test_array_cupy.py tests/array_adapter/test_array_trajectories.py \
-            2>&1 | tee "$OUT/cupy-tests.log" || true
-        PYTHONUNBUFFERED=1 timeout 110 python3 -m xpoptim.matrix --backends numpy,gpu --no-demo --no-progress \
-            --optimizers adamw,mvngrad,msvag,muon,deva_sinf --no-variants --out /tmp/matrix-gpu \
-            2>&1 | tee "$OUT/matrix.log" || true
-        tar czf "$OUT/matrix-gpu.tgz" -C /tmp matrix-gpu || true
-        PYTHONUNBUFFERED=1 timeout 120 python3 -m benchmarks --device cuda --only elementwise --out /tmp/bench-gpu \
-            2>&1 | tee "$OUT/bench.log" || true
-        tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
+        gpu_tests 170
+        cupy_tests 70
+        gpu_matrix 110 --optimizers adamw,mvngrad,msvag,muon,deva_sinf --no-variants
+        gpu_bench 120
         ;;
     quick)
         # Everything in one call of under 10 minutes: the GPU tests, then the elementwise GPU benchmark, each
         # time-boxed so that the call ends with its logs even when a part runs long.
         install
-        PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
-            2>&1 | tee "$OUT/gpu-tests.log" || true
-        PYTHONUNBUFFERED=1 timeout 120 python3 -m pytest -q -p no:cacheprovider \
-            tests/array_adapter/test_array_cupy.py tests/array_adapter/test_array_trajectories.py \
-            2>&1 | tee "$OUT/cupy-tests.log" || true
-        PYTHONUNBUFFERED=1 timeout 220 python3 -m benchmarks --device cuda --only elementwise --out /tmp/bench-gpu \
-            2>&1 | tee "$OUT/bench.log" || true
-        tar czf "$OUT/bench-gpu.tgz" -C /tmp bench-gpu || true
+        gpu_tests 200
+        cupy_tests 120
+        gpu_bench 220
         ;;
     *)
         echo "usage: bash benchmarks/gpu_device.sh prepare|tests|check|release|matrix|bench|quick [benchmark args]" >&2
