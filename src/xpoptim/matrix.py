@@ -826,7 +826,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-variants", action="store_true", help="only the default configuration of each optimizer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--torch-compile", action="store_true", help="also check the torch adapter with compile=True (slow)")
-    p.add_argument("--demo", dest="demo", action="store_true", default=False, help="also run the torch-vs-JAX training demo afterwards (writes demo_loss.png into --out when matplotlib is installed)")
+    p.add_argument("--demo", dest="demo", action="store_true", default=False, help="also run the torch-vs-JAX training demo afterwards (writes its loss-curve PNG when matplotlib is installed: demo_loss.png into --out, or xpoptim-demo.png in the current folder)")
     p.add_argument("--no-demo", dest="demo", action="store_false", help="do not run the demo (the default; kept so older command lines work)")
     p.add_argument("--version", action="version", version=f"xpoptim {__version__}")
     p.add_argument("--measure", action="store_true", help="also print the largest error per (optimizer, dtype) next to its bound")
@@ -913,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import demo
 
         try:
-            demo.run(png=Path(args.out) / "demo_loss.png" if args.out else None)
+            demo.run(png=Path(args.out) / "demo_loss.png" if args.out else Path(demo.DEFAULT_PNG))
         except Exception as exc:  # the demo is part of the main job: a crash fails the run, with the reason
             print(f"xpoptim.demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1

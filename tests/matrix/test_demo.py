@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,15 @@ def test_demo_trains_on_digits_when_scikit_learn_is_installed():
     pytest.importorskip("sklearn", reason="needs scikit-learn for the digits data")
     x_tr, y_tr, x_te, y_te, source = demo.load_data()
     assert "digits" in source and len(x_tr) + len(x_te) == 1797 and x_tr.shape[1] == 64
+
+
+def test_verifier_demo_writes_its_png_without_out(tmp_path, monkeypatch):
+    """``python -m xpoptim.matrix --demo`` without ``--out`` writes the demo's figure into the current folder."""
+    pytest.importorskip("matplotlib", reason="needs matplotlib for the figure")
+    from xpoptim import matrix
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "run", lambda png=None, **kw: calls.append(png) or {})
+    calls: list = []
+    rc = matrix.main(["--optimizers", "sgd", "--backends", "numpy", "--dtypes", "float64", "--no-adapters", "--no-variants", "--no-progress", "--demo"])
+    assert rc == 0 and calls == [Path(demo.DEFAULT_PNG)]
