@@ -137,3 +137,35 @@ def _torch_compile_case(name, dtype):
 def test_step_kernel_under_torch_compile(name, dtype):
     """torch.compile(fullgraph=True) of the kernel (CPU inductor: a C++ build per kernel, 2-8 s each)."""
     _torch_compile_case(name, dtype)
+
+
+class _TracedLike(np.ndarray):
+    """A NumPy array that refuses the Python builtins ``abs()``, ``bool()``, ``float()``, ``int()`` and ``round()``.
+
+    ``cupy.fuse`` traces a kernel with proxy values that support only array operations (``cupy.abs``, comparisons,
+    ``where``): a builtin called on an array makes the trace fail, and the CuPy adapter then runs the step op by op.
+    Running every kernel on these arrays checks that the core uses the namespace's functions throughout.
+    """
+
+    def _refuse(self, *_a):
+        raise TypeError("a Python builtin was called on an array inside a step kernel")
+
+    __abs__ = __bool__ = __float__ = __int__ = __index__ = __round__ = _refuse
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        return np.asarray(arr).view(_TracedLike)
+
+
+@pytest.mark.parametrize("case", ELEMENTWISE_CASES, ids=lambda c: c.id)
+def test_step_kernel_calls_no_python_builtin_on_arrays(case):
+    """Every elementwise kernel runs on arrays that refuse ``abs()`` / ``bool()`` / ``float()`` (as ``cupy.fuse``'s
+    tracing values do) and gives the plain NumPy run's numbers bit for bit."""
+    h = _need("numpy")
+    spec, hp, p, g, extras, state, t = _warm_state(case, h)
+    kernel = make_step_kernel(spec, np, spec.static(hp), maximize=case.maximize)
+    scalars = step_scalars(spec, hp, t)
+    plain = kernel(p, g, *extras, *(state[n] for n in spec.state), *scalars)
+    view = [np.asarray(a).view(_TracedLike) for a in (p, g, *extras, *(state[n] for n in spec.state))]
+    traced = kernel(*view, *scalars)
+    for a, b in zip(plain, traced):
+        np.testing.assert_array_equal(np.asarray(b).view(np.ndarray), np.asarray(a))

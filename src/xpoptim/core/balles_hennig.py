@@ -16,7 +16,7 @@ from ._backend import HOST
 from .directions import sign
 from .factors import adam_star_direction, erf_factor, kappa, svag_direction, svag_factor, unbiasing_weight
 from .moments import bias_correction, centered_variance, ema, ema_sum
-from .spec import ElementwiseSpec, Hyper, beta_hyper, concrete, lr_hyper, wd_hyper
+from .spec import ElementwiseSpec, Hyper, HyperKind, beta_hyper, concrete, lr_hyper, wd_hyper
 from .verification import CANCEL_FLOAT32, CANCEL_FLOAT64, SIGN_FLOAT32, Verification
 
 __all__ = [
@@ -86,9 +86,9 @@ SGD = ElementwiseSpec(
     hyperparams=(
         lr_hyper(1e-3),
         beta_hyper("momentum", 0.9, "heavy-ball momentum (sum form, no (1 - mu))"),
-        Hyper("dampening", 0.0, "beta", "dampening of the gradient after the first step (torch)"),
+        Hyper("dampening", 0.0, HyperKind.BETA, "dampening of the gradient after the first step (torch)"),
         wd_hyper(0.0, "coupled L2 decay: g <- g + wd p (torch.optim.SGD)"),
-        Hyper("nesterov", False, "bool", "Nesterov momentum d = g + momentum buf"),
+        Hyper("nesterov", False, HyperKind.BOOL, "Nesterov momentum d = g + momentum buf"),
     ),
     state=("momentum_buffer",),
     scalars=_sgd_scalars,
@@ -123,7 +123,7 @@ def mssd_direction(xp: Any, g: Any, m: Any, mu: Any) -> tuple:
         Balles & Hennig, Dissecting Adam, Alg. 1; docs/algorithms.md section 3.2.
     """
     m = ema_sum(xp, m, g, mu)
-    m = xp.where(abs(m) < M_SSD_FLUSH, 0 * m, m)
+    m = xp.where(xp.abs(m) < M_SSD_FLUSH, 0 * m, m)
     return sign(xp, m), m
 
 
@@ -225,7 +225,7 @@ def _mu_check(title: str):
 _UNBIAS = Hyper(
     "variance_unbiasing",
     True,
-    "bool",
+    HyperKind.BOOL,
     "True: published/authors' rho/(1-rho) weighting (lballes/msvag); False: the seed's literal Alg. 2 (kappa)",
 )
 
@@ -265,7 +265,7 @@ MSVAG = ElementwiseSpec(
 _ADAPT = Hyper(
     "adaptation",
     "adam",
-    "choice",
+    HyperKind.CHOICE,
     "variance factor on sign(m): 'adam' (1+eta^2)^-1/2 or 'erf' erf(1/(sqrt(2) eta))",
     ("adam", "erf"),
 )

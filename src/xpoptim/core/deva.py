@@ -35,7 +35,7 @@ from ._backend import HOST, is_concrete_number, matmul
 from .directions import SHAPE_SCALES, newton_schulz, sign
 from .moments import bias_correction, ema
 from .muon import NS_HYPERS, ns_check
-from .spec import ElementwiseSpec, Hyper, MatrixSpec, beta_hyper, concrete, eps_hyper, lr_hyper, wd_hyper
+from .spec import ElementwiseSpec, Hyper, HyperKind, MatrixSpec, beta_hyper, concrete, eps_hyper, lr_hyper, wd_hyper
 from .verification import SIGN_FLOAT32, Bound, Verification
 
 __all__ = [
@@ -130,9 +130,9 @@ DEVA_LINF = ElementwiseSpec(
         beta_hyper("beta2", 0.999, "decay of the second moment of the momentum"),
         eps_hyper(1e-5, "added to v inside the sqrt (hard-coded 1e-5 in the release)"),
         wd_hyper(0.0),
-        Hyper("nesterov", False, "bool", "sign of (1 - b1) g + b1 m instead of m"),
-        Hyper("second_moment_of", "momentum", "choice", "v = EMA(m^2) (release) or EMA(g^2)", ("momentum", "gradient")),
-        Hyper("bias_correction", False, "bool", "bias-correct m and v (not in the release)"),
+        Hyper("nesterov", False, HyperKind.BOOL, "sign of (1 - b1) g + b1 m instead of m"),
+        Hyper("second_moment_of", "momentum", HyperKind.CHOICE, "v = EMA(m^2) (release) or EMA(g^2)", ("momentum", "gradient")),
+        Hyper("bias_correction", False, HyperKind.BOOL, "bias-correct m and v (not in the release)"),
     ),
     state=("exp_avg", "exp_avg_sq"),
     scalars=_deva_linf_scalars,
@@ -661,15 +661,15 @@ DEVA_SINF = MatrixSpec(
         lr_hyper(3e-3),
         beta_hyper("beta1", 0.95, "momentum (kept in the rotated basis)"),
         beta_hyper("beta2", 0.95, "decay of V = EMA(r c^T)"),
-        Hyper("shampoo_beta", -1.0, "beta_or_negative", "decay of the Kronecker factors L, R; < 0 means beta2"),
+        Hyper("shampoo_beta", -1.0, HyperKind.BETA_OR_NEGATIVE, "decay of the Kronecker factors L, R; < 0 means beta2"),
         eps_hyper(1e-8, "added to V inside the sqrt of Gamma"),
         wd_hyper(0.01, "decoupled decay W - lr wd W *after* the step, base lr (as released)"),
-        Hyper("precondition_frequency", 10, "int_pos", "refresh the eigenbases every f steps"),
-        Hyper("max_precond_dim", 10000, "int_pos", "sides larger than this keep an identity rotation"),
-        Hyper("correct_bias", True, "bool", "step = lr sqrt(1 - b2^k)/(1 - b1^k) (SOAP convention)"),
-        Hyper("nesterov", True, "bool", "msign of (1 - b1) G~ + b1 M~"),
-        Hyper("normalize_grads", False, "bool", "divide dW by its RMS"),
-        Hyper("shape_scale", "match_rms_adamw", "choice", "scale of O*Gamma (release: 0.2 sqrt(max(n, m)))", SHAPE_SCALES),
+        Hyper("precondition_frequency", 10, HyperKind.INT_POS, "refresh the eigenbases every f steps"),
+        Hyper("max_precond_dim", 10000, HyperKind.INT_POS, "sides larger than this keep an identity rotation"),
+        Hyper("correct_bias", True, HyperKind.BOOL, "step = lr sqrt(1 - b2^k)/(1 - b1^k) (SOAP convention)"),
+        Hyper("nesterov", True, HyperKind.BOOL, "msign of (1 - b1) G~ + b1 M~"),
+        Hyper("normalize_grads", False, HyperKind.BOOL, "divide dW by its RMS"),
+        Hyper("shape_scale", "match_rms_adamw", HyperKind.CHOICE, "scale of O*Gamma (release: 0.2 sqrt(max(n, m)))", SHAPE_SCALES),
         *NS_HYPERS,
     ),
     fallback="deva_linf",

@@ -164,7 +164,7 @@ def newton_schulz(
         normed = x / (xp.sqrt(sq) + eps)
     else:  # schatten8
         normed = x / xp.sqrt(sq + eps)
-    x = xp.where(finite(sq), normed, _prenorm_scaled(xp, x))
+    x = xp.where(finite(xp, sq), normed, _prenorm_scaled(xp, x))
 
     for i, (a, b, c) in enumerate(table):
         gram = matmul(xp, x, xp.matrix_transpose(x))

@@ -85,9 +85,9 @@ def safe_divide(xp: Any, num: Any, den: Any) -> Any:
 PLAIN_FLOOR = 2.0**-60
 
 
-def _plain_ok(x: Any) -> Any:
+def _plain_ok(xp: Any, x: Any) -> Any:
     """Where the plain form is kept: ``PLAIN_FLOOR <= x < inf`` (False for NaN)."""
-    return finite(x) & (x >= PLAIN_FLOOR)
+    return finite(xp, x) & (x >= PLAIN_FLOOR)
 
 
 def _ratio_forms(xp: Any, m: Any, s: Any) -> tuple:
@@ -131,7 +131,7 @@ def svag_factor(xp: Any, m: Any, s: Any) -> Any:
     q, m_wins = _ratio_forms(xp, m, s)
     q2 = q * q
     safe = xp.where(m_wins, 1 / (1 + q2), q2 / (q2 + 1))
-    return xp.where(_plain_ok(den), naive, safe)
+    return xp.where(_plain_ok(xp, den), naive, safe)
 
 
 def svag_direction(xp: Any, m: Any, s: Any) -> Any:
@@ -147,7 +147,7 @@ def svag_direction(xp: Any, m: Any, s: Any) -> Any:
     """
     m2 = m * m
     naive = safe_divide(xp, m2 * m, m2 + s)
-    return xp.where(finite(naive) & (m2 >= PLAIN_FLOOR), naive, m * svag_factor(xp, m, s))
+    return xp.where(finite(xp, naive) & (m2 >= PLAIN_FLOOR), naive, m * svag_factor(xp, m, s))
 
 
 def adam_factor(xp: Any, m: Any, s: Any) -> Any:
@@ -167,7 +167,7 @@ def adam_factor(xp: Any, m: Any, s: Any) -> Any:
     q, m_wins = _ratio_forms(xp, m, s)
     root = xp.sqrt(1 + q * q)
     safe = xp.where(m_wins, 1 / root, q / root)
-    return xp.where(_plain_ok(den), naive, safe)
+    return xp.where(_plain_ok(xp, den), naive, safe)
 
 
 def adam_star_direction(xp: Any, m: Any, s: Any) -> Any:
@@ -180,7 +180,7 @@ def adam_star_direction(xp: Any, m: Any, s: Any) -> Any:
     """
     den = m * m + s
     naive = safe_divide(xp, m, xp.sqrt(den))
-    return xp.where(_plain_ok(den), naive, xp.sign(m) * adam_factor(xp, m, s))
+    return xp.where(_plain_ok(xp, den), naive, xp.sign(m) * adam_factor(xp, m, s))
 
 
 def erf_factor(xp: Any, m: Any, s: Any) -> Any:
@@ -203,7 +203,7 @@ def erf_factor(xp: Any, m: Any, s: Any) -> Any:
     """
     den = xp.sqrt(2 * s)
     # sqrt(2) sqrt(s) where 2 s overflows (s above ~1.7e38 in float32): the same ratio without the overflow.
-    den = xp.where(finite(2 * s), den, math.sqrt(2.0) * xp.sqrt(s))
+    den = xp.where(finite(xp, 2 * s), den, math.sqrt(2.0) * xp.sqrt(s))
     positive = den > 0
     ratio = xp.abs(m) / xp.where(positive, den, 1 + 0 * den)
     return xp.where(positive, erf(xp, ratio), xp.where(m != 0, 1 + 0 * m, 0 * m))

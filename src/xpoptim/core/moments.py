@@ -22,13 +22,13 @@ __all__ = [
 ]
 
 
-def finite(x: Any) -> Any:
+def finite(xp: Any, x: Any) -> Any:
     """``|x| < inf`` elementwise: False for NaN and +-inf (a comparison, fusable by every compiler the adapters use).
 
     The overflow-safe forms of the core compute the plain formula and keep it where it is finite (the same bits),
-    switching to a scaled form only where it overflowed: ``where(finite(naive), naive, safe)``.
+    switching to a scaled form only where it overflowed: ``where(finite(xp, naive), naive, safe)``.
     """
-    return abs(x) < math.inf
+    return xp.abs(x) < math.inf
 
 
 def ema(xp: Any, state: Any, x: Any, beta: Any) -> Any:
@@ -49,7 +49,7 @@ def ema(xp: Any, state: Any, x: Any, beta: Any) -> Any:
         The updated average.
     """
     lerp = state + (1 - beta) * (x - state)
-    return xp.where(finite(lerp), lerp, beta * state + (1 - beta) * x)
+    return xp.where(finite(xp, lerp), lerp, beta * state + (1 - beta) * x)
 
 
 def ema_sum(xp: Any, state: Any, x: Any, beta: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 from ._backend import HOST
 from .directions import NS_COEFFICIENTS, NS_PRENORMS, SHAPE_SCALES, newton_schulz, resolve_ns_coefficients
 from .moments import ema
-from .spec import Hyper, MatrixSpec, beta_hyper, lr_hyper, wd_hyper
+from .spec import Hyper, HyperKind, MatrixSpec, beta_hyper, lr_hyper, wd_hyper
 from .verification import Bound, Verification
 
 __all__ = [
@@ -171,9 +171,9 @@ def ns_check(title: str, hp: dict) -> None:
 
 #: Newton-Schulz hyperparameters shared by the matrix rules.
 NS_HYPERS = (
-    Hyper("ns_steps", 5, "int_pos", "Newton-Schulz iterations"),
-    Hyper("ns_coefficients", "quintic", "any", "'quintic', 'cubic', an (a, b, c) triple or a per-step table"),
-    Hyper("ns_dtype", None, "dtype", "dtype the iteration runs in (e.g. torch.bfloat16 or 'bfloat16'); None keeps the parameter dtype"),
+    Hyper("ns_steps", 5, HyperKind.INT_POS, "Newton-Schulz iterations"),
+    Hyper("ns_coefficients", "quintic", HyperKind.ANY, "'quintic', 'cubic', an (a, b, c) triple or a per-step table"),
+    Hyper("ns_dtype", None, HyperKind.DTYPE, "dtype the iteration runs in (e.g. torch.bfloat16 or 'bfloat16'); None keeps the parameter dtype"),
 )
 
 #: The verifier's settings: a non-default row with the RMS-matching scale and plain momentum.
@@ -199,11 +199,11 @@ MUON = MatrixSpec(
         lr_hyper(1e-3),
         wd_hyper(0.1, "decoupled decay p(1 - lr wd) before the step, unadjusted lr (torch.optim.Muon default 0.1)"),
         beta_hyper("momentum", 0.95, "EMA momentum (no bias correction)"),
-        Hyper("nesterov", True, "bool", "Nesterov input (1 - mu) g + mu B"),
+        Hyper("nesterov", True, HyperKind.BOOL, "Nesterov input (1 - mu) g + mu B"),
         *NS_HYPERS,
-        Hyper("ns_prenorm", "frobenius", "choice", "pre-normalisation of Newton-Schulz", NS_PRENORMS),
-        Hyper("ns_eps", 1e-7, "nonneg", "guard of the pre-normalisation (max(||X||_F, eps) for 'frobenius')"),
-        Hyper("shape_scale", "original", "choice", "scale of the orthogonalised update, in fan terms", SHAPE_SCALES),
+        Hyper("ns_prenorm", "frobenius", HyperKind.CHOICE, "pre-normalisation of Newton-Schulz", NS_PRENORMS),
+        Hyper("ns_eps", 1e-7, HyperKind.NONNEG, "guard of the pre-normalisation (max(||X||_F, eps) for 'frobenius')"),
+        Hyper("shape_scale", "original", HyperKind.CHOICE, "scale of the orthogonalised update, in fan terms", SHAPE_SCALES),
     ),
     fallback="adamw",
     fallback_defaults={"beta1": 0.9, "beta2": 0.95, "eps": 1e-10, "weight_decay": 0.0},

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._backend import HOST
 from .moments import bias_correction, ema, residual_variance_update
-from .spec import ElementwiseSpec, Hyper, beta_hyper, concrete, eps_hyper, lr_hyper, wd_hyper
+from .spec import ElementwiseSpec, Hyper, HyperKind, beta_hyper, concrete, eps_hyper, lr_hyper, wd_hyper
 from .verification import Verification
 
 __all__ = ["mvngrad_direction", "MVNGRAD"]
@@ -89,9 +89,9 @@ MVNGRAD = ElementwiseSpec(
         beta_hyper("beta1", 0.9, "decay of the mean tracker and of the momentum (one beta1, docs/algorithms.md section 2.3)"),
         beta_hyper("beta2", 0.999, "decay of the residual variance proxy"),
         eps_hyper(1e-8, "added to sqrt(v_hat) (outside the sqrt); a real hyperparameter in low noise"),
-        Hyper("eps_s", 0.0, "nonneg", "variance floor added to v every step (AdaBelief-style)"),
+        Hyper("eps_s", 0.0, HyperKind.NONNEG, "variance floor added to v every step (AdaBelief-style)"),
         wd_hyper(0.0),
-        Hyper("residual", "m_t", "choice", "residual taken against m_t (default) or m_{t-1}", ("m_t", "m_prev")),
+        Hyper("residual", "m_t", HyperKind.CHOICE, "residual taken against m_t (default) or m_{t-1}", ("m_t", "m_prev")),
     ),
     state=("exp_avg", "exp_avg_var", "momentum"),
     scalars=_mvngrad_scalars,

@@ -773,16 +773,16 @@ class MatrixSpec(_HyperparamsMixin):
 
 
 def lr_hyper(default: float) -> Hyper:
-    return Hyper("lr", default, "lr", "learning rate (a float; adapters also take schedules)")
+    return Hyper("lr", default, HyperKind.LR, "learning rate (a float; adapters also take schedules)")
 
 
 def beta_hyper(name: str, default: float, doc: str) -> Hyper:
-    return Hyper(name, default, "beta", doc)
+    return Hyper(name, default, HyperKind.BETA, doc)
 
 
 def eps_hyper(default: float, doc: str = "numerical floor (see the conventions table)") -> Hyper:
-    return Hyper("eps", default, "nonneg", doc)
+    return Hyper("eps", default, HyperKind.NONNEG, doc)
 
 
 def wd_hyper(default: float = 0.0, doc: str = "decoupled weight decay: p <- p (1 - lr wd) before the step") -> Hyper:
-    return Hyper("weight_decay", default, "nonneg", doc)
+    return Hyper("weight_decay", default, HyperKind.NONNEG, doc)
