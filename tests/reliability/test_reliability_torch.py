@@ -1,8 +1,5 @@
 """Bad input to the torch adapter through its public API: a clear error with nothing changed (byte for byte), or the
 documented result (``docs/reliability.md``). Uses the shared case tables of ``_cases.py``.
-
-Not in these tables yet, because the adapter does not meet them: a negative ``grad_variance`` is used (the rule
-turns those elements into NaN) rather than refused.
 """
 
 from __future__ import annotations
@@ -102,6 +99,32 @@ def test_muon_1e20_gradients_give_the_orthogonalised_step_not_nan():
     _grads(ps, 1e20)
     opt.step()
     assert torch.isfinite(ps[0]).all() and not torch.equal(ps[0], _make("muon", shapes=((4, 6),))[0][0])
+
+
+@pytest.mark.parametrize("where", ["argument", "attribute"])
+@pytest.mark.parametrize("bad", [-1e-3, float("nan")], ids=["negative", "nan"])
+@pytest.mark.parametrize("name", MB)
+def test_negative_or_nan_grad_variance_is_refused_with_nothing_changed(name, bad, where):
+    """As the NumPy and optax adapters: refused before anything is written (was: NaN in that element). The bad
+    value sits in the second group, so the first group's parameters would have been written by a half step."""
+    ps, opt = _stepped(name)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, 2))]})
+    ps = ps + opt.param_groups[1]["params"]
+    _grads(ps, seed=5)
+    variance = _extra(name, ps)["grad_variance"]
+    variance[ps[-1]][1, 0] = bad
+    before = _snap(ps, opt)
+    with pytest.raises(ValueError, match=r"grad_variance of a parameter of shape \(2, 2\) holds (-0\.001\d*|nan): expected a per-element variance >= 0"):
+        if where == "argument":
+            opt.step(grad_variance=variance)
+        else:
+            for p in ps:
+                p.grad_variance = variance[p]
+            opt.step()
+    assert_unchanged(before, _snap(ps, opt))
+    variance[ps[-1]][1, 0] = 0.0  # the same step with a valid variance goes ahead
+    opt.step(grad_variance=variance)
+    assert torch.isfinite(ps[-1]).all() and not torch.equal(ps[-1], torch.ones(2, 2))
 
 
 @pytest.mark.parametrize("shape", list(ODD_SHAPES))

@@ -509,6 +509,13 @@ class XPOptimizer(Optimizer):
         if not isinstance(v, torch.Tensor) or v.shape != p.shape or v.device != p.device or not v.is_floating_point():
             desc = f"shape {tuple(v.shape)}, device {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{gspec.title}: grad_variance ({desc}) does not match its parameter (shape {tuple(p.shape)}, device {p.device})")
+        local = _eng.local(v)
+        if local.numel() and not bool((local >= 0).all()):
+            bad = local[~(local >= 0)].reshape(-1)[0].item()
+            raise ValueError(
+                f"{gspec.title}: grad_variance of a parameter of shape {tuple(p.shape)} holds {bad!r}: expected a "
+                "per-element variance >= 0 (not NaN), e.g. from minibatch_grad_variance"
+            )
         return v
 
     def _check_sharded(self, p: Any, g: Any, extra: Any, st: Mapping[str, Any], own: set, where: str) -> None:
