@@ -670,6 +670,11 @@ def _scale_by_matrix(
             sd = next(v for v in (st[n] for n in names) if v is not None).dtype
             hps = _hp_in(hpn, sd)
             g3 = _to_matrix(g.astype(sd), lay)
+            if g3.size == 0:
+                # A matrix with a zero-size side has nothing to update: a zero (empty) update and its state as it
+                # was, as the torch and NumPy adapters skip it (a phase's reductions have no identity there).
+                out = jnp.zeros(g.shape, g.dtype if leaf_dtype_out else sd)
+                return (out, *sts) if elementwise_state else (out, sts[0])
             scale = matrix_scale(spec, hp, lay.fans, layout="in_out")
 
             def run(phase: str) -> Callable:
