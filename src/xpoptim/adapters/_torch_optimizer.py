@@ -121,7 +121,10 @@ class XPOptimizer(Optimizer):
         self.__dict__["spec"] = spec
         where = spec.title
         if isinstance(params, torch.Tensor):
-            raise TypeError(f"{where}: params should be an iterable of tensors or dicts, got a {type(params).__name__}")
+            raise TypeError(
+                f"{where}: params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+                f"a {type(params).__name__}"
+            )
         hp_in = {k: v for k, v in hyperparams.items() if not (k in ("beta1", "beta2", "betas") and v is None)}
         for flag in _TORCH_FLAGS:
             if flag in hp_in:
@@ -197,7 +200,8 @@ class XPOptimizer(Optimizer):
         kinds = {isinstance(item, tuple) for item in params}
         if len(kinds) > 1:
             raise ValueError(
-                f"{where}: params mixes (name, tensor) pairs and bare tensors; give all parameters named or none"
+                f"{where}: all optimizer params should be with/without names. Some param names are missing: params "
+                "mixes (name, tensor) pairs and bare tensors; give all parameters named or none"
             )
         named = kinds == {True}
         mat, other = [], []
@@ -291,7 +295,17 @@ class XPOptimizer(Optimizer):
                 "matrix_param_groups(model)"
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim's (``defaults``, ``state``, ``param_groups``) plus the public ``spec`` (a registered spec by
+        name), so that ``copy.deepcopy`` and pickling keep every public attribute."""
+        state = super().__getstate__()
+        spec = self.spec
+        state["spec"] = spec.name if SPECS.get(spec.name) is spec else spec
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("spec"), str):
+            state = {**state, "spec": SPECS[state["spec"]]}
         super().__setstate__(state)
         self.__dict__["_xp_fast"] = {}
         if "spec" not in type(self).__dict__:
