@@ -197,3 +197,41 @@ def test_copies_continue_with_the_same_numbers(name, how):
     other.step(**_extra(name, qs))
     for p, q in zip(ps, qs):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_copied_optimizer_keeps_every_public_attribute_and_steps_alike(name, how):
+    """As torch's test_deepcopy_copies_all_public_attrs (``spec`` was lost); the copy owns its tensors."""
+    ps, opt = _stepped(name)
+    if how == "deepcopy":
+        ps2, other = copy.deepcopy((ps, opt))
+    else:
+        ps2, other = pickle.loads(pickle.dumps((ps, opt)))
+    public = {k for k in opt.__dict__ if not k.startswith("_")}
+    assert public == {k for k in other.__dict__ if not k.startswith("_")} and "spec" in public
+    assert other.spec is opt.spec
+    for p, q in zip(ps, ps2):
+        g = torch.randn(p.shape, generator=torch.Generator().manual_seed(11))
+        p.grad, q.grad = g, g.clone()
+    opt.step(**_extra(name, ps))
+    other.step(**_extra(name, ps2))
+    for p, q in zip(ps, ps2):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+
+
+@pytest.mark.parametrize("named_before", [True, False])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_load_state_dict_keeps_param_names_given_to_either_side(name, named_before):
+    """As torch.optim: names in the loaded dict are loaded; without them the optimizer keeps its own."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=gen)
+    first = xt.create(name, model.named_parameters() if named_before else model.parameters(), compile=False)
+    second = xt.create(name, model.parameters() if named_before else model.named_parameters(), compile=False)
+    named = first if named_before else second
+    names = [g["param_names"] for g in named.param_groups]
+    second.load_state_dict(first.state_dict())
+    assert [g["param_names"] for g in second.param_groups] == names
+    assert sorted(n for ns in names for n in ns) == sorted(n for n, _ in model.named_parameters())
