@@ -31,5 +31,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _HERE not in Path(str(item.fspath)).parents:
             continue
-        if _rule_of(item) not in REPRESENTATIVE:
+        rule = _rule_of(item)
+        if rule is not None and rule not in REPRESENTATIVE:
             item.add_marker(pytest.mark.peers)

@@ -41,6 +41,11 @@ from torch.testing._internal.common_optimizers import (
 from xpoptim.adapters import torch as xt
 from xpoptim.core.spec import HyperKind, MatrixSpec
 
+# torch's test utilities call torch.backends.disable_global_flags() when imported: every later assignment to a
+# cudnn/mkldnn flag in the process would raise, and the rest of the suite (the verifier's precise mode sets
+# torch.backends.cudnn.allow_tf32) runs in the same process, so such assignments are allowed again.
+torch.backends.disable_global_flags.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
 #: An out-of-range value for each numeric kind of hyperparameter.
 _OUT_OF_RANGE = {
     HyperKind.LR: -1.0,
