@@ -1,6 +1,6 @@
-"""``mypy`` is clean on the public API (the ``[tool.mypy]`` files of ``pyproject.toml``: the core, the torch, optax
-and NumPy/CuPy adapters with their explicit classes, the portable state, the verifier and the demo, and
-``tests/typing/public_api.py``, a file of uses), and it refuses misuse of the explicit signatures. CI runs
+"""``mypy`` is clean on the package (the ``[tool.mypy]`` files of ``pyproject.toml``: every module of ``xpoptim``, the
+adapters' explicit classes included, and ``tests/typing/public_api.py``, a file of uses of the torch, optax,
+NumPy/CuPy, portable and testing APIs), and it refuses misuse of the explicit signatures. CI runs
 ``python -m mypy`` from the repository root; this test runs the same check once, with a second file of misuses whose
 errors must be exactly the expected ones (a misspelt keyword, a wrong type for a hyperparameter or an option, a
 name that does not exist), so a signature loosened to ``Any`` or a name hidden behind a module ``__getattr__``

@@ -7,14 +7,27 @@ from typing import Any
 
 import numpy as np
 
-from xpoptim.core import STATE_VERSION
+from xpoptim.core import STATE_VERSION, ElementwiseSpec, MatrixSpec
 
+from .layout import _Bucket, _Entry, _MatrixStack
 from .namespace import _device_context, _from_numpy, _is_array, _numpy_dtype, _reshape, _to_numpy
 from .params import _GROUP_EXTRA_KEYS
 
 
 class CheckpointMixin:
     """``state_dict`` / ``load_state_dict`` of :class:`xpoptim.adapters.array.Optimizer`."""
+
+    # What the optimizer sets up (``Optimizer.__init__``) and this mixin reads:
+    spec: ElementwiseSpec | MatrixSpec
+    fallback_spec: ElementwiseSpec | None
+    param_groups: list[dict]
+    xp: Any
+    device: Any
+    _kind: str
+    _step: int
+    _entries: list[_Entry]
+    _buckets: list[_Bucket]
+    _stacks: list[_MatrixStack]
 
     def _entry_state(self) -> dict:
         xp = self.xp
