@@ -16,10 +16,6 @@ from xpoptim.core import SPECS
 from xpoptim.core.spec import MatrixSpec
 
 
-#: Annotation of a hyperparameter by kind (the numeric kinds: ``float | torch.Tensor``).
-_ANNOTATION = {"bool": "bool", "int_pos": "int", "choice": "str", "dtype": "Any", "any": "Any"}
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_class_signature_matches_the_spec(name):
     spec = SPECS[name]
@@ -44,6 +40,10 @@ def test_class_signature_matches_the_spec(name):
         expected |= {"fallback", "fallback_hyperparams"}
     assert set(sig) == expected
     assert sig["compile"].default is False
+
+
+#: Annotation of a hyperparameter by kind (the numeric kinds: ``float | torch.Tensor``).
+_ANNOTATION = {"bool": "bool", "int_pos": "int", "choice": "str", "dtype": "Any", "any": "Any"}
 
 
 @pytest.mark.parametrize("name", ["adamw", "mvngrad", "muon"])

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xpoptim.core import STATE_VERSION, ElementwiseSpec, MatrixSpec
+from xpoptim.core import STATE_VERSION
 
 from .layout import _Bucket, _Entry, _MatrixStack
 from .namespace import _device_context, _from_numpy, _is_array, _numpy_dtype, _reshape, _to_numpy
 from .params import _GROUP_EXTRA_KEYS
+
+if TYPE_CHECKING:
+    from xpoptim.core import ElementwiseSpec, MatrixSpec
 
 
 class CheckpointMixin:
