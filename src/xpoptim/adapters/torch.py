@@ -65,6 +65,7 @@ from typing import Any
 
 import array_api_compat.torch as _txp
 import torch
+from torch.optim.optimizer import ParamsT
 
 from xpoptim.core import SPECS, get_spec
 from xpoptim.core.moments import minibatch_variance
@@ -121,7 +122,7 @@ _CLASSES: tuple[type[XPOptimizer], ...] = (
 OPTIMIZERS: dict[str, type[XPOptimizer]] = {cls.spec.name: cls for cls in _CLASSES}
 
 
-def create(name: str, params: Any, **hp: Any) -> XPOptimizer:
+def create(name: str, params: ParamsT, **hp: Any) -> XPOptimizer:
     """Create the torch optimizer of a registry name (``"adamw"``) or title (``"AdamW"``).
 
     Args:
