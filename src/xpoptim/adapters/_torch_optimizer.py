@@ -9,7 +9,7 @@ import operator
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
@@ -30,6 +30,9 @@ from ._torch_hparams import (
     normalize_betas,
     to_group_form,
 )
+
+if TYPE_CHECKING:
+    from xpoptim.portable import PortableState
 
 __all__ = ["XPOptimizer"]
 
@@ -179,15 +182,16 @@ class XPOptimizer(Optimizer):
 
     @staticmethod
     def _fallback_spec(name: str, where: str, arg: str = "fallback", own: str | None = None) -> ElementwiseSpec:
-        if name not in ELEMENTWISE or SPECS[name].extras:
-            allowed = [n for n in ELEMENTWISE if not SPECS[n].extras]
+        spec = SPECS.get(name) if name in ELEMENTWISE else None
+        if not isinstance(spec, ElementwiseSpec) or spec.extras:
+            allowed = [n for n, s in SPECS.items() if n in ELEMENTWISE and isinstance(s, ElementwiseSpec) and not s.extras]
             if own is None:
                 raise ValueError(f"{where}: {arg}={name!r} is invalid: expected one of {allowed}")
             raise ValueError(
                 f"{where}: a param group with {arg}={name!r} is invalid: expected {own!r} (the matrix rule) or an "
                 f"elementwise fallback rule, one of {allowed} (matrix_param_groups(model, {own!r}) builds such groups)"
             )
-        return SPECS[name]  # type: ignore[return-value]
+        return spec
 
     def _fallback(self) -> tuple[str, dict]:
         """(rule name, group-form hyperparameters) of the fallback rule of a matrix optimizer."""
@@ -204,11 +208,12 @@ class XPOptimizer(Optimizer):
                 "mixes (name, tensor) pairs and bare tensors; give all parameters named or none"
             )
         named = kinds == {True}
-        mat, other = [], []
+        mat: list[torch.Tensor | tuple[str, torch.Tensor]] = []
+        other: list[torch.Tensor | tuple[str, torch.Tensor]] = []
         for item in params:
             p = item[1] if named else item
             (mat if isinstance(p, torch.Tensor) and p.ndim >= 2 else other).append(item)
-        groups = []
+        groups: list[dict[str, Any]] = []
         if mat:
             groups.append({"params": mat})
         if other:
@@ -363,13 +368,13 @@ class XPOptimizer(Optimizer):
             if not params:
                 continue
             sdt_fg = fast.get(id(group))
-            if sdt_fg is not None and sdt_fg[0] == group["state_dtype"] and not group["compile"]:
+            if sdt_fg is not None and sdt_fg[0] == group["state_dtype"] and not group["compile"] and isinstance(gspec, ElementwiseSpec):
                 run = _eng.fast_plan(sdt_fg[1], gspec, hp, group["maximize"], params, grads, state.get)
                 if run is not None:
                     ready.append(run)
                     continue
             self._check_grads(params, grads, where)
-            extras = [self._extra_for(gspec, p, grad_variance) for p in params] if getattr(gspec, "extras", ()) else []
+            extras = [self._extra_for(gspec, p, grad_variance) for p in params] if isinstance(gspec, ElementwiseSpec) and gspec.extras else []
             plans.append((group, gspec, hp, list(params), grads, extras))
         # Phase 2: compute every matrix-rule update (may raise: nothing has been written yet).
         writes: list[Callable[[], None]] = []
@@ -423,7 +428,7 @@ class XPOptimizer(Optimizer):
         the step, not yet run."""
         names = gspec.state
         sdt_opt = group["state_dtype"]
-        sts = list(map(self.state.get, params))
+        sts: list[dict[str, Any]] = [self.state.get(p) or {} for p in params]  # an empty dict: new state below
         sharded = [i for i, p in enumerate(params) if _eng.is_sharded(p)] if _eng.dtensor_loaded() else []
         for i, st in enumerate(sts):
             if not st:
@@ -591,7 +596,7 @@ class XPOptimizer(Optimizer):
 
     # -- portable state (xpoptim.portable) ----------------------------------------------------------------------
 
-    def export_state(self, names: Any = None) -> Any:
+    def export_state(self, names: Any = None) -> PortableState:
         """The framework-neutral state (:class:`xpoptim.portable.PortableState`); see :mod:`xpoptim.portable`.
 
         Args:
@@ -602,7 +607,7 @@ class XPOptimizer(Optimizer):
 
         return export_torch(self, names)
 
-    def import_state(self, portable: Any, names: Any = None) -> None:
+    def import_state(self, portable: PortableState, names: Any = None) -> None:
         """Load a :class:`xpoptim.portable.PortableState` (names as for :meth:`export_state`); hyperparameters are kept."""
         from xpoptim.portable.torch_state import import_torch  # noqa: PLC0415
 
