@@ -9,6 +9,8 @@
 #   parity and memory tests (xpoptim has no such flags: each rule is one multi-tensor kernel), the sparse and
 #   second-order tests (no xpoptim rule takes sparse gradients or a line-search closure), and the CUDA-only
 #   tests (tests/torch_adapter/test_torch_cuda.py covers xpoptim on CUDA);
+# * the test class is instantiated for the CPU only, so the device and platform decorators (onlyCPU, skipMPS,
+#   xfailIfS390X) and the dynamo-strict marking are left out; the parametrized flags use torch's own parametrize;
 # * unittest's runner is replaced by pytest (instantiate_device_type_tests makes the CPU test class).
 """torch's generic optimizer tests (``test/test_optim.py``) run on every xpoptim torch optimizer.
 
@@ -18,7 +20,6 @@ default run keeps the first rule of each kind (``peers/_subset.REPRESENTATIVE``)
 """
 
 import functools
-import math
 import tempfile
 from copy import deepcopy
 from typing import Any, Dict, Tuple
@@ -1218,5 +1219,3 @@ class TestOptimRenewed(TestCase):
 
 
 instantiate_device_type_tests(TestOptimRenewed, globals(), only_for="cpu")
-
-assert math  # imported by the original for tests that are not vendored
