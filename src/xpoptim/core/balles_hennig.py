@@ -101,6 +101,7 @@ SGD = ElementwiseSpec(
     verification=Verification(
         hp={"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
         variants=(("nesterov", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2, "nesterov": True}),),
+        train_lr=0.1,
     ),
 )
 
@@ -240,7 +241,9 @@ SVAG = ElementwiseSpec(
     conventions="gamma = m^2/(m^2 + s), s = (v - m^2)/(1 - rho) (code) or v - m^2 (paper); bias-corrected EMAs; no eps; 0/0 := 0",
     source="Balles & Hennig section 3.2; lballes/msvag SVAGOptimizer",
     check=_mu_check("SVAG"),
-    verification=Verification(hp={"lr": 2e-2, "weight_decay": 1e-2}, float64=CANCEL_FLOAT64, float32=CANCEL_FLOAT32),
+    verification=Verification(
+        hp={"lr": 2e-2, "weight_decay": 1e-2}, float64=CANCEL_FLOAT64, float32=CANCEL_FLOAT32, train_lr=0.2
+    ),
 )
 
 MSVAG = ElementwiseSpec(
@@ -259,6 +262,7 @@ MSVAG = ElementwiseSpec(
         variants=(("kappa", {"lr": 2e-2, "weight_decay": 1e-2, "variance_unbiasing": False}),),
         float64=CANCEL_FLOAT64,
         float32=CANCEL_FLOAT32,
+        train_lr=0.2,
     ),
 )
 
@@ -348,7 +352,7 @@ MSVAG_MB = ElementwiseSpec(
     arguments={"grad_variance": "s_hat", "momentum": "m", "momentum_var": "s_bar"},
     conventions="sum-form m = mu m + g; s_bar = mu^2 s_bar + s_hat (unbiased Eq. 44); d = m^3/(m^2 + s_bar); no bias correction; 0/0 := 0",
     source="Balles & Hennig Alg. 3 (Eq. 44 in its unbiased form, Eq. 48)",
-    verification=Verification(hp={"lr": 2e-3, "weight_decay": 1e-2}),
+    verification=Verification(hp={"lr": 2e-3, "weight_decay": 1e-2}, train_lr=0.05),
 )
 
 ADAM_STAR_MB = ElementwiseSpec(

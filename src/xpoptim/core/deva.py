@@ -639,6 +639,7 @@ def _deva_sinf_check(hp: dict) -> None:
 #: digits gradients near-degenerate spectra), a refresh every 4 steps so 20 steps cross four refreshes.
 DEVA_SINF_VERIFICATION = Verification(
     hp={"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4},
+    train_lr=2e-2,
     float64=Bound(
         1e-8,
         "float64 with eigh/QR (the Kronecker eigenbases): a backward-stable eigh/QR is exact for A + E, ||E|| ~ eps "
