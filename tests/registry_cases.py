@@ -9,6 +9,7 @@ tested by every suite without an edit to any of them:
 * :func:`settings`: the hyperparameters that exercise a rule (its spec's ``verification.hp``: non-zero weight decay,
   a learning rate that moves the parameters visibly, a short preconditioner period, ...), over its defaults.
 * :func:`train_lr`: the learning rate of the training runs on a small real model (``verification.train_lr``).
+* :func:`float32_bound`: the float32 bound of the core trajectory tests and its reason.
 * :func:`rows`: those settings and every ``verification.variants`` row (the rule's switches: Nesterov, erf
   adaptation, ...), as ``(id, name, hp)``.
 * :func:`reference`: the rule's independent float64 reference. The built-in rules' references are
@@ -35,6 +36,7 @@ __all__ = [
     "user_names",
     "settings",
     "train_lr",
+    "float32_bound",
     "rows",
     "reference",
     "NO_REFERENCE",
@@ -81,6 +83,13 @@ def train_lr(name: str) -> float:
     """The learning rate of the training runs (the spec's ``verification.train_lr``, else its ``hp["lr"]``)."""
     v = verification_of(get_spec(name))
     return float(v.train_lr) if v.train_lr is not None else float(settings(name)["lr"])
+
+
+def float32_bound(name: str) -> Any:
+    """The float32 bound of the core trajectory tests: the spec's ``verification.trajectory_float32``, else its
+    verifier bound ``verification.float32`` (a ``core.verification.Bound``: ``bound`` and ``reason``)."""
+    v = verification_of(get_spec(name))
+    return v.trajectory_float32 if v.trajectory_float32 is not None else v.float32
 
 
 def rows(selected: tuple[str, ...] | None = None) -> list[tuple[str, str, dict[str, Any]]]:

@@ -123,10 +123,20 @@ def _inject_hp(name: str, hp: dict) -> dict:
 
 #: Every rule at its registry settings and variants (``registry_cases.rows``); matrix rules get a square matrix (full
 #: rank DeVA_Sinf factors), the static switches go to ``static_args``.
-_INJECT = [pytest.param(name, _inject_hp(name, hp), id=i) for i, name, hp in registry_cases.rows()]
+_INJECT_ROWS = [pytest.param(name, _inject_hp(name, hp), id=i) for i, name, hp in registry_cases.rows()]
+
+def _static_names(name: str) -> set:
+    return {h.name for h in SPECS[name].hyperparams if h.static}
 
 
-@pytest.mark.parametrize(("name", "hp"), _INJECT)
+#: Per registered rule, its numeric hyperparameters only (no static switch), as ``_inject_hp`` gives them.
+_INJECT = {
+    name: {k: v for k, v in _inject_hp(name, registry_cases.settings(name)).items() if k not in _static_names(name)}
+    for name in registry_cases.names()
+}
+
+
+@pytest.mark.parametrize(("name", "hp"), _INJECT_ROWS)
 def test_inject_hyperparams_equivalence(name, hp):
     alias = getattr(xo, name)
     params = _tree({"w": (5, 5), "b": (4,)} if SPECS[name].kind == "matrix" else None)

@@ -11,6 +11,9 @@ cells without any edit to the verifier:
   relative to the distance that run travelled) and the reason it is what it is. Defaults:
   :data:`DEFAULT_FLOAT64` and :data:`DEFAULT_FLOAT32`.
 * ``problems``: the verifier problems the rule runs on (``None``: all of them).
+* ``trajectory_float32``: the bound of xpoptim's core trajectory tests in float32 (the core in float32 on every
+  array backend against the rule's float64 reference, 30 steps of a noisy quadratic; the same error measure as the
+  verifier's), with the largest error measured over 10 problem seeds and its reason. ``None``: ``float32``.
 * ``train_lr``: a learning rate at which the rule trains the test suites' small real model (an MLP 64-32-10 with
   tanh on scikit-learn's digits, batches of 64 to 128) to well below its initial loss within a few dozen steps, in
   every adapter. ``None``: ``hp["lr"]``. Rules whose step scales with the gradient (SGD, SVAG, M-SVAG) need a larger
@@ -69,6 +72,7 @@ class Verification:
         float64: the float64 bound.
         float32: the float32 bound.
         problems: problem names (``None``: every verifier problem).
+        trajectory_float32: the float32 bound of the core trajectory tests (``None``: ``float32``).
         train_lr: the learning rate of the test suites' training runs (``None``: ``hp["lr"]``).
         reference: the rule's independent float64 reference (a user rule's; see the module docstring).
     """
@@ -78,6 +82,7 @@ class Verification:
     float64: Bound = DEFAULT_FLOAT64
     float32: Bound = DEFAULT_FLOAT32
     problems: tuple[str, ...] | None = None
+    trajectory_float32: Bound | None = None
     train_lr: float | None = None
     reference: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
 
