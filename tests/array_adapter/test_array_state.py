@@ -150,6 +150,44 @@ def test_bad_state_dict_is_refused_and_changes_nothing(how: str, match: str) -> 
             np.testing.assert_array_equal(after["state"][k][n], before["state"][k][n])
 
 
+def test_checkpoint_checks_name_the_entry_and_what_the_layout_expects() -> None:
+    """The checks are core.check_state_entry's against core.state_layout: the message names the entry, the buffer,
+    what it holds and what the spec's layout expects."""
+    opt, _ = _opt_with_state()
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\]\['exp_avg'\] has shape \(4, 3\): expected \(3, 4\)"):
+        opt.load_state_dict(_bad(sd, "shape"))
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\] has state \['exp_avg_sq', 'm'\]: expected \['exp_avg', 'exp_avg_sq'\]"):
+        opt.load_state_dict(_bad(sd, "state_name"))
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["exp_avg"] = None
+    with pytest.raises(ValueError, match=r"\['exp_avg'\] is None: expected an array"):
+        opt.load_state_dict(bad)
+
+
+def test_checkpoint_whose_hyperparameters_change_the_state_layout_is_refused_byte_for_byte() -> None:
+    """A DeVA_Sinf checkpoint taken with max_precond_dim=2 keeps no factor for a side of 3 or 4; loading it into an
+    optimizer that keeps both factors would leave buffers without values: refused, nothing changed."""
+    rng = np.random.default_rng(0)
+    small = [rng.standard_normal((3, 4))]
+    src = A.create("deva_sinf", small, max_precond_dim=2)
+    for _ in range(2):
+        src.step([rng.standard_normal((3, 4))])
+    params = [rng.standard_normal((3, 4))]
+    opt = A.create("deva_sinf", params)
+    for _ in range(2):
+        opt.step([rng.standard_normal((3, 4))])
+    before = copy.deepcopy(opt.state_dict())
+    p_before = params[0].tobytes()
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\]: the checkpoint's hyperparameters give the state layout"):
+        opt.load_state_dict(src.state_dict())
+    after = opt.state_dict()
+    assert params[0].tobytes() == p_before and after["step"] == before["step"]
+    assert after["param_groups"] == before["param_groups"]
+    for n, v in before["state"][0].items():
+        assert (v is None and after["state"][0][n] is None) or v.tobytes() == after["state"][0][n].tobytes(), n
+
+
 def test_load_state_dict_rejects_non_mapping() -> None:
     opt, _ = _opt_with_state()
     with pytest.raises(TypeError, match="dict"):
