@@ -15,7 +15,8 @@ Fixtures (usable from any test folder):
 User rules: ``--xpoptim-rules FILE`` (repeatable, or ``XPOPTIM_RULES=FILE[:FILE...]``) imports a rule file that
 calls ``xpoptim.core.register`` before any test module is collected, so every generic suite (they read the
 registry when they are collected) also runs on the registered rule: ``python -m pytest --xpoptim-rules
-examples/lion.py``. ``tests/references/registry.py`` gives the suites each rule's float64 reference and settings.
+examples/lion.py``; ``--xpoptim-user-rules-only`` keeps only the tests whose id names a user rule (``nox -s
+extension``). ``tests/registry_cases.py`` gives the suites each rule's settings and float64 reference.
 The library configuration happens lazily, the first time a backend is requested, so test folders that never
 ask for ``xp`` are not affected (in particular JAX's x64 flag stays as it was until a JAX-``xp`` test runs).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import sys
 
 import pytest
@@ -45,6 +47,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="FILE",
         help="import a Python file that registers optimizer rules (xpoptim.core.register) before collection, so "
         "every generic suite also runs on them; repeatable (also: XPOPTIM_RULES=FILE[:FILE...])",
+    )
+
+
+    parser.addoption(
+        "--xpoptim-user-rules-only",
+        action="store_true",
+        default=False,
+        help="with --xpoptim-rules: run only the tests whose id names one of the registered user rules",
     )
 
 
@@ -73,6 +83,18 @@ def pytest_configure(config: pytest.Config) -> None:
         if not added:
             raise pytest.UsageError(f"--xpoptim-rules {name!r} registered no new optimizer (expected a call of xpoptim.core.register)")
         USER_RULES.extend(added)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--xpoptim-user-rules-only``: keep the tests whose id names a user rule (``[lion]``, ``-lion-``, ...)."""
+    if not config.getoption("--xpoptim-user-rules-only"):
+        return
+    if not USER_RULES:
+        raise pytest.UsageError("--xpoptim-user-rules-only needs --xpoptim-rules FILE (or XPOPTIM_RULES)")
+    pattern = re.compile(r"(?<![a-z0-9_])(" + "|".join(map(re.escape, USER_RULES)) + r")(?![a-z0-9_])")
+    keep = [it for it in items if pattern.search(it.nodeid.split("::", 1)[-1])]
+    config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+    items[:] = keep
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
