@@ -15,6 +15,7 @@ Sessions:
     bench        the benchmarks (python -m benchmarks); results under benchmarks/results/<machine>/
     experiments  the paper experiments; results under benchmarks/results/experiments/
     docs         the documentation site (mkdocs build --strict, warnings as errors) into a temporary folder
+    extension    every generic test suite on rules registered from user files (default examples/lion.py)
 
 ``tests``, ``slow``, ``matrix``, ``bench`` and ``experiments`` install the same heavy packages, so they share
 one environment (``.nox/_shared-cpu``), created once and refreshed when pyproject.toml changes.
@@ -147,3 +148,16 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site with warnings as errors (the API pages read the sources; no framework needed)."""
     session.install("-e", ".[docs]")
     session.run("mkdocs", "build", "--strict", "--site-dir", str(session.create_tmp()), *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def extension(session: nox.Session) -> None:
+    """Every generic test suite on rules registered from user files (default: ``examples/lion.py``).
+
+    ``nox -s extension -- my_rule.py other_rule.py`` imports each file before collection
+    (``--xpoptim-rules``) and runs the tests whose id names one of the rules it registered.
+    """
+    py = _shared_python(session)
+    files = session.posargs or ["examples/lion.py"]
+    args = [a for f in files for a in ("--xpoptim-rules", f)]
+    session.run(py, "-m", "pytest", *args, "--xpoptim-user-rules-only", "-m", "not gpu", "tests", external=True)
