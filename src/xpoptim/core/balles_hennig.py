@@ -5,7 +5,9 @@ All EMAs share one constant ``mu`` and are bias-corrected by ``1 - mu^t`` (docs/
 different moving average constants"). The relative variance of the momentum is estimated as
 ``w * max(v - m^2, 0) / m^2`` with ``w = kappa(mu, t)`` (Eq. 19, the seed's Alg. 2 and 4) or, for
 (M-)SVAG with ``variance_unbiasing=True`` (default), the published/authors' ``rho/(1-rho)``
-(docs/algorithms.md section 3.9). Divisions use closed forms that never divide by m.
+(docs/algorithms.md section 3.9). Divisions use closed forms that never divide by m. A variance estimate below
+its rounding level (``16 ulp(v)``, ``core.moments.centered_variance``) counts as 0: at t = 1, where the released
+weight is ``1e4``, the estimate is pure round-off (docs/algorithms.md sections 3.4 and 3.9).
 """
 
 from __future__ import annotations
