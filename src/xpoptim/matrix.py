@@ -2,9 +2,10 @@
 
 It runs every optimizer on every array backend installed here (NumPy always; array-api-strict, torch
 CPU/CUDA, JAX CPU/GPU, CuPy when usable), in float64 and float32, for ``--steps`` steps on fixed
-problems (``xpoptim._problems``; by default the closed-loop ones: a noisy quadratic, a small tanh MLP with
-hand-written backprop, a matrix least-squares problem for the spectral rules; ``--problems structured,digits``
-adds gradients with the structure of real models, replayed identically to every backend), and compares each parameter trajectory with the
+problems (``xpoptim._problems``: closed-loop ones, a noisy quadratic, a small tanh MLP with hand-written
+backprop and a matrix least-squares problem for the spectral rules; and gradients with the structure of real
+models, replayed identically to every backend, ``structured`` and ``digits``; ``--problems`` selects a subset),
+and compares each parameter trajectory with the
 float64 NumPy run of the same core rule (``xpoptim.core.functional``) on the same inputs (for a
 float32 candidate the reference starts from the float32-rounded initial point and data, so the check
 measures the candidate's arithmetic, not the rounding of its inputs). It also drives the adapters
@@ -549,7 +550,8 @@ def run(
         backends: backend names or aliases (``"numpy,torch"``; default: ``$XPOPTIM_BACKENDS`` or all).
         dtypes: subset of ``("float64", "float32")``.
         steps: steps per trajectory (>= 1).
-        problems: subset of ``PROBLEMS`` (default: ``DEFAULT_PROBLEMS``, the closed-loop ones).
+        problems: subset of ``PROBLEMS`` (default: ``DEFAULT_PROBLEMS``, all of them; ``digits`` only where
+            scikit-learn is installed).
         adapters: also check the torch / optax / array adapters.
         variants: include the non-default configurations when ``optimizers`` names an optimizer.
         override: registry name -> spec used by the *core candidates* instead of the real one (the
@@ -657,10 +659,12 @@ def _cell(config: Config, cand: Candidate, dtype: str, probs: list[Problem], ref
     t0 = time.perf_counter()
     worst = ErrorReport(0.0, 0.0)
     raw = 0.0
+    per_problem: dict[str, dict] = {}
     try:
         trajs = cand.run_all(config, probs, dtype, steps)
         for p in probs:
             e = trajectory_error(trajs[p.name], refs[(p.name, dtype)], p.name, dtype)
+            per_problem[p.name] = {"error": _finite_or_inf(e.error), "raw_error": _finite_or_inf(e.raw)}
             raw = max(raw, e.raw)
             if e.error > worst.error or not worst.param:
                 worst = e
@@ -675,12 +679,18 @@ def _cell(config: Config, cand: Candidate, dtype: str, probs: list[Problem], ref
         status="pass" if err <= tol.bound else "FAIL",
         error=err if math.isfinite(err) else "inf",
         abs_error=worst.abs_error if math.isfinite(worst.abs_error) else "inf",
-        raw_error=raw if math.isfinite(raw) else "inf",
+        raw_error=_finite_or_inf(raw),
+        problems=per_problem,
         where=worst.where(),
         message="",
         seconds=round(time.perf_counter() - t0, 3),
     )
     return cell
+
+
+def _finite_or_inf(x: float) -> float | str:
+    """``x``, or ``"inf"`` (JSON has no infinity)."""
+    return x if math.isfinite(x) else "inf"
 
 
 def _versions() -> dict:
@@ -798,6 +808,40 @@ def format_summary(report: Report) -> str:
     return "\n".join(lines)
 
 
+def per_problem_worst(report: Report) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
+    """``{(optimizer, dtype): {problem: (worst error, worst error without the floor)}}`` over the report's cells."""
+    out: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+    for c in report.cells:
+        for name, e in (c.get("problems") or {}).items():
+            err = math.inf if e["error"] == "inf" else e["error"]
+            raw = math.inf if e["raw_error"] == "inf" else e["raw_error"]
+            row = out.setdefault((c["optimizer"], c["dtype"]), {})
+            old = row.get(name, (0.0, 0.0))
+            row[name] = (max(old[0], err), max(old[1], raw))
+    return out
+
+
+def _per_problem_lines(report: Report) -> list[str]:
+    worst = per_problem_worst(report)
+    names = [p for p in report.meta.get("problems", {}) if any(p in row for row in worst.values())]
+    if not names:
+        return []
+    out = [
+        "",
+        "## Per problem",
+        "",
+        "Worst error per optimizer, dtype and problem over every backend and path (without the representation floor in "
+        "brackets).",
+        "",
+        "| optimizer | dtype | " + " | ".join(names) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for (o, d), row in worst.items():
+        cells = [f"{_fmt_err(row[n][0])} ({_fmt_err(row[n][1])})" if n in row else "-" for n in names]
+        out.append(f"| {o} | {d} | " + " | ".join(cells) + " |")
+    return out
+
+
 def format_compared(report: Report) -> str:
     """Which backends and adapter paths the cells compared (and what the paths and variant labels mean)."""
     cmp = report.compared
@@ -851,6 +895,7 @@ def format_markdown(report: Report) -> str:
     if variants:
         out += [""] + [f"- `{v.split(':')[0]}`:{v.split(':', 1)[1]}" for v in variants]
     out += ["", "## Per optimizer", "", "```", format_summary(report), "```"]
+    out += _per_problem_lines(report)
     if report.unavailable:
         out += ["", "## Not available here", ""]
         out += [f"- `{k}`: {v}" for k, v in sorted(report.unavailable.items())]
@@ -879,7 +924,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", help="comma-separated optimizer names or configuration labels (default: all)")
     p.add_argument("--backends", help="comma-separated backends or aliases (numpy, strict, torch, jax, cupy, gpu; default: $XPOPTIM_BACKENDS or all installed)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of float64,float32")
-    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)} (default: {','.join(DEFAULT_PROBLEMS)}; 'digits' needs scikit-learn)")
+    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)} (default: all; 'digits' needs scikit-learn)")
     p.add_argument("--steps", type=int, default=20, help="steps per trajectory (default 20)")
     p.add_argument("--out", help="write matrix.md and matrix.json into this folder")
     p.add_argument("--no-adapters", action="store_true", help="check the core rules only")

@@ -41,8 +41,12 @@ def test_small_run_writes_wellformed_reports(tmp_path):
     assert md.startswith("# xpoptim equivalence matrix")
     assert "**PASS**" in md
     rows = [line for line in md.splitlines() if line.startswith("| adam |") or line.startswith("| muon |")]
-    assert len(rows) == len(cells) + 4  # one per cell, plus the four tolerance-policy rows
-    assert "## Tolerance policy" in md
+    assert len(rows) == len(cells) + 4 + 4  # one per cell, four per-problem rows, four tolerance-policy rows
+    assert "## Tolerance policy" in md and "## Per problem" in md
+    for c in cells:  # each cell's error is its worst problem's
+        assert set(c["problems"]) == {"quadratic", "mlp", "matrix"}
+        assert c["error"] == max(e["error"] for e in c["problems"].values())
+        assert c["raw_error"] == max(e["raw_error"] for e in c["problems"].values()) >= c["error"]
 
 
 def test_cli_entry_point_exit_status(tmp_path):

@@ -41,7 +41,7 @@ DEFAULT_FLOAT64 = Bound(
 #: Default float32 bound: a smooth elementwise rule.
 DEFAULT_FLOAT32 = Bound(
     1e-4,
-    "float32, smooth elementwise rule: the parameter's own rounding (up to 3 eps/2 |p| per step) is the "
+    "float32, smooth elementwise rule: the parameter's own rounding (up to 3 eps/2 of its size per step) is the "
     "representation floor, counted apart; beyond it the moments and the step round (a few eps of a ~lr step); set "
     "3x below the error of a learning rate 0.1 % off (~1e-3).",
 )
