@@ -11,6 +11,7 @@ import pytest
 from xpoptim import matrix as M
 from xpoptim.core import SPECS, get_spec
 from xpoptim.core.spec import ElementwiseSpec
+from xpoptim.core.verification import verification_of
 
 CELL_KEYS = {"optimizer", "config", "path", "backend", "dtype", "tolerance", "status", "error", "abs_error", "where", "message"}
 
@@ -75,12 +76,17 @@ def test_cli_entry_point_exit_status(tmp_path):
     assert "'nope' is unknown" in usage.stderr
 
 
-# Rules whose step scalars do not depend on t at the verifier's settings are not affected by this perturbation:
-# SGD (dampening 0), M-SSD, the -mb rules (no bias correction) and DeVA_linf (bias_correction=False, as released).
-_NO_T = ("sgd", "mssd", "msvag_mb", "adam_star_mb", "deva_linf")
+def _scalars_depend_on_t(spec: ElementwiseSpec) -> bool:
+    """Whether the rule's step scalars change with t at the verifier's settings. Those that do not are unaffected by
+    the off-by-one perturbation: SGD (dampening 0), M-SSD, the -mb rules (no bias correction), DeVA_linf
+    (bias_correction=False, as released), and user rules without bias correction (Lion)."""
+    hp = spec.validate(**verification_of(spec).hp)
+    return spec.rule_scalars(hp, 1) != spec.rule_scalars(hp, 2)
 
 
-@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if isinstance(s, ElementwiseSpec) and n not in _NO_T])
+@pytest.mark.parametrize(
+    "name", [n for n, s in SPECS.items() if isinstance(s, ElementwiseSpec) and _scalars_depend_on_t(s)]
+)
 def test_off_by_one_bias_correction_fails_every_dtype(name):
     """A wrong bias correction (step-derived scalars at t + 1) fails in float64 *and* float32."""
     report = M.run([name], backends="numpy", steps=20, adapters=False, variants=False, override={name: M.perturbed(get_spec(name), "step")})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xpoptim.core import BUILTIN, SPECS
+
 from reliability._cases import GRADIENT_FILLS, OPTIMIZERS, assert_unchanged, bad_hyper_values, numeric_hypers, snapshot, state_garbles
 
 
@@ -43,7 +45,7 @@ def test_garbles_leave_the_input_alone() -> None:
 
 
 def test_tables_cover_every_optimizer() -> None:
-    assert len(OPTIMIZERS) == 15
+    assert len(BUILTIN) == 15 and set(BUILTIN) <= set(OPTIMIZERS) == set(SPECS)  # shipped + any rule registered for the run
     assert GRADIENT_FILLS["huge"] == 1e20
     for name in OPTIMIZERS:
         for h in numeric_hypers(name):

@@ -117,7 +117,14 @@ def _rule_states(node: Any, found: list) -> None:
 
 
 def _per_leaf(node: Any, treedef: Any) -> list[dict | None]:
-    """``[{state name: array}]`` per parameter leaf of one rule state (None where masked)."""
+    """``[{state name: array}]`` per parameter leaf of one rule state (None where masked).
+
+    A rule without state (a stateless user rule) keeps only its step count, so no leaf can be told apart from
+    another: every leaf gets ``{}`` (its step, nothing else). Under ``optax.masked`` the mask is not visible in such a
+    state; the leaves it does not serve then count as served with an empty state.
+    """
+    if all(field == "count" for field in node._fields):
+        return [{} for _ in range(treedef.num_leaves)]
     per: list[dict | None] = [None] * treedef.num_leaves
     for field in node._fields:
         if field == "count":
