@@ -121,6 +121,23 @@ def _make_inplace_step(kernel: Callable, compute_dtype: torch.dtype, name: str) 
 _EXACT = _fe.ExactTorchNamespace(txp)
 
 
+class _TracedTorchNamespace:
+    """The array-API torch namespace as ``torch.compile(fullgraph=True)`` traces it: array-api-compat's, except
+    ``sign``. array-api-compat makes torch's ``sign`` propagate NaN with an indexed write (``out[isnan(x)] = nan``,
+    a data-dependent write that a full graph cannot hold); ``where(isnan(x), x, sign(x))`` gives the same result
+    (``sign(0) = 0``, ``sign(nan) = nan``) as one traceable expression."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(txp, name)
+
+    @staticmethod
+    def sign(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isnan(x), x, torch.sign(x))
+
+
+_TRACED = _TracedTorchNamespace()
+
+
 def _tensor_fn(spec: ElementwiseSpec, static: dict, maximize: bool, compute_dtype: torch.dtype, traced: bool = False) -> tuple[tuple, Callable]:
     """The in-place step on one tensor: op by op with IEEE ``sqrt`` (``traced=False``), or on the plain torch
     namespace for ``torch.compile`` to trace (``traced=True``)."""
@@ -129,7 +146,7 @@ def _tensor_fn(spec: ElementwiseSpec, static: dict, maximize: bool, compute_dtyp
         cache = _TRACED_FN_CACHE if traced else _FN_CACHE
         fn = cache.get(key)
         if fn is None:
-            kernel = make_step_kernel(spec, txp if traced else _EXACT, static, maximize)
+            kernel = make_step_kernel(spec, _TRACED if traced else _EXACT, static, maximize)
             fn = cache[key] = _make_inplace_step(kernel, compute_dtype, f"{spec.name}_{len(cache)}")
     return key, fn
 
