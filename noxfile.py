@@ -6,6 +6,8 @@ CUDA torch). CPU torch is pinned to 2.13.0.
 Sessions:
     tests        the full CPU suite with every CPU backend installed together (numpy, strict, torch, jax)
     slow         the tests marked ``slow`` (long compiles, Monte Carlo, multi-process)
+    peers        the peers' own suites on every rule: torch's generic optimizer tests and optax's alias tests
+                 (tests/peers/; the default run keeps one rule of each kind)
     isolation    one per backend (numpy, strict, torch, jax): installs only that backend and proves the core
                  and the NumPy path run without the others
     matrix       the cross-backend verifier; writes its report under benchmarks/results/matrix/
@@ -13,6 +15,7 @@ Sessions:
     bench        the benchmarks (python -m benchmarks); results under benchmarks/results/<machine>/
     experiments  the paper experiments; results under benchmarks/results/experiments/
     docs         the documentation site (mkdocs build --strict, warnings as errors) into a temporary folder
+    extension    every generic test suite on rules registered from user files (default examples/lion.py)
 
 ``tests``, ``slow``, ``matrix``, ``bench`` and ``experiments`` install the same heavy packages, so they share
 one environment (``.nox/_shared-cpu``), created once and refreshed when pyproject.toml changes.
@@ -65,6 +68,13 @@ def slow(session: nox.Session) -> None:
     """Tests marked slow (long compiles, Monte Carlo, multi-process)."""
     py = _shared_python(session)
     session.run(py, "-m", "pytest", "-m", "slow", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def peers(session: nox.Session) -> None:
+    """torch's generic optimizer tests and optax's alias tests (tests/peers/) on every xpoptim rule."""
+    py = _shared_python(session)
+    session.run(py, "-m", "pytest", "tests/peers", "-m", "not slow and not gpu", *session.posargs, external=True)
 
 
 @nox.session
@@ -138,3 +148,16 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site with warnings as errors (the API pages read the sources; no framework needed)."""
     session.install("-e", ".[docs]")
     session.run("mkdocs", "build", "--strict", "--site-dir", str(session.create_tmp()), *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def extension(session: nox.Session) -> None:
+    """Every generic test suite on rules registered from user files (default: ``examples/lion.py``).
+
+    ``nox -s extension -- my_rule.py other_rule.py`` imports each file before collection
+    (``--xpoptim-rules``) and runs the tests whose id names one of the rules it registered.
+    """
+    py = _shared_python(session)
+    files = session.posargs or ["examples/lion.py"]
+    args = [a for f in files for a in ("--xpoptim-rules", f)]
+    session.run(py, "-m", "pytest", *args, "--xpoptim-user-rules-only", "-m", "not gpu", "tests", external=True)

@@ -10,6 +10,10 @@ The decay is decoupled and uses the learning rate: ``p - lr wd p`` is ``p (1 - l
 applies before ``- lr d`` for ``weight_decay="decoupled"``. So the rule only returns ``d = sign(c)`` and the new
 momentum. The defaults are the paper's (lr 1e-4, b1 0.9, b2 0.99, wd 0).
 
+The file also carries Lion's float64 reference, :func:`lion_reference`: plain NumPy written from the paper, sharing
+no code with the rule. Registered with the spec (``Verification(reference=...)``), it lets xpoptim's own test suites
+check the rule on every backend and adapter: ``python -m pytest --xpoptim-rules examples/lion.py``.
+
 Usage (nothing in xpoptim is edited)::
 
     import examples.lion  # registers "lion"
@@ -22,11 +26,15 @@ Usage (nothing in xpoptim is edited)::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from xpoptim.core import ElementwiseSpec, beta_hyper, lr_hyper, register, wd_hyper
+import numpy as np
 
-__all__ = ["lion_direction", "lion_scalars", "LION"]
+from xpoptim.core import ElementwiseSpec, beta_hyper, lr_hyper, register, wd_hyper
+from xpoptim.core.verification import Verification
+
+__all__ = ["lion_direction", "lion_scalars", "lion_reference", "LION"]
 
 
 def lion_direction(xp: Any, g: Any, exp_avg: Any, beta1: Any, beta2: Any) -> tuple:
@@ -59,6 +67,48 @@ def lion_scalars(hp: dict, t: Any, ops: Any = None) -> dict:
     return {"beta1": hp["beta1"], "beta2": hp["beta2"]}
 
 
+def lion_reference(
+    theta0: np.ndarray,
+    grad_fn: Callable[[np.ndarray, int], np.ndarray],
+    steps: int,
+    hp: Mapping[str, Any],
+    *,
+    maximize: bool = False,
+    layout: str = "out_in",
+) -> np.ndarray:
+    """Lion in float64 NumPy, Algorithm 2 as printed (the independent reference the test suites compare against).
+
+    ``c = b1 m + (1 - b1) g``; ``p <- p - lr (sign(c) + wd p)``; ``m <- b2 m + (1 - b2) g``, with ``g`` negated
+    first when maximizing.
+
+    Args:
+        theta0: the initial parameters.
+        grad_fn: ``grad_fn(theta, t)``, the gradient at ``theta`` for step ``t >= 1``.
+        steps: the number of steps.
+        hp: every hyperparameter (``lr``, ``beta1``, ``beta2``, ``weight_decay``).
+        maximize: ascend instead of descend.
+        layout: unused (Lion is elementwise).
+
+    Returns:
+        The trajectory ``theta_0 .. theta_T``, shape ``(steps + 1, *theta0.shape)``, float64.
+
+    References:
+        X. Chen et al., Symbolic Discovery of Optimization Algorithms (NeurIPS 2023), Algorithm 2.
+    """
+    lr, b1, b2, wd = (float(hp[k]) for k in ("lr", "beta1", "beta2", "weight_decay"))
+    p = np.array(theta0, dtype=np.float64)
+    m = np.zeros_like(p)
+    out = [p.copy()]
+    for t in range(1, steps + 1):
+        g = np.asarray(grad_fn(p.copy(), t), dtype=np.float64)
+        g = -g if maximize else g
+        c = b1 * m + (1 - b1) * g
+        p = p - lr * (np.sign(c) + wd * p)
+        m = b2 * m + (1 - b2) * g
+        out.append(p.copy())
+    return np.stack(out)
+
+
 LION = register(
     ElementwiseSpec(
         name="lion",
@@ -75,6 +125,9 @@ LION = register(
         weight_decay="decoupled",
         conventions="update sign(b1 m + (1 - b1) g); momentum EMA with b2; decoupled decay lr*wd before the step",
         source="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms, Algorithm 2",
+        # What the test suites and the verifier run Lion at (a step that moves the parameters visibly, with decay),
+        # and its independent reference.
+        verification=Verification(hp={"lr": 1e-2, "weight_decay": 0.1}, reference=lion_reference),
     ),
     replace=True,
 )

@@ -286,7 +286,7 @@ def perturbed(spec: ElementwiseSpec | MatrixSpec, kind: str = "step") -> Element
     if kind == "lr":
         validate = spec.validate
 
-        class _LrOff(type(spec)):  # type: ignore[misc, valid-type]
+        class _LrOff(type(spec)):  # type: ignore[misc]  # a subclass of the spec's own class, known at run time
             def validate(self, **hp: Any) -> dict:  # noqa: D102
                 out = validate(**hp)
                 out["lr"] = out["lr"] * 1.001
@@ -411,7 +411,10 @@ class Candidate:
         """Trajectories for every problem, by name."""
         if self.joint_runner is not None:
             return self.joint_runner(config, problems, dtype, steps)
-        return {p.name: self.runner(config, p, dtype, steps) for p in problems}
+        runner = self.runner
+        if runner is None:
+            raise ValueError(f"candidate {self.path}/{self.backend}: has neither runner nor joint_runner")
+        return {p.name: runner(config, p, dtype, steps) for p in problems}
 
 
 def _core_candidate(backend: Backend, override: Mapping[str, Any]) -> Candidate:
@@ -783,7 +786,7 @@ def _variant_lines(report: Report) -> list[str]:
 
 def format_summary(report: Report) -> str:
     """One line per optimizer: cells passed, the worst error against its bound per dtype."""
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for c in report.cells:
         r = rows.setdefault(c["optimizer"], {"cells": 0, "passed": 0, "worst": {}, "raw": {}})
         r["cells"] += 1

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+import registry_cases
 from xpoptim.core import MatrixSpec, get_spec
 from xpoptim.core import functional as F
 
@@ -75,24 +76,11 @@ class Backend:
 SHAPES = [(5,), (3, 4), (3, 4), (2, 3, 2), (), (70,), (4, 3), (1,)]
 STEPS = 5
 
-# Non-default settings that exercise more of each rule (weight decay, options).
-CONFIGS = {
-    "adam": dict(lr=0.01, weight_decay=0.1),
-    "adamw": dict(lr=0.01, weight_decay=0.1),
-    "adabelief": dict(lr=0.01, weight_decay=0.05),
-    "laprop": dict(lr=0.01, weight_decay=0.05),
-    "mvngrad": dict(lr=0.01, residual="m_prev", eps_s=1e-8),
-    "sgd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "mssd": dict(lr=0.01, mu=0.8),
-    "svag": dict(lr=0.01),
-    "msvag": dict(lr=0.01, weight_decay=0.01),
-    "adam_star": dict(lr=0.01, adaptation="erf"),
-    "msvag_mb": dict(lr=0.01),
-    "adam_star_mb": dict(lr=0.01),
-    "deva_linf": dict(lr=0.01, nesterov=True),
-    "deva_sinf": dict(lr=0.01, precondition_frequency=2),
-    "muon": dict(lr=0.02, weight_decay=0.05),
-}
+#: The hyperparameters each test runs a rule at come from the registry (``registry_cases.settings``: the spec's
+#: ``verification.hp``, non-zero weight decay and settings that exercise the rule), and the trajectory tests add
+#: each spec's ``verification.variants`` (``registry_cases.rows``), so a rule registered with ``--xpoptim-rules`` is
+#: tested here without an edit.
+settings = registry_cases.settings
 
 
 def _data(seed: int, n_steps: int = STEPS, shapes: list = SHAPES) -> tuple:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 
+import registry_cases
 from xpoptim.adapters import _cfuse
 from xpoptim.adapters import array as A
 from xpoptim.adapters._array import threads as array_threads
@@ -27,7 +28,8 @@ SHAPES = [(3000,), (7, 5), (), (40,), (2, 3, 4)]
 
 
 def _variants() -> list:
-    """Every elementwise rule with every combination of its static switches (invalid combinations dropped)."""
+    """Every elementwise rule with every combination of its static switches over its registry settings (invalid
+    combinations dropped; the learning rate is ``_run``'s)."""
     out = []
     for name, spec in SPECS.items():
         if not isinstance(spec, ElementwiseSpec):
@@ -35,14 +37,13 @@ def _variants() -> list:
         switches = [h for h in spec.hyperparams if h.static]
         options = [h.choices if h.kind == "choice" else (False, True) for h in switches]
         for combo in itertools.product(*options):
-            hp = {h.name: v for h, v in zip(switches, combo)}
-            if name == "sgd":
-                hp["momentum"] = 0.9
+            hp = {k: v for k, v in registry_cases.settings(name).items() if k != "lr"}
+            hp.update({h.name: v for h, v in zip(switches, combo)})
             try:
                 spec.validate(**hp)
             except ValueError:
                 continue
-            out.append(pytest.param(name, hp, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in hp.items()) or 'default'}"))
+            out.append(pytest.param(name, hp, id=f"{name}-{'-'.join(f'{h.name}={v}' for h, v in zip(switches, combo)) or 'default'}"))
     return out
 
 

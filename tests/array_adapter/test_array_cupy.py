@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
-from array_helpers import CONFIGS, CUPY_SKIP, STEPS, _data, cupy_available, reference
+from array_helpers import CUPY_SKIP, STEPS, _data, cupy_available, reference, settings
 
 from xpoptim.adapters import cupy as C
 from xpoptim.adapters import numpy as N
@@ -30,15 +30,15 @@ def test_fused_step_matches_core_in_float32(name: str) -> None:
     cp = _cp()
     shapes = [(1000,), (3, 5), (), (257,)]
     params, grads, var = _data(1, STEPS, shapes)
-    ref = reference(name, CONFIGS[name], [p.astype(np.float32) for p in params], [[g.astype(np.float32) for g in gs] for gs in grads], [[v.astype(np.float32) for v in vs] for vs in var])
+    ref = reference(name, settings(name), [p.astype(np.float32) for p in params], [[g.astype(np.float32) for g in gs] for gs in grads], [[v.astype(np.float32) for v in vs] for vs in var])
     arrays = [cp.asarray(p.astype(np.float32)) for p in params]
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        opt = C.create(name, arrays, **CONFIGS[name])
+        opt = C.create(name, arrays, **settings(name))
         for t in range(STEPS):
             ex = {"grad_variance": [cp.asarray(v.astype(np.float32)) for v in var[t]]} if get_spec(name).extras else {}
             opt.step([cp.asarray(g.astype(np.float32)) for g in grads[t]], **ex)
-    fusable = get_spec(name).is_fusable(get_spec(name).validate(**CONFIGS[name]))
+    fusable = get_spec(name).is_fusable(get_spec(name).validate(**settings(name)))
     if not opt.fused:
         assert any("op by op" in str(w.message) for w in rec), "an unfused CuPy step must say so"
     if fusable:
@@ -61,7 +61,7 @@ def test_adamw_is_fused() -> None:
 def test_every_fusable_rule_is_fused(name: str) -> None:
     """A rule whose ops ``cupy.fuse`` supports runs as one fused kernel (the sign rules included)."""
     cp = _cp()
-    hp = CONFIGS[name]
+    hp = settings(name)
     spec = get_spec(name)
     if not spec.is_fusable(spec.validate(**hp)):
         pytest.skip(f"{name} with {hp} calls erf, which cupy.fuse does not support")

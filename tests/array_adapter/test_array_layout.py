@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from array_helpers import CONFIGS, STEPS, _data, reference
+import registry_cases
+from array_helpers import STEPS, _data, reference, settings
 
 from xpoptim.adapters import array as A
 from xpoptim.adapters._array import threads as array_threads
@@ -48,7 +49,7 @@ def test_chunked_equals_unchunked_exactly(name: str) -> None:
     runs = []
     for chunk, threads in [(None, 1), (64, 1), (7, 1), (64, 2), (10**6, 1)]:
         arrays = [p.copy() for p in params]
-        opt = A.create(name, arrays, chunk_size=chunk, threads=threads, **CONFIGS[name])
+        opt = A.create(name, arrays, chunk_size=chunk, threads=threads, **settings(name))
         for t in range(3):
             ex = {"grad_variance": var[t]} if get_spec(name).kind == "elementwise" and get_spec(name).extras else {}
             opt.step(grads[t], **ex)
@@ -144,14 +145,14 @@ def test_named_groups() -> None:
 # -- routing of the matrix rules ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["muon", "deva_sinf"])
+@pytest.mark.parametrize("name", registry_cases.matrix_names())
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 def test_matrix_routing_and_layout(name: str, layout: str) -> None:
     shapes = [(4, 6), (4, 6), (3, 2, 2), (6,), (), (2, 3, 2)]
     params, grads, var = _data(12, STEPS, shapes)
-    ref = reference(name, CONFIGS[name], params, grads, var, layout=layout)
+    ref = reference(name, settings(name), params, grads, var, layout=layout)
     arrays = [p.copy() for p in params]
-    opt = A.create(name, arrays, layout=layout, **CONFIGS[name])
+    opt = A.create(name, arrays, layout=layout, **settings(name))
     stacks = sorted((len(s.entries), s.mshape) for s in opt._stacks)
     want = [(1, (2, 6)), (1, (3, 4)), (2, (4, 6))] if layout == "out_in" else [(2, (4, 6)), (2, (6, 2))]
     assert stacks == want

@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
-from array_helpers import CONFIGS, SHAPES, Backend, _data
+from array_helpers import SHAPES, Backend, _data, settings
 
 from xpoptim.adapters import array as A
 from xpoptim.core import SPECS, STATE_VERSION, get_spec
@@ -32,11 +32,11 @@ def test_round_trip_resumes_the_same_trajectory(name: str) -> None:
     np_b = _numpy_backend()
     params, grads, var = _data(21, TOTAL)
     straight = [p.copy() for p in params]
-    opt = A.create(name, straight, chunk_size=16, **CONFIGS[name])
+    opt = A.create(name, straight, chunk_size=16, **settings(name))
     _run(opt, np_b, grads, var, range(TOTAL))
 
     first = [p.copy() for p in params]
-    opt1 = A.create(name, first, chunk_size=16, **CONFIGS[name])
+    opt1 = A.create(name, first, chunk_size=16, **settings(name))
     _run(opt1, np_b, grads, var, range(SPLIT))
     sd = pickle.loads(pickle.dumps(opt1.state_dict()))  # plain picklable NumPy content
     assert sd["version"] == STATE_VERSION and sd["optimizer"] == get_spec(name).name and sd["step"] == SPLIT
@@ -45,7 +45,7 @@ def test_round_trip_resumes_the_same_trajectory(name: str) -> None:
     resumed = [p.copy() for p in first]
     opt2 = A.create(name, resumed, chunk_size=None)  # default hyperparameters: restored from the checkpoint
     opt2.load_state_dict(sd)
-    assert opt2.step_count == SPLIT and opt2.lr == CONFIGS[name]["lr"]
+    assert opt2.step_count == SPLIT and opt2.lr == settings(name)["lr"]
     _run(opt2, np_b, grads, var, range(SPLIT, TOTAL))
     for a, b in zip(resumed, straight):
         np.testing.assert_array_equal(a, b)
@@ -61,11 +61,11 @@ def test_cross_backend_resume(name: str, other: str, direction: str) -> None:
     first_b, second_b = (b_np, b_other) if direction == "numpy_to_other" else (b_other, b_np)
 
     straight = [p.copy() for p in params]
-    opt = A.create(name, straight, chunk_size=16, **CONFIGS[name])
+    opt = A.create(name, straight, chunk_size=16, **settings(name))
     _run(opt, b_np, grads, var, range(TOTAL))
 
     arrays1 = [first_b.asarray(p) for p in params]
-    opt1 = A.create(name, arrays1, **CONFIGS[name])
+    opt1 = A.create(name, arrays1, **settings(name))
     _run(opt1, first_b, grads, var, range(SPLIT))
     sd = opt1.state_dict()
     arrays2 = [second_b.asarray(first_b.to_numpy(a)) for a in arrays1]
@@ -150,6 +150,44 @@ def test_bad_state_dict_is_refused_and_changes_nothing(how: str, match: str) -> 
             np.testing.assert_array_equal(after["state"][k][n], before["state"][k][n])
 
 
+def test_checkpoint_checks_name_the_entry_and_what_the_layout_expects() -> None:
+    """The checks are core.check_state_entry's against core.state_layout: the message names the entry, the buffer,
+    what it holds and what the spec's layout expects."""
+    opt, _ = _opt_with_state()
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\]\['exp_avg'\] has shape \(4, 3\): expected \(3, 4\)"):
+        opt.load_state_dict(_bad(sd, "shape"))
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\] has state \['exp_avg_sq', 'm'\]: expected \['exp_avg', 'exp_avg_sq'\]"):
+        opt.load_state_dict(_bad(sd, "state_name"))
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["exp_avg"] = None
+    with pytest.raises(ValueError, match=r"\['exp_avg'\] is None: expected an array"):
+        opt.load_state_dict(bad)
+
+
+def test_checkpoint_whose_hyperparameters_change_the_state_layout_is_refused_byte_for_byte() -> None:
+    """A DeVA_Sinf checkpoint taken with max_precond_dim=2 keeps no factor for a side of 3 or 4; loading it into an
+    optimizer that keeps both factors would leave buffers without values: refused, nothing changed."""
+    rng = np.random.default_rng(0)
+    small = [rng.standard_normal((3, 4))]
+    src = A.create("deva_sinf", small, max_precond_dim=2)
+    for _ in range(2):
+        src.step([rng.standard_normal((3, 4))])
+    params = [rng.standard_normal((3, 4))]
+    opt = A.create("deva_sinf", params)
+    for _ in range(2):
+        opt.step([rng.standard_normal((3, 4))])
+    before = copy.deepcopy(opt.state_dict())
+    p_before = params[0].tobytes()
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\]: the checkpoint's hyperparameters give the state layout"):
+        opt.load_state_dict(src.state_dict())
+    after = opt.state_dict()
+    assert params[0].tobytes() == p_before and after["step"] == before["step"]
+    assert after["param_groups"] == before["param_groups"]
+    for n, v in before["state"][0].items():
+        assert (v is None and after["state"][0][n] is None) or v.tobytes() == after["state"][0][n].tobytes(), n
+
+
 def test_load_state_dict_rejects_non_mapping() -> None:
     opt, _ = _opt_with_state()
     with pytest.raises(TypeError, match="dict"):
@@ -170,16 +208,16 @@ def test_checkpoint_moves_to_jax_functional_and_back(name: str) -> None:
     params, grads, var = _data(44, TOTAL)
     needs = bool(getattr(get_spec(name), "extras", ()))
     straight = [p.copy() for p in params]
-    opt = A.create(name, straight, **CONFIGS[name])
+    opt = A.create(name, straight, **settings(name))
     for t in range(TOTAL):
         opt.step(grads[t], **({"grad_variance": var[t]} if needs else {}))
 
     first = [p.copy() for p in params]
-    opt1 = A.create(name, first, **CONFIGS[name])
+    opt1 = A.create(name, first, **settings(name))
     for t in range(2):
         opt1.step(grads[t], **({"grad_variance": var[t]} if needs else {}))
     with jax.enable_x64(True):
-        tx = A.functional(name, **CONFIGS[name])
+        tx = A.functional(name, **settings(name))
         cur = [jnp.asarray(p) for p in first]
         state = tx.load_state_dict(opt1.state_dict(), cur)
         for t in range(2, 4):
@@ -188,7 +226,7 @@ def test_checkpoint_moves_to_jax_functional_and_back(name: str) -> None:
         back = [np.array(c) for c in cur]
         sd = tx.state_dict(state)
     assert sd["step"] == 4
-    opt2 = A.create(name, back, **CONFIGS[name])
+    opt2 = A.create(name, back, **settings(name))
     opt2.load_state_dict(sd)
     for t in range(4, TOTAL):
         opt2.step(grads[t], **({"grad_variance": var[t]} if needs else {}))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from array_helpers import CONFIGS, STEPS, _data, reference
+import registry_cases
+from array_helpers import STEPS, _data, reference, settings
 
 from xpoptim.adapters import array as A
 from xpoptim.core import SPECS, MatrixSpec, get_spec
@@ -22,10 +23,10 @@ def _tol(backend_name: str) -> dict:
     return dict(rtol=0, atol=0) if backend_name == "numpy" else dict(rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize(("name", "hp"), [pytest.param(n, hp, id=i) for i, n, hp in registry_cases.rows()])
 @pytest.mark.parametrize("structure", ["list", "dict"])
-def test_trajectory_matches_core(backend, name: str, structure: str) -> None:
-    hp = CONFIGS[name]
+def test_trajectory_matches_core(backend, name: str, hp: dict, structure: str) -> None:
+    """Each rule at its registry settings and each of its variants (the rule's switches)."""
     params, grads, var = _data(sum(map(ord, name)))
     ref = reference(name, hp, params, grads, var)
     arrays = [backend.asarray(p) for p in params]
@@ -43,14 +44,14 @@ def test_trajectory_matches_core(backend, name: str, structure: str) -> None:
         np.testing.assert_allclose(got, ref[i], **tol, err_msg=f"{name} array {i} shape {params[i].shape}")
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd", "muon", "deva_linf"])
+@pytest.mark.parametrize("name", registry_cases.names())
 def test_maximize_matches_core(name: str) -> None:
     params, grads, var = _data(7)
-    ref = reference(name, CONFIGS[name], params, grads, var, maximize=True)
+    ref = reference(name, settings(name), params, grads, var, maximize=True)
     arrays = [p.copy() for p in params]
-    opt = A.create(name, arrays, maximize=True, chunk_size=16, **CONFIGS[name])
-    for g in grads:
-        opt.step(g)
+    opt = A.create(name, arrays, maximize=True, chunk_size=16, **settings(name))
+    for g, v in zip(grads, var):
+        opt.step(g, **({"grad_variance": v} if getattr(get_spec(name), "extras", ()) else {}))
     for a, r in zip(arrays, ref):
         np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-14)
 
@@ -102,7 +103,7 @@ def test_matches_torch_optim(name: str, torch_cls: str, hp: dict, torch_hp: dict
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_functional_matches_stateful_and_is_pure(name: str) -> None:
-    hp = CONFIGS[name]
+    hp = settings(name)
     params, grads, var = _data(5)
     tx = A.functional(name, **hp)
     cur = [p.copy() for p in params]
@@ -139,7 +140,7 @@ def test_functional_matches_stateful_and_is_pure(name: str) -> None:
 def test_functional_on_jax_arrays(name: str) -> None:
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    hp = CONFIGS[name]
+    hp = settings(name)
     params, grads, var = _data(9)
     ref = reference(name, hp, params, grads, var)
     with jax.enable_x64(True):

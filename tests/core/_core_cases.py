@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from references import run_reference
+import pytest
 from references.backends import to_numpy
+
+import registry_cases
 
 from xpoptim.core import functional as F
 from xpoptim.core import get_spec, minibatch_variance
@@ -39,11 +41,11 @@ class Case:
 
     @property
     def mb(self) -> bool:
-        return self.name.endswith("_mb")
+        return bool(getattr(get_spec(self.name), "extras", ()))
 
     @property
     def matrix(self) -> bool:
-        return self.name in ("muon", "deva_sinf")
+        return get_spec(self.name).kind == "matrix"
 
 
 def _c(name, tag="default", **kw):
@@ -106,6 +108,22 @@ CASES: tuple[Case, ...] = (
        shape=(2, 3, 5), maximize=True),
 )
 
+def _registry_cases() -> tuple[Case, ...]:
+    """Every registered rule at its registry settings and each of its variants (``registry_cases.rows``): the spec's
+    ``verification.hp`` / ``variants``, so a rule registered with ``--xpoptim-rules`` gets trajectory cases (against
+    the reference it registers) without an edit here. Matrix rules run on a square (4, 4) matrix, as the default
+    DeVA_Sinf case: full-rank Kronecker factors (the rank-deficient ones are ``test_core_deva_determinism.py``'s)."""
+    out = []
+    for row_id, name, hp in registry_cases.rows():
+        shape = (4, 4) if get_spec(name).kind == "matrix" else (3, 4)
+        out.append(Case(id=f"registry-{row_id}", name=name, hp=dict(hp), shape=shape))
+    return tuple(out)
+
+
+#: The cases written for the shipped rules' references (each exercises a branch of the rule and its reference),
+#: then the registry's rows for every registered rule.
+REFERENCE_CASES = CASES
+CASES = REFERENCE_CASES + _registry_cases()
 CASE_IDS = tuple(c.id for c in CASES)
 BY_ID = {c.id: c for c in CASES}
 
@@ -155,9 +173,12 @@ def run_core(case: Case, backend, dtype: str, steps: int = STEPS, problem: Probl
 
 
 def run_ref(case: Case, steps: int = STEPS, **kw) -> np.ndarray:
+    """The case's float64 reference trajectory (``registry_cases.reference``; skips a rule that has none)."""
+    reference = registry_cases.reference(case.name)
+    if reference is None:
+        pytest.skip(registry_cases.NO_REFERENCE)
     problem = Problem(case, steps)
-    return run_reference(case.name, problem.theta0, problem.grad, steps, case.hp, maximize=case.maximize,
-                         layout=case.layout, **kw)
+    return reference(problem.theta0, problem.grad, steps, case.hp, maximize=case.maximize, layout=case.layout, **kw)
 
 
 def rel_error(traj: np.ndarray, ref: np.ndarray) -> float:

@@ -21,7 +21,8 @@ import pytest
 from references import run_reference
 from references.backends import to_numpy
 from references.optimizers import ns_reference
-from test_core_trajectories import F32_BOUNDS
+
+import registry_cases
 
 from xpoptim.core import ELEMENTWISE, SPECS, get_spec
 from xpoptim.core import functional as F
@@ -62,6 +63,16 @@ FACTORS = {"svag_factor": svag_factor, "svag_direction": svag_direction, "adam_f
            "adam_star_direction": adam_star_direction, "erf_factor": erf_factor}
 
 
+def _flushes_subnormals(backend) -> bool:
+    """Whether the backend's float32 arithmetic treats subnormal inputs as 0 (flush-to-zero / denormals-are-zero).
+
+    XLA on CPU does, and GPU kernels compiled with flush-to-zero do; NumPy and torch on CPU keep subnormals. Measured
+    by the backend itself: ``x * 1`` of the subnormal ``1e-40``.
+    """
+    x = backend.asarray(np.array([1e-40], np.float32), "float32")
+    return bool(to_numpy(x * 1.0)[0] == 0)
+
+
 @pytest.mark.parametrize("fn", list(FACTORS))
 def test_factors_of_huge_moments_match_float64(fn, backend_f32):
     if fn == "erf_factor" and backend_f32.name.startswith("array_api_strict"):
@@ -69,7 +80,7 @@ def test_factors_of_huge_moments_match_float64(fn, backend_f32):
     m64 = np.array([p[0] for p in HUGE_PAIRS])
     s64 = np.array([p[1] for p in HUGE_PAIRS])
     m32, s32 = m64.astype(np.float32), s64.astype(np.float32)
-    if backend_f32.name == "jax":  # XLA on CPU reads float32 subnormals as 0 (flush-to-zero): so does the truth
+    if _flushes_subnormals(backend_f32):  # the backend's arithmetic reads float32 subnormals as 0: so does the truth
         tiny = np.finfo(np.float32).tiny
         m32, s32 = (np.where(np.abs(a) < tiny, np.float32(0), a) for a in (m32, s32))
     want = _f64_forms(m32.astype(np.float64), s32.astype(np.float64))[fn]
@@ -165,30 +176,36 @@ def test_newton_schulz_of_an_empty_matrix_is_empty(shape):
 # ------------------------------------------------------------------------------------------------------------------
 
 STEPS = 20
-SHAPE = {"muon": (4, 6), "deva_sinf": (4, 4)}
+
+def _shape(name: str) -> tuple:
+    return (4, 4) if get_spec(name).kind == "matrix" else (3, 4)  # square: full-rank Kronecker factors
+
+
+def _mb(name: str) -> bool:
+    return bool(getattr(get_spec(name), "extras", ()))
 
 
 def _gradients(name: str, scale: float) -> np.ndarray:
     """A fixed gradient sequence around ``scale``: signs and sizes vary per element, magnitudes within 1.5x."""
     rng = np.random.default_rng(7)
-    shape = SHAPE.get(name, (3, 4))
+    shape = _shape(name)
     base = np.where(rng.random(shape) < 0.5, -1.0, 1.0) * rng.uniform(0.5, 1.0, shape)
-    lead = (STEPS, 6) if name.endswith("_mb") else (STEPS,)
+    lead = (STEPS, 6) if _mb(name) else (STEPS,)
     noise = rng.uniform(-0.5, 0.5, (*lead, *shape))
-    return scale * ((base[None, None] if name.endswith("_mb") else base[None]) + noise)
+    return scale * ((base[None, None] if _mb(name) else base[None]) + noise)
 
 
 def _run_core(name: str, grads: np.ndarray, backend, hp: dict) -> np.ndarray:
     spec = get_spec(name)
     hp = spec.validate(**hp)
     xp = backend.xp
-    theta0 = np.zeros(grads.shape[-2:]) if name in ("muon", "deva_sinf") else np.zeros(grads.shape[-2:])
+    theta0 = np.zeros(grads.shape[-2:])
     p = backend.asarray(theta0, "float32")
     state = F.init(spec, p, hp)
     traj = [to_numpy(p).astype(np.float64)]
     for t in range(1, STEPS + 1):
         extras = ()
-        if name.endswith("_mb"):
+        if _mb(name):
             pe = backend.asarray(grads[t - 1], "float32")
             g = xp.mean(pe, axis=0)
             extras = (minibatch_variance(xp, pe, axis=0),)
@@ -202,7 +219,7 @@ def _run_core(name: str, grads: np.ndarray, backend, hp: dict) -> np.ndarray:
 def _hp(name: str) -> dict:
     # eps-free or eps-scaled settings, so that the rule is exactly scale-equivariant and the float64 reference at
     # the same scale is the truth (Adam's eps = 1e-8 would be nothing next to 1e18 anyway).
-    return {"lr": 1e-3, "weight_decay": 0.0} if name in ("muon", "deva_sinf") else {"lr": 1e-3}
+    return {"lr": 1e-3, "weight_decay": 0.0} if get_spec(name).kind == "matrix" else {"lr": 1e-3}
 
 
 #: Per rule, the largest gradient scale at which every float32 *state* buffer still holds its exact value range
@@ -215,15 +232,18 @@ HUGE_SCALE.update({"msvag": 1e16, "msvag_mb": 1e16, "sgd": 1e30, "mssd": 1e30, "
 def test_huge_float32_gradients_follow_the_float64_reference(name, backend_f32):
     if name == "deva_sinf" and backend_f32.name.startswith("array_api_strict"):
         pytest.skip("DeVA_Sinf's host eigh/QR path is covered by the numpy, torch and jax backends")
+    reference = registry_cases.reference(name)
+    if reference is None:
+        pytest.skip(registry_cases.NO_REFERENCE)
     hp = _hp(name)
     for scale in (1e13, HUGE_SCALE[name]):
         grads = _gradients(name, scale)
         with np.errstate(over="ignore", invalid="ignore"):
             core = _run_core(name, grads, backend_f32, hp)
         assert np.all(np.isfinite(core)), (name, scale)
-        ref = run_reference(name, np.zeros(grads.shape[-2:]), lambda theta, t: grads[t - 1], STEPS, hp)
+        ref = reference(np.zeros(grads.shape[-2:]), lambda theta, t: grads[t - 1], STEPS, hp)
         err = float(np.max(np.abs(core - ref)) / np.max(np.abs(ref)))
-        bound = F32_BOUNDS[name][0]
+        bound = registry_cases.float32_bound(name).bound
         assert err <= bound, f"{name} at gradient scale {scale:g}: relative error {err:.2e} > {bound:.0e}"
 
 

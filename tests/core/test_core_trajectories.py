@@ -11,11 +11,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from _core_cases import BY_ID, CASE_IDS, CASES, Problem, run_core, run_ref, rel_error
+from _core_cases import BY_ID, CASE_IDS, CASES, REFERENCE_CASES, Problem, run_core, run_ref, rel_error
 from references import run_reference
 from references.optimizers import DEFAULTS
 
-from xpoptim.core import SPECS
+import registry_cases
+from xpoptim.core import BUILTIN, SPECS
+from xpoptim.core.verification import verification_of
 
 #: float64: the core and the reference round differently (lerp-form EMAs, closed forms vs the paper's
 #: divisions), a few ulps per step. Measured <= 6e-15 on numpy/torch/jax/array-api-strict (the published
@@ -24,47 +26,28 @@ from xpoptim.core import SPECS
 F64_RTOL = 1e-12
 
 #: float32 (the core in float32 on every backend, against the float64 reference; the gradient is evaluated at
-#: the core's own float32 iterate, so rounding feeds back through the problem). Bounds are about 3x the
-#: largest error measured over 10 problem seeds on numpy, torch and jax (array-api-strict and its
-#: no_float64 device compute bit-for-bit what numpy does), with the reason for each size.
-F32_BOUNDS: dict[str, tuple[float, str]] = {}  # filled below
-
-
-def _f32(name: str, bound: float, measured: float, reason: str) -> None:
-    F32_BOUNDS[name] = (bound, f"measured max {measured:.1e} over 10 seeds; {reason}")
-
-
-_f32("adam", 1e-5, 1.8e-6, "division by sqrt(v_hat) + eps: ~1 ulp per step, accumulated over 30 steps")
-_f32("adamw", 1e-5, 2.6e-6, "as Adam, plus the decay p (1 - lr wd) rounding in float32 every step")
-_f32("adabelief", 1e-5, 3.7e-6, "as Adam; the residual (g - m)^2 cancels when g ~ m")
-_f32("laprop", 1e-5, 1.8e-6, "as Adam")
-_f32("mvngrad", 1e-5, 1.9e-6, "as AdaBelief (residual proxy), normalised before the momentum")
-_f32("sgd", 1e-6, 2.5e-7, "no division: only accumulation round-off")
-_f32("mssd", 1e-5, 1.8e-6, "sign(m): a coordinate whose momentum is within round-off of 0 can flip sign")
-_f32("svag", 2e-6, 5.0e-7, "bias-corrected EMAs and v - m^2; at t = 1 the estimate is round-off (<= 4 eps v), "
-     "which counts as 0, so the 1e4 weight of the rho cap multiplies nothing")
-_f32("msvag", 2e-6, 4.6e-7, "as SVAG")
-_f32("adam_star", 1e-5, 1.4e-6, "kappa(mu, 1) = 1 (no amplification); sign(m) near m = 0")
-_f32("msvag_mb", 1e-5, 9.5e-7, "sum-form moments, closed form m^3/(m^2 + s_bar)")
-_f32("adam_star_mb", 1e-5, 9.5e-7, "sum-form moments; sign(m) near m = 0")
-_f32("deva_linf", 1e-5, 3.4e-6, "Gamma = |m|/sqrt(v + eps) with v ~ (1 - b2) m^2 early: 1/sqrt(1 - b2) ~ 31 "
-     "amplifies the relative error of the first steps")
-_f32("deva_sinf", 3e-5, 7.5e-6, "float32 eigh/QR of the Kronecker factors, Newton-Schulz (5 matmul rounds per step, "
-     "each amplifying round-off) and the sqrt(bc2)/bc1 step factor ~ 4.5 at k = 1")
-_f32("muon", 3e-5, 8.8e-6, "Newton-Schulz: 5 iterations of a degree-5 polynomial (slope up to 3.4) amplify "
-     "matmul round-off")
+#: the core's own float32 iterate, so rounding feeds back through the problem): each spec's
+#: ``verification.trajectory_float32`` (about 3x the largest error measured over 10 problem seeds on numpy, torch
+#: and jax, with the reason for its size), else its verifier float32 bound (``registry_cases.float32_bound``).
 
 
 def test_every_optimizer_has_cases_and_a_float32_bound():
     assert {c.name for c in CASES} == set(SPECS)
-    assert set(F32_BOUNDS) == set(SPECS)
+    assert all(registry_cases.float32_bound(n).bound > 0 for n in SPECS)
     assert len(set(CASE_IDS)) == len(CASE_IDS)
+
+
+def test_every_builtin_rule_has_a_measured_float32_bound():
+    """The shipped rules carry a float32 bound measured on these problems (a user rule may fall back to its
+    verifier bound)."""
+    for name in BUILTIN:
+        assert verification_of(SPECS[name]).trajectory_float32 is not None, name
 
 
 def test_core_defaults_are_the_specs():
     """The core's defaults equal the spec's, typed into the references independently."""
-    for name, spec in SPECS.items():
-        assert spec.defaults == DEFAULTS[name], name
+    for name in BUILTIN:
+        assert SPECS[name].defaults == DEFAULTS[name], name
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
@@ -77,7 +60,7 @@ def test_float64_trajectory_matches_reference(case_id, backend):
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_float32_trajectory_within_measured_bound(case_id, backend_f32):
     case = BY_ID[case_id]
-    bound, reason = F32_BOUNDS[case.name]
+    bound, reason = registry_cases.float32_bound(case.name).bound, registry_cases.float32_bound(case.name).reason
     err = rel_error(run_core(case, backend_f32, "float32"), run_ref(case))
     assert err <= bound, f"{case_id} on {backend_f32.name}: float32 error {err:.2e} > {bound:.0e} ({reason})"
 
@@ -88,14 +71,15 @@ def test_float32_trajectory_within_measured_bound(case_id, backend_f32):
 def test_float32_bound_holds_over_seeds(case_id, seed, backend_f32):
     """The float32 bounds were measured over these seeds; keep them honest (slow: 9 x the default test)."""
     case = dataclasses.replace(BY_ID[case_id], seed=seed)
-    bound, reason = F32_BOUNDS[case.name]
+    bound, reason = registry_cases.float32_bound(case.name).bound, registry_cases.float32_bound(case.name).reason
     err = rel_error(run_core(case, backend_f32, "float32"), run_ref(case))
     assert err <= bound, f"{case_id} seed {seed} on {backend_f32.name}: {err:.2e} > {bound:.0e} ({reason})"
 
 
-@pytest.mark.parametrize("case_id", [c.id for c in CASES if set(c.hp) - {"lr"} or c.maximize])
+@pytest.mark.parametrize("case_id", [c.id for c in REFERENCE_CASES if set(c.hp) - {"lr"} or c.maximize])
 def test_each_setting_changes_the_trajectory(case_id):
-    """A non-default setting must move the reference trajectory (else the case tests nothing)."""
+    """A non-default setting of a case written for a reference must move its trajectory (else the case tests
+    nothing); the registry's rows run each rule's own settings, which may repeat a default."""
     case = BY_ID[case_id]
     plain = dataclasses.replace(case, hp={"lr": case.hp["lr"]}, maximize=False)
     assert rel_error(run_ref(case), run_ref(plain)) > 1e-3

@@ -29,14 +29,18 @@ HP = {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.5}
 
 @pytest.fixture(scope="module")
 def lion():
-    """Import the example (it registers "lion"), and remove the rule again afterwards so that other tests see the
-    built-in registry only."""
+    """Import the example (it registers "lion"), and restore the registry afterwards: the rule is removed again, or,
+    when the run registered it itself (``--xpoptim-rules examples/lion.py``), that registration is put back."""
+    before = core.SPECS.get("lion")
     spec = importlib.util.spec_from_file_location("xpoptim_example_lion", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     yield module
-    core.unregister("lion")
+    if before is None:
+        core.unregister("lion")
+    else:
+        core.register(before, replace=True)
     del sys.modules[spec.name]
 
 
@@ -149,3 +153,14 @@ def test_the_rule_is_served_by_name_only_while_registered(lion) -> None:
         core.register(lion.LION)
     with pytest.raises(ValueError, match=r"spec.name='adamw' is taken: a built-in optimizer"):
         core.register(core.ADAMW, replace=True)
+
+
+def test_the_registered_reference_agrees_with_this_test(lion, case) -> None:
+    """The reference the example registers (``Verification(reference=...)``, used by every generic suite under
+    ``--xpoptim-rules examples/lion.py``) and the one written here agree: two writings of Algorithm 2."""
+    dtype, p0, grads, ref, _ = case
+    hp = lion.LION.validate(**HP)
+    got = lion.lion_reference(p0.astype(np.float64), lambda theta, t: grads[t - 1].astype(np.float64), STEPS, hp)
+    assert got.shape == (STEPS + 1, *p0.shape)
+    np.testing.assert_array_equal(got[1:], np.stack(ref))
+    assert core.verification.verification_of(lion.LION).reference is lion.lion_reference

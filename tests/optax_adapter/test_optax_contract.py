@@ -3,18 +3,21 @@ extra args, dtypes, validation at construction, the mini-batch variance helpers 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import registry_cases
 from _optax_problems import BATCH, init_params, leaf_grad
 from xpoptim.adapters import optax as xo
-from xpoptim.core import SPECS
+from xpoptim.core import SPECS, HyperKind
 
-NAMES = list(SPECS)
-MB = ("msvag_mb", "adam_star_mb")
+NAMES = list(registry_cases.names())
+MB = registry_cases.minibatch_names()
 
 
 def _tree(shapes=None, dtype=jnp.float32, seed=0):
@@ -91,40 +94,59 @@ def test_state_names_follow_the_spec():
 # inject_hyperparams
 # ----------------------------------------------------------------------------------------------
 
-#: Every numeric hyperparameter given, exactly representable in float32 (inject_hyperparams injects the defaults
-#: too), so the injected (float32 array) and the Python-float versions compute identical scalars (``1 - beta``);
-#: any remaining difference would be the adapter's. DeVA_Sinf takes a square matrix (see test_optax_core_parity).
-_R = dict(beta1=0.875, beta2=0.984375)
+def _dyadic(x: float, bits: int = 6) -> float:
+    """``x`` rounded to ``bits`` significant bits: exactly representable in float32 (and far from its range)."""
+    if x == 0:
+        return 0.0
+    m, e = math.frexp(x)
+    return math.ldexp(round(m * 2**bits) / 2**bits, e)
+
+
+def _inject_hp(name: str, hp: dict) -> dict:
+    """Every numeric hyperparameter of ``name`` given (inject_hyperparams injects the defaults too), at the registry
+    row's value (else the default) rounded to a few bits, so the injected (float32 array) and the Python-float
+    versions compute identical scalars: a beta ``b`` keeps ``1 - b`` dyadic, and ``1 - b`` is exact in float32 for
+    ``b >= 1/2``. Any remaining difference would be the adapter's. The row's static switches are passed as given."""
+    spec = SPECS[name]
+    out = {}
+    for h in spec.hyperparams:
+        v = hp.get(h.name, h.default)
+        if h.static or isinstance(v, bool) or not isinstance(v, (int, float)):
+            if h.name in hp:
+                out[h.name] = v
+            continue
+        if h.kind in (HyperKind.BETA, HyperKind.BETA_OPEN) and 0 < v < 1:
+            v = 1 - _dyadic(1 - v)
+        out["learning_rate" if h.name == "lr" else h.name] = _dyadic(v) if h.kind not in (HyperKind.BETA, HyperKind.BETA_OPEN) else v
+    return out
+
+
+#: Every rule at its registry settings and variants (``registry_cases.rows``); matrix rules get a square matrix (full
+#: rank DeVA_Sinf factors), the static switches go to ``static_args``.
+_INJECT_ROWS = [pytest.param(name, _inject_hp(name, hp), id=i) for i, name, hp in registry_cases.rows()]
+
+def _static_names(name: str) -> set:
+    return {h.name for h in SPECS[name].hyperparams if h.static}
+
+
+#: Per registered rule, its numeric hyperparameters only (no static switch), as ``_inject_hp`` gives them.
 _INJECT = {
-    "adamw": dict(learning_rate=2.0**-7, beta1=0.75, beta2=0.984375, eps=2.0**-20, weight_decay=0.125),
-    "adam": dict(learning_rate=2.0**-7, beta1=0.75, beta2=0.984375, eps=2.0**-20, weight_decay=0.0625),
-    "mvngrad": dict(learning_rate=2.0**-7, **_R, eps=2.0**-20, eps_s=2.0**-30, weight_decay=0.0),
-    "sgd": dict(learning_rate=2.0**-7, momentum=0.75, dampening=0.125, weight_decay=0.0),
-    "msvag": dict(learning_rate=2.0**-7, mu=0.875, weight_decay=0.0),
-    "adam_star_mb": dict(learning_rate=2.0**-7, mu=0.875, weight_decay=0.0),
-    "deva_linf": dict(learning_rate=2.0**-7, **_R, eps=2.0**-17, weight_decay=0.0, bias_correction=True),
-    "laprop": dict(learning_rate=2.0**-7, **_R, eps=2.0**-40, weight_decay=0.0),
-    "adabelief": dict(learning_rate=2.0**-7, **_R, eps=2.0**-30, weight_decay=0.0),
-    "mssd": dict(learning_rate=2.0**-7, mu=0.75, weight_decay=0.0),
-    "svag": dict(learning_rate=2.0**-7, mu=0.75, weight_decay=0.0, variance_unbiasing=False),
-    "adam_star": dict(learning_rate=2.0**-7, mu=0.75, weight_decay=0.0),
-    "msvag_mb": dict(learning_rate=2.0**-7, mu=0.75, weight_decay=0.0),
-    "muon": dict(learning_rate=2.0**-7, momentum=0.875, weight_decay=0.0625, ns_eps=2.0**-23),
-    "deva_sinf": dict(learning_rate=2.0**-7, beta1=0.875, beta2=0.875, shampoo_beta=-1.0, eps=2.0**-27, weight_decay=0.0625),
+    name: {k: v for k, v in _inject_hp(name, registry_cases.settings(name)).items() if k not in _static_names(name)}
+    for name in registry_cases.names()
 }
 
 
-@pytest.mark.parametrize("name", list(_INJECT))
-def test_inject_hyperparams_equivalence(name):
-    hp = _INJECT[name]
+@pytest.mark.parametrize(("name", "hp"), _INJECT_ROWS)
+def test_inject_hyperparams_equivalence(name, hp):
     alias = getattr(xo, name)
-    params = _tree({"w": (5, 5), "b": (4,)} if name == "deva_sinf" else None)
+    params = _tree({"w": (5, 5), "b": (4,)} if SPECS[name].kind == "matrix" else None)
+    static = tuple(h.name for h in SPECS[name].hyperparams if h.static and h.name in hp)
     a, _, _ = _run(name, alias(**hp), params)
-    b, state, update = _run(name, optax.inject_hyperparams(alias)(**hp), params)
+    b, state, update = _run(name, optax.inject_hyperparams(alias, static_args=static)(**hp), params)
     assert update._cache_size() == 1
     for k in a:
         np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-6, atol=1e-7)
-    assert set(state.hyperparams) >= {k for k, v in hp.items() if not isinstance(v, bool)}
+    assert set(state.hyperparams) >= {k for k in hp if k not in static}
 
 
 def test_inject_hyperparams_changes_take_effect():

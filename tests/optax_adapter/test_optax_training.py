@@ -16,12 +16,8 @@ from sklearn.datasets import load_digits
 from xpoptim.adapters import optax as xo
 from xpoptim.core import SPECS
 
-#: Learning rates per optimizer (sign-type and normalised rules move every weight by ~lr per step).
-LR = {
-    "adam": 1e-2, "adamw": 1e-2, "adabelief": 1e-2, "laprop": 1e-2, "mvngrad": 1e-3, "sgd": 5e-2, "mssd": 2e-3,
-    "svag": 1e-1, "msvag": 1e-1, "adam_star": 5e-3, "msvag_mb": 2e-2, "adam_star_mb": 5e-3, "deva_linf": 2e-3,
-    "deva_sinf": 2e-2, "muon": 5e-2,
-}
+import registry_cases
+
 STEPS = 60
 BATCH = 64
 
@@ -57,11 +53,12 @@ def _loss(p, x, y):
 @pytest.mark.parametrize("name", list(SPECS))
 def test_loss_falls(name, data):
     x, y = data
-    assert LR.keys() == SPECS.keys()
-    tx = xo.create(name, lr=LR[name])
+    # The registry's training learning rate (the spec's verification.train_lr; sign-type and normalised rules move every
+    # weight by ~lr per step, so each rule carries its own).
+    tx = xo.create(name, lr=registry_cases.train_lr(name))
     params = _init()
     state = tx.init(params)
-    mb = name.endswith("_mb")
+    mb = bool(getattr(SPECS[name], "extras", ()))
 
     @jax.jit
     def step(params, state, xb, yb):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from xpt_support import CASES, NAMES, make_params, run_torch, spec_hp
+from xpt_support import NAMES, make_params, run_torch, spec_hp
 
 from xpoptim.adapters import torch as xt
 from xpoptim.core import ELEMENTWISE, SPECS
@@ -23,7 +23,7 @@ pytestmark = [
     ),
 ]
 
-FUSABLE = [n for n in ELEMENTWISE if not SPECS[n].extras and SPECS[n].is_fusable(SPECS[n].validate(**CASES[n]))]
+FUSABLE = [n for n in ELEMENTWISE if not SPECS[n].extras and SPECS[n].is_fusable(SPECS[n].validate(**spec_hp(n)))]
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,7 @@ def test_cuda_foreach_path_follows_the_cpu_compiled_loop_within_the_verifier_bou
     out = []
     for device in ("cpu", "cuda"):
         params = [torch.tensor(x, dtype=dtype, device=device).requires_grad_() for x in init]
-        opt = xt.create(name, params, **CASES[name])
+        opt = xt.create(name, params, **spec_hp(name))
         for k in range(steps):
             g_gen = np.random.default_rng([k, 7])
             for p in params:

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from xpt_support import CASES
+from xpt_support import spec_hp
 
 from xpoptim.adapters import _cfuse
 from xpoptim.adapters import _torch_ckernel as ck
@@ -47,7 +47,7 @@ def _bytes(t):
 
 def _run_optimizer(name, dtype, maximize, permuted=False, steps=4):
     params = _params(dtype, permuted=permuted)
-    opt = xt.create(name, params, maximize=maximize, **CASES[name])
+    opt = xt.create(name, params, maximize=maximize, **spec_hp(name))
     for k in range(steps):
         for p, g in zip(params, _grads(params, k, 0.5)):
             p.grad = g
@@ -58,7 +58,7 @@ def _run_optimizer(name, dtype, maximize, permuted=False, steps=4):
 def _run_reference(name, dtype, maximize, steps=4):
     """The op-by-op path: ``_torch_engine.eager_step`` on each tensor, with state made like the optimizer's."""
     spec = SPECS[name]
-    hp = spec.validate(**CASES[name])
+    hp = spec.validate(**spec_hp(name))
     params = [p.detach() for p in _params(dtype)]
     states = [[torch.zeros_like(p) for _ in spec.state] for p in params]
     for k in range(steps):
@@ -78,9 +78,9 @@ def test_compiled_loop_and_foreach_path_equal_op_by_op_bit_for_bit(name, dtype, 
     for path, enabled in (("c", True), ("foreach", False)):
         monkeypatch.setattr(ck, "ENABLED", enabled)
         runs[path] = _run_optimizer(name, dtype, maximize)
-    uses_c = spec.is_fusable(spec.validate(**CASES[name]))
+    uses_c = spec.is_fusable(spec.validate(**spec_hp(name)))
     if uses_c:  # the rule has an exact C form: the compiled loop really ran
-        key = (name, ck._static_key(spec.static(spec.validate(**CASES[name]))), maximize, dtype)
+        key = (name, ck._static_key(spec.static(spec.validate(**spec_hp(name)))), maximize, dtype)
         assert isinstance(ck._KERNELS.get(key), _cfuse.CKernel), ck._KERNELS.get(key)
     for path, (params, opt) in runs.items():
         for p, rp, rs in zip(params, ref_p, ref_s):

@@ -5,17 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from xpt_support import MB, NAMES
+import registry_cases
+from xpt_support import MATRIX, MB, NAMES
 
 from xpoptim.adapters import torch as xt
-
-#: Learning rates that train this MLP in a few dozen steps (the rules' scales differ: sign-based rules move every
-#: coordinate by ~lr, SGD by lr * |g|).
-LR = {
-    "sgd": 0.2, "mssd": 2e-3, "svag": 0.2, "msvag": 0.2, "msvag_mb": 0.2,
-    "adam_star": 1e-2, "adam_star_mb": 1e-2, "deva_linf": 1e-2, "deva_sinf": 1e-2, "muon": 0.05,
-}
-
 
 @pytest.fixture(scope="module")
 def digits():
@@ -28,8 +21,10 @@ def test_loss_falls_on_digits(name, digits):
     x, y = digits
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
-    params = xt.matrix_param_groups(model, name) if name in ("muon", "deva_sinf") else model.parameters()
-    opt = xt.create(name, params, lr=LR.get(name, 1e-2), compile=False)
+    params = xt.matrix_param_groups(model, name) if name in MATRIX else model.parameters()
+    # The registry's training learning rate (the spec's verification.train_lr): the rules' scales differ (sign-based rules
+    # move every coordinate by ~lr, SGD by lr * |g|).
+    opt = xt.create(name, params, lr=registry_cases.train_lr(name), compile=False)
     loss_fn = torch.nn.functional.cross_entropy
     with torch.no_grad():
         initial = loss_fn(model(x), y).item()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import registry_cases
 from xpt_support import MATRIX, NAMES, dense_permuted, make_params, reference_run, run_torch, set_grads, spec_hp
 
 from xpoptim.adapters import torch as xt
@@ -21,20 +22,24 @@ def _tol(name: str) -> dict:
     return dict(rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_trajectory_equals_core_functional(name):
+ROWS = registry_cases.rows()
+
+
+@pytest.mark.parametrize(("name", "hp"), [pytest.param(n, hp, id=i) for i, n, hp in ROWS])
+def test_trajectory_equals_core_functional(name, hp):
+    """Each rule at its registry settings and at each of its variants (switches such as Nesterov or erf)."""
     params = make_params(name)
     init = [p.detach().numpy().copy() for p in params]
     skip = (1,)  # one parameter never gets a gradient: untouched, no state
-    run_torch(lambda ps: xt.create(name, ps, compile=False, **spec_hp(name)), name, params, STEPS, skip=skip)
-    ref = reference_run(name, init, STEPS, skip=skip)
+    run_torch(lambda ps: xt.create(name, ps, compile=False, **spec_hp(name, **hp)), name, params, STEPS, skip=skip)
+    ref = reference_run(name, init, STEPS, skip=skip, **hp)
     for i, (p, r) in enumerate(zip(params, ref)):
         if i in skip:
             assert np.array_equal(p.detach().numpy(), init[i])
         np.testing.assert_allclose(p.detach().numpy(), r, **_tol(name), err_msg=f"{name} param {i}")
 
 
-@pytest.mark.parametrize("name", ["adamw", "msvag", "muon", "sgd"])
+@pytest.mark.parametrize("name", NAMES)
 def test_maximize_trajectory(name):
     params = make_params(name)
     init = [p.detach().numpy().copy() for p in params]

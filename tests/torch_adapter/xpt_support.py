@@ -1,7 +1,8 @@
 """Shared helpers for the torch adapter tests (module name kept unique: pytest imports test helpers by basename).
 
-``CASES`` holds, per optimizer, hyperparameters that exercise the rule (non-zero weight decay where the rule has
-it, a short preconditioner period for DeVASinf, ...). ``reference_run`` replays a trajectory through
+The optimizers and the hyperparameters that exercise each rule (non-zero weight decay, a short preconditioner
+period for DeVASinf, ...) come from the registry (``registry_cases.settings``: the spec's ``verification.hp``), so a
+rule registered with ``--xpoptim-rules`` is tested here too. ``reference_run`` replays a trajectory through
 ``xpoptim.core.functional`` on NumPy float64 arrays, parameter by parameter, which is what the adapter (flat
 buckets, stacked matrices, views, in-place writes) must reproduce.
 """
@@ -18,30 +19,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import registry_cases
 from xpoptim.core import SPECS, functional
 
-NAMES = tuple(SPECS)
-MATRIX = tuple(n for n, s in SPECS.items() if s.kind == "matrix")
-MB = tuple(n for n, s in SPECS.items() if getattr(s, "extras", ()))
-
-#: Hyperparameters per optimizer used by the generic tests (spec names).
-CASES: dict[str, dict[str, Any]] = {
-    "adam": dict(lr=1e-2, weight_decay=0.05),
-    "adamw": dict(lr=1e-2, weight_decay=0.1),
-    "adabelief": dict(lr=1e-2, weight_decay=0.1, eps=1e-12),
-    "laprop": dict(lr=1e-2, weight_decay=0.1),
-    "mvngrad": dict(lr=1e-2, weight_decay=0.1, eps_s=1e-12),
-    "sgd": dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.05),
-    "mssd": dict(lr=1e-2, weight_decay=0.1),
-    "svag": dict(lr=1e-2, weight_decay=0.1),
-    "msvag": dict(lr=1e-2, weight_decay=0.1),
-    "adam_star": dict(lr=1e-2, weight_decay=0.1),
-    "msvag_mb": dict(lr=1e-2, weight_decay=0.1),
-    "adam_star_mb": dict(lr=1e-2, weight_decay=0.1),
-    "deva_linf": dict(lr=1e-2, weight_decay=0.1, nesterov=True),
-    "deva_sinf": dict(lr=1e-2, weight_decay=0.1, precondition_frequency=2),
-    "muon": dict(lr=1e-2, weight_decay=0.1),
-}
+NAMES = registry_cases.names()
+MATRIX = registry_cases.matrix_names()
+MB = registry_cases.minibatch_names()
 
 #: Shapes per kind: elementwise rules get mixed shapes; matrix rules get two same-shape matrices (stacked),
 #: a wide matrix, a conv weight (flattened to (out, in*kh*kw)) and vectors (routed to the fallback rule).
@@ -100,9 +83,8 @@ def set_grads(params, step: int, name: str, skip: tuple[int, ...] = (), seed: in
 
 
 def spec_hp(name: str, **over: Any) -> dict:
-    hp = dict(CASES[name])
-    hp.update(over)
-    return hp
+    """The registry's settings for ``name`` (``registry_cases.settings``), then ``over``."""
+    return registry_cases.settings(name, **over)
 
 
 def reference_run(name: str, params0: list[np.ndarray], steps: int, skip: tuple[int, ...] = (), maximize: bool = False, **over: Any) -> list[np.ndarray]:

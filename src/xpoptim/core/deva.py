@@ -149,6 +149,11 @@ DEVA_LINF = ElementwiseSpec(
             ),
         ),
         float32=SIGN_FLOAT32,
+        trajectory_float32=Bound(
+            1e-5,
+            "measured max 3.4e-6 over 10 seeds; Gamma = |m|/sqrt(v + eps) with v ~ (1 - b2) m^2 early: 1/sqrt(1 - b2)"
+            " ~ 31 amplifies the relative error of the first steps",
+        ),
     ),
 )
 
@@ -639,6 +644,7 @@ def _deva_sinf_check(hp: dict) -> None:
 #: digits gradients near-degenerate spectra), a refresh every 4 steps so 20 steps cross four refreshes.
 DEVA_SINF_VERIFICATION = Verification(
     hp={"lr": 1e-2, "weight_decay": 1e-2, "precondition_frequency": 4},
+    train_lr=2e-2,
     float64=Bound(
         1e-8,
         "float64 with eigh/QR (the Kronecker eigenbases): a backward-stable eigh/QR is exact for A + E, ||E|| ~ eps "
@@ -651,6 +657,11 @@ DEVA_SINF_VERIFICATION = Verification(
         "float32 eigh/QR of the Kronecker factors: eigenvector error <= eps / tau = sqrt(eps / n) (1.4e-4 for n = 6, "
         "the smallest factored side of the closed-loop problems), then Newton-Schulz; the float64 reference computes "
         "the float32 rule (same tau).",
+    ),
+    trajectory_float32=Bound(
+        3e-5,
+        "measured max 7.5e-6 over 10 seeds; float32 eigh/QR of the Kronecker factors, Newton-Schulz (5 matmul rounds "
+        "per step, each amplifying round-off) and the sqrt(bc2)/bc1 step factor ~ 4.5 at k = 1",
     ),
 )
 

@@ -190,6 +190,11 @@ MUON_VERIFICATION = Verification(
         "float32 Newton-Schulz: 5 quintic iterations amplify the rounding of small singular values (phi'(0) = 3.4 "
         "per iteration); matmul precision pinned (no TF32).",
     ),
+    trajectory_float32=Bound(
+        3e-5,
+        "measured max 8.8e-6 over 10 seeds; Newton-Schulz: 5 iterations of a degree-5 polynomial (slope up to 3.4) "
+        "amplify matmul round-off",
+    ),
 )
 
 MUON = MatrixSpec(

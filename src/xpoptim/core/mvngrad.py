@@ -16,7 +16,7 @@ from typing import Any
 from ._backend import HOST
 from .moments import bias_correction, ema, residual_variance_update
 from .spec import ElementwiseSpec, Hyper, HyperKind, beta_hyper, concrete, eps_hyper, lr_hyper, wd_hyper
-from .verification import Verification
+from .verification import Bound, Verification
 
 __all__ = ["mvngrad_direction", "MVNGRAD"]
 
@@ -103,5 +103,9 @@ MVNGRAD = ElementwiseSpec(
     verification=Verification(
         hp={"lr": 1e-2, "weight_decay": 1e-2},
         variants=(("m_prev", {"lr": 1e-2, "weight_decay": 1e-2, "residual": "m_prev", "eps_s": 1e-12}),),
+        trajectory_float32=Bound(
+            1e-5,
+            "measured max 1.9e-6 over 10 seeds; as AdaBelief (residual proxy), normalised before the momentum",
+        ),
     ),
 )

@@ -12,12 +12,29 @@ cells without any edit to the verifier:
   ``xpoptim.matrix.trajectory_error``) and the reason it is what it is. Defaults:
   :data:`DEFAULT_FLOAT64` and :data:`DEFAULT_FLOAT32`.
 * ``problems``: the verifier problems the rule runs on (``None``: all of them).
+* ``trajectory_float32``: the bound of xpoptim's core trajectory tests in float32 (the core in float32 on every
+  array backend against the rule's float64 reference, 30 steps of a noisy quadratic; the same error measure as the
+  verifier's), with the largest error measured over 10 problem seeds and its reason. ``None``: ``float32``.
+* ``train_lr``: a learning rate at which the rule trains the test suites' small real model (an MLP 64-32-10 with
+  tanh on scikit-learn's digits, batches of 64 to 128) to well below its initial loss within a few dozen steps, in
+  every adapter. ``None``: ``hp["lr"]``. Rules whose step scales with the gradient (SGD, SVAG, M-SVAG) need a larger
+  one than the sign-like and normalised rules, whose every coordinate moves by about ``lr``.
+* ``reference``: the rule's independent float64 reference, for a rule registered from outside xpoptim (the
+  built-in rules' references live with xpoptim's tests). The test suites (``python -m pytest --xpoptim-rules
+  my_rule.py``) compare the rule's trajectories on every backend and adapter against it; without one those
+  comparisons are skipped with a message saying so. It is called
+  ``reference(theta0, grad_fn, steps, hp, *, maximize=False, layout="out_in")`` with ``theta0`` a float64 NumPy
+  array, ``grad_fn(theta, t)`` the gradient of step ``t >= 1`` (per-example gradients on axis 0 for a rule with
+  ``extras``), ``hp`` every hyperparameter (the spec's defaults with the test's settings over them) and ``layout``
+  the matrix layout (``"out_in"``/``"in_out"``; matrix rules only), and returns the trajectory
+  ``theta_0 .. theta_T`` as one float64 array of shape ``(T + 1, *theta0.shape)``. Write it from the paper in
+  plain NumPy, sharing no code with the rule: it is the evidence that the rule computes what the paper says.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["Bound", "Verification", "DEFAULT_FLOAT64", "DEFAULT_FLOAT32", "DEFAULT_VERIFICATION", "verification_of"]
@@ -57,6 +74,9 @@ class Verification:
         float64: the float64 bound.
         float32: the float32 bound.
         problems: problem names (``None``: every verifier problem).
+        trajectory_float32: the float32 bound of the core trajectory tests (``None``: ``float32``).
+        train_lr: the learning rate of the test suites' training runs (``None``: ``hp["lr"]``).
+        reference: the rule's independent float64 reference (a user rule's; see the module docstring).
     """
 
     hp: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -64,6 +84,9 @@ class Verification:
     float64: Bound = DEFAULT_FLOAT64
     float32: Bound = DEFAULT_FLOAT32
     problems: tuple[str, ...] | None = None
+    trajectory_float32: Bound | None = None
+    train_lr: float | None = None
+    reference: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
 
     def bound(self, dtype: str) -> Bound:
         """The bound for ``"float64"`` or ``"float32"``."""

@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xpoptim.core import STATE_VERSION
+from xpoptim.core import STATE_VERSION, check_state_entry, state_layout
 
+from .layout import _Bucket, _Entry, _MatrixStack
 from .namespace import _device_context, _from_numpy, _is_array, _numpy_dtype, _reshape, _to_numpy
 from .params import _GROUP_EXTRA_KEYS
+
+if TYPE_CHECKING:
+    from xpoptim.core import ElementwiseSpec, MatrixSpec
 
 
 class CheckpointMixin:
     """``state_dict`` / ``load_state_dict`` of :class:`xpoptim.adapters.array.Optimizer`."""
+
+    # What the optimizer sets up (``Optimizer.__init__``) and this mixin reads:
+    spec: ElementwiseSpec | MatrixSpec
+    fallback_spec: ElementwiseSpec | None
+    param_groups: list[dict]
+    xp: Any
+    device: Any
+    _kind: str
+    _step: int
+    _entries: list[_Entry]
+    _buckets: list[_Bucket]
+    _stacks: list[_MatrixStack]
 
     def _entry_state(self) -> dict:
         xp = self.xp
@@ -82,12 +98,12 @@ class CheckpointMixin:
             if list(sg.get("keys", [])) != want:
                 raise ValueError(f"state_dict param group {gi} has keys {sg.get('keys')!r}: expected {want}")
             hp = {k: v for k, v in sg.items() if k not in ("keys", "fallback_hyperparams", "params")}
-            self.spec.validate(**hp)
+            checked = self.spec.validate(**hp)
             fbh = None
             if self.fallback_spec is not None:
                 fbh = dict(sg.get("fallback_hyperparams", self.param_groups[gi]["fallback_hyperparams"]))
                 self.fallback_spec.validate(**fbh)
-            new_groups.append((hp, fbh))
+            new_groups.append((hp, fbh, checked))
         st = state_dict["state"]
         if not isinstance(st, Mapping):
             raise ValueError("state_dict['state'] must be a dict keyed by parameter")
@@ -97,28 +113,7 @@ class CheckpointMixin:
                 f"state_dict['state'] keys do not match the parameters (missing {[k for k in keys if k not in st]}, "
                 f"unexpected {[k for k in st if k not in set(keys)]})"
             )
-        current = self._entry_state()
-        staged: dict = {}
-        for e in self._entries:
-            entry = st[e.key]
-            cur = current[e.key]
-            if not isinstance(entry, Mapping) or set(entry) != set(cur):
-                got = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
-                raise ValueError(f"state_dict['state'][{e.key!r}] has state {got}: expected {sorted(cur)}")
-            staged[e.key] = {}
-            for k, ref in cur.items():
-                v = entry[k]
-                if ref is None or v is None:
-                    if (ref is None) != (v is None):
-                        raise ValueError(f"state_dict['state'][{e.key!r}][{k!r}] is {'None' if v is None else 'an array'}: expected {'None' if ref is None else 'an array'}")
-                    staged[e.key][k] = None
-                    continue
-                arr = _to_numpy(v) if _is_array(v) else np.asarray(v)
-                if tuple(arr.shape) != tuple(ref.shape):
-                    raise ValueError(f"state_dict['state'][{e.key!r}][{k!r}] has shape {tuple(arr.shape)}: expected {tuple(ref.shape)}")
-                if arr.dtype.kind != "f":
-                    raise ValueError(f"state_dict['state'][{e.key!r}][{k!r}] has dtype {arr.dtype}: expected a real floating dtype")
-                staged[e.key][k] = arr
+        staged = self._staged_state(st, new_groups)
         # Build the new storage (host side first, then one transfer per buffer), then commit.
         xp = self.xp
         new_b = []
@@ -150,13 +145,49 @@ class CheckpointMixin:
                 b.state = bufs
         for stk, bufs in zip(self._stacks, new_s):
             stk.state = bufs
-        for g, (hp, fbh) in zip(self.param_groups, new_groups):
+        for g, (hp, fbh, _) in zip(self.param_groups, new_groups):
             for k in [k for k in g if k not in _GROUP_EXTRA_KEYS]:
                 del g[k]
             g.update(hp)
             if fbh is not None:
                 g["fallback_hyperparams"] = fbh
         self._step = int(step)
+
+    def _layouts(self, group_hp: Sequence[Mapping[str, Any]]) -> dict:
+        """``{key: core.state_layout}`` of every parameter, with the matrix rules' layouts at ``group_hp``."""
+        out: dict = {}
+        for b in self._buckets:
+            for e in b.entries:
+                out[e.key] = state_layout(b.spec, e.shape, {})
+        for stk in self._stacks:
+            for e in stk.entries:
+                out[e.key] = state_layout(stk.spec, e.shape, group_hp[stk.group], matrix_shape=stk.mshape)
+        return out
+
+    def _staged_state(self, st: Mapping[str, Any], new_groups: list) -> dict:
+        """Every parameter's checkpointed state as NumPy arrays, checked against its layout
+        (``core.state_layout`` / ``core.check_state_entry``, as every adapter checks); nothing is written here."""
+        current_hp = [self.spec.validate(**{k: v for k, v in g.items() if k not in _GROUP_EXTRA_KEYS}) for g in self.param_groups]
+        layouts = self._layouts(current_hp)
+        loaded = self._layouts([checked for _, _, checked in new_groups])
+        staged: dict = {}
+        for e in self._entries:
+            where = f"state_dict['state'][{e.key!r}]"
+            if loaded[e.key] != layouts[e.key]:
+                raise ValueError(
+                    f"{where}: the checkpoint's hyperparameters give the state layout {loaded[e.key]}, this optimizer "
+                    f"holds {layouts[e.key]} (a switch such as max_precond_dim differs): create the optimizer with the "
+                    "checkpoint's hyperparameters, then load it"
+                )
+            entry = st[e.key]
+            arrays = (
+                {k: (None if v is None else (_to_numpy(v) if _is_array(v) else np.asarray(v))) for k, v in entry.items()}
+                if isinstance(entry, Mapping)
+                else entry
+            )
+            check_state_entry(where, arrays, layouts[e.key], is_floating=lambda a: a.dtype.kind == "f")
+            staged[e.key] = arrays
+        return staged
 
     def export_state(self) -> Any:
         """The framework-neutral state (:class:`xpoptim.portable.PortableState`); see :mod:`xpoptim.portable`."""
