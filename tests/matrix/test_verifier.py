@@ -169,6 +169,7 @@ def test_representation_floor_covers_a_parameter_moved_by_weight_decay_alone():
     diff = np.abs(np.stack([x["w"] for x in got.params]) - ref_stack)
     floor = M.representation_floor(ref_stack, "float32")
     assert np.all(diff <= floor)  # the derived floor bounds the storage error
+    assert not np.all(diff <= floor / M.ROUNDINGS_PER_STEP)  # one rounding per step would not
     raw = M.trajectory_error(got, ref, "toy")
     assert raw.error > 3e-4  # without it the cell would fail a 1e-4 bound
     assert M.trajectory_error(got, ref, "toy", "float32").error == 0.0
