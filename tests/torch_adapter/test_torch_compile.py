@@ -97,3 +97,24 @@ def test_compiled_training_step_calling_opt_step():
         torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_step_serves_tensors_of_many_ranks_and_sizes_without_recompiling_per_shape():
+    """One process, one rule, tensors of ranks 0 to 5 and many sizes (more distinct shapes than torch.compile's
+    recompile limit of 8): the compiled step works on 1-D views of contiguous tensors, so it serves all of them, and
+    gives the default path's numbers."""
+    shapes = [(), (1,), (7,), (3, 5), (1, 9), (2, 3, 4), (4, 1, 3), (2, 2, 2, 2), (3, 1, 2, 1, 2), (33,), (6, 6), (5, 2, 3)]
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    pa = [x.clone().requires_grad_() for x in init]
+    pb = [x.clone().requires_grad_() for x in init]
+    oa, ob = xt.AdamW(pa, lr=1e-2, compile=False), xt.AdamW(pb, lr=1e-2, compile=True)
+    for k in range(3):
+        for a, b in zip(pa, pb):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for a, b in zip(pa, pb):
+        assert b.shape == a.shape
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)

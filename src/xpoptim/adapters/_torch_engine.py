@@ -301,7 +301,13 @@ def _step_at(spec, hp, static, maximize, compile_opt, ck, t, params, grads, extr
             cfn = _compiled(key, _tensor_fn(spec, static, maximize, cdt, traced=True)[1])
             sc = list(torch.tensor(fscalars, dtype=torch.float64).to(sub_p[0].device).unbind(0))
             for i in range(len(sub_p)):
-                cfn(sub_p[i], sub_g[i], [x[i] for x in sub_x], [s[i] for s in sub_s], sc)
+                args = (sub_p[i], sub_g[i], *(x[i] for x in sub_x), *(s[i] for s in sub_s))
+                if all(map(_contig, args)):
+                    # The rule is elementwise: a 1-D view of each tensor (written through, in place) gives the compiled
+                    # step one shape family, so tensors of any rank and size reuse it instead of recompiling per shape
+                    # (torch.compile's recompile limit would stop a process that steps many differently shaped models).
+                    args = tuple(a.view(-1) for a in args)
+                cfn(args[0], args[1], list(args[2 : 2 + len(sub_x)]), list(args[2 + len(sub_x) :]), sc)
             continue
         lk = _list_kernel(spec, static, maximize) if spec.is_fusable(hp) else None
         if lk is not None:
