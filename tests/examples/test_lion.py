@@ -149,6 +149,21 @@ def test_the_rule_is_served_by_name_only_while_registered(lion) -> None:
     assert core.get_spec("lion") is lion.LION and core.get_spec("Lion") is lion.LION
     assert xnp.Lion is type(xnp.create("lion", [np.zeros(3)]))
     assert xo.scale_by_lion.__name__ == "scale_by_lion" and callable(xo.lion)
+    torch = pytest.importorskip("torch")
+    import copy
+    import pickle
+
+    from xpoptim.adapters import torch as xt
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = xt.Lion([w], lr=0.1)  # a class of its own, as the shipped rules have, made for the registered rule
+    assert type(opt) is xt.Lion and type(xt.create("lion", [w])) is xt.Lion and issubclass(xt.Lion, xt.XPOptimizer)
+    assert xt.Lion.spec is lion.LION and xt.Lion.__doc__.startswith("Lion:") and xt.Lion.__module__ == xt.__name__
+    w.grad = torch.ones(3)
+    opt.step()
+    assert type(copy.deepcopy(opt)) is xt.Lion and type(pickle.loads(pickle.dumps(opt))) is xt.Lion
+    with pytest.raises(AttributeError, match="has no attribute 'Lamb'"):
+        xt.Lamb
     with pytest.raises(ValueError, match=r"spec.name='lion' is taken: registered \(pass replace=True"):
         core.register(lion.LION)
     with pytest.raises(ValueError, match=r"spec.name='adamw' is taken: a built-in optimizer"):

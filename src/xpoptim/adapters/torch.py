@@ -61,7 +61,7 @@ Conventions (the torch ones):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import array_api_compat.torch as _txp
 import torch
@@ -88,6 +88,7 @@ from ._torch_classes import (
     Muon,
     MVNGrad,
 )
+from ._torch_docs import class_doc
 from ._torch_optimizer import XPOptimizer
 
 __all__ = [
@@ -121,6 +122,34 @@ _CLASSES: tuple[type[XPOptimizer], ...] = (
 #: name -> class, for every spec that has a class here.
 OPTIMIZERS: dict[str, type[XPOptimizer]] = {cls.spec.name: cls for cls in _CLASSES}
 
+#: Classes made for rules added with ``xpoptim.core.register`` (by title; remade when the rule is registered anew).
+_REGISTERED: dict[str, type[XPOptimizer]] = {}
+
+
+def _registered_class(spec: Any) -> type[XPOptimizer]:
+    """The optimizer class of a rule added with ``xpoptim.core.register``: an :class:`XPOptimizer` bound to the spec,
+    taking the spec's hyperparameters as keyword arguments (``xpoptim.adapters.torch.Lion(params, lr=1e-4)``)."""
+    cls = _REGISTERED.get(spec.title)
+    if cls is not None and cls.spec is spec:
+        return cls
+
+    def __init__(self: XPOptimizer, params: ParamsT, **hyperparams: Any) -> None:
+        XPOptimizer.__init__(self, params, spec, **hyperparams)
+
+    cls = type(spec.title, (XPOptimizer,), {"spec": spec, "__init__": __init__, "__doc__": class_doc(spec), "__module__": __name__})
+    _REGISTERED[spec.title] = cls
+    return cls
+
+
+if not TYPE_CHECKING:  # at run time only: type checkers report an unknown name as unknown
+
+    def __getattr__(name: str) -> type[XPOptimizer]:
+        """``xpoptim.adapters.torch.<Title>`` for a rule added with ``xpoptim.core.register`` (PEP 562)."""
+        for spec in SPECS.values():
+            if spec.title == name and spec.name not in OPTIMIZERS:
+                return _registered_class(spec)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def create(name: str, params: ParamsT, **hp: Any) -> XPOptimizer:
     """Create the torch optimizer of a registry name (``"adamw"``) or title (``"AdamW"``).
@@ -137,7 +166,7 @@ def create(name: str, params: ParamsT, **hp: Any) -> XPOptimizer:
     spec = get_spec(name)
     cls = OPTIMIZERS.get(spec.name)
     if cls is None:
-        return XPOptimizer(params, spec, **hp)
+        return _registered_class(spec)(params, **hp)
     import inspect
 
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
