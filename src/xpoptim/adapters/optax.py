@@ -352,7 +352,8 @@ def _scale_by_elementwise(
                 "transformation's init (a state of another optimizer or layout?)"
             )
         _check_real_leaves(spec.title, updates, "updates")
-        _check_same_tree(spec.title, updates, getattr(state, names[0]), "updates", f"state ({names[0]})")
+        if names:  # a rule without state (a stateless user rule) has no tree to compare with
+            _check_same_tree(spec.title, updates, getattr(state, names[0]), "updates", f"state ({names[0]})")
         extras = []
         for name in spec.extras:
             if name not in extra_args or extra_args[name] is None:
@@ -383,7 +384,7 @@ def _scale_by_elementwise(
         out_s: list[list[Any]] = [[] for _ in names]
         for i, g in enumerate(g_leaves):
             st = [s[i] for s in state_leaves]
-            sd = st[0].dtype
+            sd = st[0].dtype if st else _default_state_dtype(g.dtype, state_dtype)
             gs = g.astype(sd)
             ex = [e[i].astype(sd) for e in extra_leaves]
             res = kernel(gs, *ex, *st, *scalars_for(sd))

@@ -88,7 +88,7 @@ def step(
             raise ValueError(f"{spec.title} needs the extra input(s) {spec.extras}, got {len(extras)} array(s)")
         kernel = make_step_kernel(spec, xp, spec.static(hp))
         names = spec.state
-        dtype = state[names[0]].dtype
+        dtype = state[names[0]].dtype if names else param.dtype  # a rule without state computes in the parameter's dtype
         p32 = xp.astype(param, dtype) if param.dtype != dtype else param
         g32 = xp.astype(grad, dtype) if grad.dtype != dtype else grad
         out = kernel(p32, g32, *extras, *(state[n] for n in names), *step_scalars(spec, hp, t, HOST))
