@@ -454,12 +454,8 @@ def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np
         ops = [operand(a) for a in args]
         if op in ("+", "-", "*", "/"):
             expr = f"{ops[0]} {op} {ops[1]}"
-        elif op in ("<", "<=", ">", ">=", "==", "!="):
+        elif op in ("<", "<=", ">", ">=", "==", "!=", "&&", "||"):
             expr = f"{ops[0]} {op} {ops[1]}"
-        elif op in ("&&", "||"):
-            # Both sides are 0/1 ints (comparisons): the bitwise form gives the same value without C's
-            # short-circuit branch, which would keep the compiler from vectorising the loop.
-            expr = f"{ops[0]} {'&' if op == '&&' else '|'} {ops[1]}"
         elif op == "neg":
             expr = f"-{ops[0]}"
         elif op == "not":
