@@ -38,6 +38,7 @@ from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from . import _torch_ckernel as _ck
 from . import _torch_foreach as _fe
+from ._traceable import TraceableNamespace
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -121,25 +122,12 @@ def _make_inplace_step(kernel: Callable, compute_dtype: torch.dtype, name: str) 
 _EXACT = _fe.ExactTorchNamespace(txp)
 
 
-class _TracedTorchNamespace:
-    """The array-API torch namespace as ``torch.compile(fullgraph=True)`` traces it: array-api-compat's, except
-    ``sign``. array-api-compat makes torch's ``sign`` propagate NaN with an indexed write (``out[isnan(x)] = nan``,
-    a data-dependent write that a full graph cannot hold); ``where(isnan(x), x, sign(x))`` gives the same result
-    (``sign(0) = 0``, ``sign(nan) = nan``) as one traceable expression."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(txp, name)
-
-    @staticmethod
-    def sign(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.isnan(x), x, torch.sign(x))
-
-
-_TRACED = _TracedTorchNamespace()
+#: The namespace ``torch.compile(fullgraph=True)`` traces (``compile=True``): a NaN-propagating ``sign`` it can hold.
+_TRACED = TraceableNamespace(txp, torch)
 
 
 def _tensor_fn(spec: ElementwiseSpec, static: dict, maximize: bool, compute_dtype: torch.dtype, traced: bool = False) -> tuple[tuple, Callable]:
-    """The in-place step on one tensor: op by op with IEEE ``sqrt`` (``traced=False``), or on the plain torch
+    """The in-place step on one tensor: op by op with IEEE ``sqrt`` (``traced=False``), or on the traceable torch
     namespace for ``torch.compile`` to trace (``traced=True``)."""
     key = _key(spec, static, maximize, compute_dtype)
     with _LOCK:

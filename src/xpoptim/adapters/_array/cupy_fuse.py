@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from .._traceable import TraceableNamespace
 from .layout import _Bucket
 
 
@@ -13,30 +14,11 @@ def _warn_unfused(b: _Bucket) -> None:
     warnings.warn(f"{b.spec.title}: the CuPy step runs op by op, not as one fused kernel ({b.fuse_note})", UserWarning, stacklevel=4)
 
 
-class _FusionNamespace:
-    """The CuPy array namespace as seen inside ``cupy.fuse``: array-api-compat's CuPy namespace, except ``sign``.
-
-    array-api-compat makes CuPy's ``sign`` propagate NaN with an indexed write (``out[isnan(x)] = nan``),
-    which ``cupy.fuse`` cannot trace; here the same result (``sign(0) = 0``, ``sign(nan) = nan``) comes from
-    ``where(isnan(x), x, sign(x))``, which it can.
-    """
-
-    def __init__(self, xp: Any) -> None:
-        self._xp = xp
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._xp, name)
-
-    @staticmethod
-    def sign(x: Any) -> Any:
-        import cupy  # noqa: PLC0415  (reached only with CuPy arrays in hand)
-
-        return cupy.where(cupy.isnan(x), x, cupy.sign(x))
-
-
 def fusion_namespace(xp: Any) -> Any:
-    """``xp`` with the functions that ``cupy.fuse`` cannot trace replaced by traceable equivalents."""
-    return _FusionNamespace(xp)
+    """``xp`` with the functions that ``cupy.fuse`` cannot trace replaced by traceable equivalents (``sign``)."""
+    import cupy  # noqa: PLC0415  (reached only with CuPy arrays in hand)
+
+    return TraceableNamespace(xp, cupy)
 
 
 def _make_fused_inplace(kernel: Any, n_extra: int, n_state: int) -> list:
