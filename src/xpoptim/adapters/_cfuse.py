@@ -41,12 +41,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["TraceError", "CKernel", "trace", "compile_kernel", "compiler", "COMPILE_FLAGS", "COMPILE_TIMEOUT_S"]
+__all__ = ["TraceError", "CKernel", "trace", "compile_kernel", "build_library", "compiler", "COMPILE_FLAGS", "COMPILE_TIMEOUT_S"]
 
 #: IEEE-exact code: no contraction into FMA, no fast-math; errno-free sqrt lets the loop vectorise.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
@@ -587,7 +587,7 @@ def trace(make_kernel: Callable[[Any], Callable], n_arrays: int, n_scalars: int,
 # ----------------------------------------------------------------------------------------------
 
 _LOCK = threading.Lock()
-_LOADED: dict[str, Any] = {}
+_LOADED: dict[tuple, Any] = {}
 _COMPILER: list = []
 
 
@@ -630,7 +630,7 @@ _PRIVATE_DIR: list[str] = []
 COMPILE_TIMEOUT_S = 120
 
 
-def _compile_into(directory: str, path: str, source: str, cc: str) -> None:
+def _compile_into(directory: str, path: str, source: str, cc: str, link: tuple[str, ...] = ()) -> None:
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         src = os.path.join(tmp, "kernel.c")
@@ -640,7 +640,7 @@ def _compile_into(directory: str, path: str, source: str, cc: str) -> None:
         # A compiler that does not know -march=native (some clang builds on arm64) gets a second try without it.
         for flags in (COMPILE_FLAGS, tuple(f for f in COMPILE_FLAGS if f != "-march=native")):
             try:
-                proc = subprocess.run([cc, *flags, src, "-o", lib, "-lm"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+                proc = subprocess.run([cc, *flags, src, "-o", lib, "-lm", *link], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise TraceError(f"{cc} took more than {COMPILE_TIMEOUT_S} s") from None
             if proc.returncode == 0:
@@ -650,20 +650,37 @@ def _compile_into(directory: str, path: str, source: str, cc: str) -> None:
         os.replace(lib, path)  # atomic: another process sees the whole library or none
 
 
-def _build(source: str) -> Any:
+def build_library(source: str, link: Sequence[str] = (), loader: Callable[[str], Any] = ctypes.CDLL) -> Any:
+    """Compile a C source into a shared library (cached on disk by a hash of the source, the compiler, the flags,
+    ``link`` and the CPU) and load it with ``loader`` (``ctypes.CDLL``, or ``ctypes.PyDLL`` for functions that use
+    the Python C API and must hold the GIL).
+
+    Args:
+        source: the C source.
+        link: extra compiler arguments after the source (include directories, libraries to link).
+        loader: how to load the library.
+
+    Returns:
+        The loaded library (one per source, flags and loader in this process).
+
+    Raises:
+        TraceError: no compiler, the compiler failed, or the library cannot be written or loaded.
+    """
     cc = compiler()
     if cc is None:
         raise TraceError("no C compiler found (set CC, or install cc/gcc/clang)")
-    key = hashlib.sha256("\n".join((source, cc, " ".join(COMPILE_FLAGS), _machine_tag())).encode()).hexdigest()[:24]
+    link = tuple(link)
+    key = hashlib.sha256("\n".join((source, cc, " ".join(COMPILE_FLAGS), " ".join(link), _machine_tag())).encode()).hexdigest()[:24]
     name = f"xpoptim_{key}.so"
     with _LOCK:
-        if key in _LOADED:
-            return _LOADED[key]
+        loaded = _LOADED.get((key, loader))
+        if loaded is not None:
+            return loaded
         directory = _cache_dir()
         path = os.path.join(directory, name)
         try:
             if not os.path.exists(path):
-                _compile_into(directory, path, source, cc)
+                _compile_into(directory, path, source, cc, link)
         except OSError:
             # The cache directory cannot be written (read-only home, say): build in a private directory of this
             # process instead (never a predictable shared path: a library found there could be anyone's).
@@ -672,18 +689,26 @@ def _build(source: str) -> Any:
             path = os.path.join(_PRIVATE_DIR[0], name)
             try:
                 if not os.path.exists(path):
-                    _compile_into(_PRIVATE_DIR[0], path, source, cc)
+                    _compile_into(_PRIVATE_DIR[0], path, source, cc, link)
             except OSError as exc:
                 raise TraceError(f"cannot write a compiled kernel: {exc}") from None
         try:
-            lib = ctypes.CDLL(path)
-            fns = (lib.xpoptim_step, lib.xpoptim_step_packed, lib.xpoptim_step_ptrs, lib.xpoptim_read_steps, lib.xpoptim_write_steps)
-        except (OSError, AttributeError) as exc:
-            raise TraceError(f"cannot load the compiled kernel {path}: {exc}") from None
-        for fn in fns:
-            fn.restype = None
-        _LOADED[key] = fns
-        return fns
+            lib = loader(path)
+        except OSError as exc:
+            raise TraceError(f"cannot load the compiled library {path}: {exc}") from None
+        _LOADED[(key, loader)] = lib
+        return lib
+
+
+def _build(source: str) -> Any:
+    lib = build_library(source)
+    try:
+        fns = (lib.xpoptim_step, lib.xpoptim_step_packed, lib.xpoptim_step_ptrs, lib.xpoptim_read_steps, lib.xpoptim_write_steps)
+    except AttributeError as exc:
+        raise TraceError(f"the compiled kernel lacks a function: {exc}") from None
+    for fn in fns:
+        fn.restype = None
+    return fns
 
 
 def compile_kernel(make_kernel: Callable[[Any], Callable], dtype: Any, n_arrays: int, n_scalars: int, write_to: list[int]) -> CKernel:

@@ -38,6 +38,7 @@ from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from . import _torch_ckernel as _ck
 from . import _torch_foreach as _fe
+from . import _torch_guard as _gd
 from ._traceable import TraceableNamespace
 
 if TYPE_CHECKING:
@@ -511,12 +512,13 @@ class FastGroup:
     state dict, state tensor and step counter is the same object at the same address as then (so a parameter moved
     by ``p.data = x``, state replaced by ``load_state_dict`` or by hand, or a new parameter in the group, all fall
     back to the full checks); the fresh gradients are checked at every step (element count, dtype, device,
-    contiguity: what the compiled loop needs to read them safely). A gradient swapped through ``p.grad.data = x`` for a
+    contiguity: what the compiled loop needs to read them safely). The per-tensor questions are asked in one C call
+    per list where :mod:`._torch_guard` builds (:class:`CheckedInC`), else tensor by tensor in Python. A gradient swapped through ``p.grad.data = x`` for a
     tensor with as many elements in another shape is read in memory order (torch itself refuses ``p.grad = x`` of
     another shape; only ``.data`` gets past that check).
     """
 
-    __slots__ = ("spec_key", "params", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel")
+    __slots__ = ("spec_key", "params", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel", "checked")
     spec_key: tuple[str, tuple, bool]
     params: list[torch.Tensor]
     sts: list[dict]
@@ -529,6 +531,26 @@ class FastGroup:
     numel: np.ndarray
     dtype: torch.dtype
     kernel: _ck._cfuse.CKernel
+    checked: CheckedInC | None
+
+
+class CheckedInC:
+    """What :func:`fast_plan` needs to check a :class:`FastGroup` in C (:mod:`._torch_guard`): handles to the
+    parameters, state tensors and step counters, the ids of the state dicts' values, and the table of addresses the
+    compiled loop reads (row ``i``: parameter ``i``, its gradient (written at each step), its state tensors)."""
+
+    __slots__ = ("guard", "h_params", "h_cols", "h_steps", "keys", "value_ids", "ptrs", "step_ptrs", "ones")
+
+    def __init__(self, g: _gd.Guard, fg: FastGroup, names: Sequence[str]) -> None:
+        self.guard = g
+        self.h_params = g.handles(fg.params)
+        self.h_cols = [g.handles(col) for col in fg.cols]
+        self.h_steps = g.handles(fg.steps)
+        self.keys = (*names, "step")
+        self.value_ids = np.array([[id(t) for t in col] for col in (*fg.cols, fg.steps)], dtype=np.uintp).reshape(len(self.keys), len(fg.params))
+        self.ptrs = np.ascontiguousarray(np.column_stack([fg.p_ptrs, fg.p_ptrs, *fg.col_ptrs]))
+        self.step_ptrs = np.ascontiguousarray(fg.step_ptrs.reshape(-1, 1))
+        self.ones = np.ones(len(fg.params), dtype=np.int64)
 
 
 def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], sts: Sequence[dict]) -> FastGroup | None:
@@ -559,6 +581,8 @@ def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence
     fg.step_ptrs = _ptrs(steps)
     fg.numel = np.fromiter(map(_numel, params), dtype=np.int64, count=len(params))
     fg.dtype, fg.kernel = dtype, ck
+    g = _gd.guard()
+    fg.checked = CheckedInC(g, fg, names) if g is not None else None
     return fg
 
 
@@ -583,6 +607,51 @@ def fast_plan(
     sts = list(map(state_get, params))
     if not all(map(_is, sts, fg.sts)):
         return None
+    c = fg.checked
+    ptrs: np.ndarray | None
+    if c is not None:
+        ptrs = c.ptrs if _checked_in_c(c, fg, sts, grads, c.ptrs) else None
+    else:
+        ptrs = _checked_in_python(fg, sts, params, grads)
+    if ptrs is None:
+        return None
+    ck = fg.kernel
+    ts = ck.read_steps(fg.step_ptrs)
+    if n and not (ts == ts[0]).all():
+        return None
+    t = int(ts[0]) + 1 if n else 1
+    host = ck.host_scalars(tuple(step_scalars(spec, hp, t, HOST)))
+    if host is None:
+        return None
+    sizes = fg.numel
+
+    def run() -> None:
+        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size())
+        ck.write_steps(fg.step_ptrs, float(t))
+        torch.autograd.graph.increment_version(fg.params)
+
+    return run
+
+
+def _checked_in_c(c: CheckedInC, fg: FastGroup, sts: list[dict], grads: Sequence[torch.Tensor], ptrs: np.ndarray) -> bool:
+    """:func:`fast_plan`'s checks through :mod:`._torch_guard`; the gradients' addresses go to column 1 of ``ptrs``."""
+    g, dtype, numel = c.guard, fg.dtype, fg.numel
+    if not g.values(sts, c.keys, c.value_ids):  # every state dict still holds the very tensors it held
+        return False
+    if not g.same(c.h_params, numel, dtype, ptrs, 0) or not g.same(c.h_steps, c.ones, torch.float32, c.step_ptrs, 0):
+        return False
+    if not all(g.same(h, numel, dtype, ptrs, 2 + k) for k, h in enumerate(c.h_cols)):
+        return False
+    try:
+        return g.fresh(list(grads), numel, dtype, ptrs, 1)
+    except (RuntimeError, TypeError):  # a gradient torch cannot hand over: the full checks name it
+        return False
+
+
+def _checked_in_python(fg: FastGroup, sts: list[dict], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> np.ndarray | None:
+    """:func:`fast_plan`'s checks tensor by tensor (where :mod:`._torch_guard` cannot be built): the address table
+    the compiled loop reads, or ``None``."""
+    n = len(params)
     cols = [list(map(getter, sts)) for getter in fg.getters]
     steps = list(map(_GETSTEP, sts))
     if not all(all(map(_is, col, old)) for col, old in zip(cols, fg.cols)) or not all(map(_is, steps, fg.steps)):
@@ -601,20 +670,4 @@ def fast_plan(
         g_ptrs = _ptrs(grads)
     except RuntimeError:  # a sparse gradient has no strides or address: the full checks refuse it by name
         return None
-    ck = fg.kernel
-    ts = ck.read_steps(fg.step_ptrs)
-    if n and not (ts == ts[0]).all():
-        return None
-    t = int(ts[0]) + 1 if n else 1
-    host = ck.host_scalars(tuple(step_scalars(spec, hp, t, HOST)))
-    if host is None:
-        return None
-    sizes = fg.numel
-
-    def run() -> None:
-        ptrs = np.column_stack([fg.p_ptrs, g_ptrs, *fg.col_ptrs])
-        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size())
-        ck.write_steps(fg.step_ptrs, float(t))
-        torch.autograd.graph.increment_version(fg.params)
-
-    return run
+    return np.column_stack([fg.p_ptrs, g_ptrs, *fg.col_ptrs])

@@ -1,0 +1,248 @@
+"""The steady-state step of the torch adapter: what it checks in bulk before its compiled loop writes through raw
+addresses, in C (``_torch_guard``, torch's stable C ABI) and in Python (where the C checks cannot be built).
+
+After a first step passes the full checks, later steps of the group check in bulk that the parameters, their state
+tensors and step counters are the same objects at the same addresses and layouts, and that the fresh gradients are
+contiguous CPU tensors of the right size and dtype. Every change a user can make between steps must either be
+stepped exactly as torch.optim.AdamW steps it, or refused by name; never written through a stale address."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sysconfig
+
+import pytest
+import torch
+
+from xpoptim.adapters import _cfuse
+from xpoptim.adapters import _torch_engine as eng
+from xpoptim.adapters import _torch_guard as gd
+from xpoptim.adapters import torch as xt
+
+SHAPES = [(6,), (3, 4), (5,), (2, 3), (7,)]
+
+
+def _can_build() -> str | None:
+    if _cfuse.compiler() is None:
+        return "no C compiler on this machine: the torch adapter checks tensors in Python"
+    include = sysconfig.get_paths().get("include") or ""
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return "no Python headers on this machine: the torch adapter checks tensors in Python"
+    if not hasattr(getattr(torch._C, "_aoti", None), "unsafe_alloc_void_ptrs_from_tensors"):
+        return "this torch build has no AOTInductor bindings: the torch adapter checks tensors in Python"
+    return None
+
+
+@pytest.fixture(params=["checks-in-c", "checks-in-python"])
+def where(request, monkeypatch):
+    if request.param == "checks-in-c":
+        reason = _can_build()
+        if reason:
+            pytest.skip(reason)
+        assert gd.guard() is not None
+    else:
+        monkeypatch.setattr(gd, "ENABLED", False)
+    return request.param
+
+
+def _pair():
+    torch.manual_seed(7)
+    ours = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    return ours, ref, xt.AdamW(ours, lr=0.05, weight_decay=0.01, compile=False), torch.optim.AdamW(ref, lr=0.05, weight_decay=0.01, foreach=False)
+
+
+def _grads(ps, k, make=None):
+    for i, p in enumerate(ps):
+        g = torch.linspace(-1.0, 1.0, p.numel()).reshape(p.shape) * (k + 1) + 0.1 * i
+        p.grad = make(i, g) if make else g  # fresh gradient tensors, as backward makes after zero_grad()
+
+
+def _fast(opt):
+    (fg,) = [v[1] for v in opt._xp_fast.values()]
+    return fg
+
+
+def _assert_same_trajectory(ours, ref, oa=None, ob=None):
+    """Parameters, and (given the optimizers) every state tensor the user sees, equal torch.optim.AdamW's."""
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+        if oa is not None:
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(oa.state[a][k], ob.state[b][k].reshape(oa.state[a][k].shape), rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_fast_path_checks_where_expected(where):
+    ours, ref, oa, ob = _pair()
+    for k in range(3):
+        _grads(ours, k)
+        _grads(ref, k)
+        oa.step()
+        ob.step()
+    fg = _fast(oa)
+    assert (fg.checked is not None) == (where == "checks-in-c")
+    _assert_same_trajectory(ours, ref)
+
+
+def _state_replaced(opt, ps, i):
+    st = opt.state[ps[i]]
+    st["exp_avg"] = st["exp_avg"].clone()
+
+
+def _state_repointed(opt, ps, i):
+    st = opt.state[ps[i]]
+    st["exp_avg_sq"].data = st["exp_avg_sq"].data.clone()
+
+
+def _step_replaced(opt, ps, i):
+    st = opt.state[ps[i]]
+    st["step"] = st["step"].clone()
+
+
+def _step_repointed(opt, ps, i):
+    st = opt.state[ps[i]]
+    st["step"].data = st["step"].data.clone()
+
+
+def _state_dict_replaced(opt, ps, i):
+    opt.state[ps[i]] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[ps[i]].items()}
+
+
+def _param_repointed(opt, ps, i):
+    ps[i].data = ps[i].data.clone()
+
+
+def _param_transposed_in_place(opt, ps, i):
+    # same memory, another layout: the step must read and write it in its logical order
+    st = opt.state[ps[i]]
+    ps[i].data = ps[i].data.t().contiguous().t()
+    for k in ("exp_avg", "exp_avg_sq"):
+        st[k].data = st[k].data.t().contiguous().t()
+
+
+MUTATIONS = {
+    "state-tensor-replaced": _state_replaced,
+    "state-tensor-data-repointed": _state_repointed,
+    "step-tensor-replaced": _step_replaced,
+    "step-tensor-data-repointed": _step_repointed,
+    "state-dict-replaced": _state_dict_replaced,
+    "param-data-repointed": _param_repointed,
+    "param-and-state-permuted": _param_transposed_in_place,
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_changes_between_steps_are_stepped_like_torch_optim(where, mutation):
+    """Each change is made to one parameter (a matrix, index 1) between fast steps of ours and the same one to
+    torch.optim's (where it is meaningful there); the trajectories stay equal. A check that missed the change would
+    write through the old address (stale state, a parameter that stops moving)."""
+    ours, ref, oa, ob = _pair()
+    for k in range(3):
+        _grads(ours, k)
+        _grads(ref, k)
+        oa.step()
+        ob.step()
+    MUTATIONS[mutation](oa, ours, 1)
+    if mutation in ("param-data-repointed", "param-and-state-permuted"):
+        MUTATIONS[mutation](ob, ref, 1)
+    for k in range(3, 7):
+        _grads(ours, k)
+        _grads(ref, k)
+        oa.step()
+        ob.step()
+    _assert_same_trajectory(ours, ref, oa, ob)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "expanded", "strided-slice"])
+def test_non_contiguous_fresh_gradients_are_read_in_logical_order(where, kind):
+    """Fresh gradients of the right shape that are not contiguous (torch accepts them in ``p.grad = g``)."""
+
+    def make(i, g):
+        if kind == "transposed" and g.ndim == 2:
+            return g.t().contiguous().t()
+        if kind == "expanded":
+            return torch.full((1,), 0.25 * (i + 1)).expand(g.shape)
+        if kind == "strided-slice":
+            return torch.stack([g, -g], dim=-1)[..., 0]
+        return g
+
+    ours, ref, oa, ob = _pair()
+    for k in range(6):
+        _grads(ours, k, make if k >= 2 else None)
+        _grads(ref, k, (lambda i, g: make(i, g).contiguous()) if k >= 2 else None)
+        oa.step()
+        ob.step()
+    _assert_same_trajectory(ours, ref, oa, ob)
+
+
+def test_bad_gradient_data_is_refused_without_changes(where):
+    ours, ref, oa, ob = _pair()
+    for k in range(3):
+        _grads(ours, k)
+        oa.step()
+    _grads(ours, 3)
+    ours[2].grad.data = torch.ones(9, dtype=torch.float64)  # torch refuses ``p.grad = x`` here; ``.data`` gets past
+    before = [p.detach().clone() for p in ours], {i: {k: v.clone() for k, v in oa.state[p].items() if isinstance(v, torch.Tensor)} for i, p in enumerate(ours)}
+    with pytest.raises(ValueError, match="does not match its parameter"):
+        oa.step()
+    for p, b in zip(ours, before[0]):
+        assert torch.equal(p.detach(), b)
+    for i, p in enumerate(ours):
+        for k, v in before[1][i].items():
+            assert torch.equal(oa.state[p][k], v), (i, k)
+
+
+def test_handles_are_released():
+    """The C checks hold references to the parameters' and state tensors' implementations while the group's fast
+    path lives, and none to the gradients after a step; dropping the optimizer releases every one."""
+    if _can_build():
+        pytest.skip(_can_build())
+    ours, _, oa, _ = _pair()
+    base = [p._use_count() for p in ours]
+    for k in range(3):
+        _grads(ours, k)
+        grads = [p.grad for p in ours]
+        g_base = [g._use_count() for g in grads]
+        oa.step()
+        assert [g._use_count() for g in grads] == g_base
+    assert _fast(oa).checked is not None
+    assert all(p._use_count() > b for p, b in zip(ours, base))
+    del oa
+    gc.collect()
+    assert [p._use_count() for p in ours] == base
+
+
+def test_checks_see_each_kind_of_change_directly():
+    """The C checks themselves, on one list: each change to one tensor is seen."""
+    if _can_build():
+        pytest.skip(_can_build())
+    import numpy as np
+
+    g = gd.guard()
+    ts = [torch.randn(4, 3) for _ in range(3)]
+    h = g.handles(ts)
+    numel = np.full(3, 12, dtype=np.int64)
+    table = np.array([[t.data_ptr()] for t in ts], dtype=np.uintp)
+    assert g.same(h, numel, torch.float32, table, 0)
+    out = np.zeros((3, 2), dtype=np.uintp)
+    assert g.fresh(ts, numel, torch.float32, out, 1) and list(out[:, 1]) == [t.data_ptr() for t in ts]
+    for change in (
+        lambda t: t.set_(t.clone()),
+        lambda t: t.t_(),
+        lambda t: t.resize_(13),
+        lambda t: setattr(t, "data", t.data.double()),
+        lambda t: t.as_strided_((4, 3), (1, 4)),
+    ):
+        ts = [torch.randn(4, 3) for _ in range(3)]
+        h = g.handles(ts)
+        table = np.array([[t.data_ptr()] for t in ts], dtype=np.uintp)
+        change(ts[1])
+        assert not g.same(h, numel, torch.float32, table, 0)
+    assert not g.fresh([torch.randn(4, 3), torch.randn(3, 4).t()], numel[:2], torch.float32, out, 1)
+    assert not g.fresh([torch.randn(12, dtype=torch.float64)], numel[:1], torch.float32, out, 1)
+    d = [{"a": ts[0]}]
+    ids = np.array([[id(ts[0])]], dtype=np.uintp)
+    assert g.values(d, ("a",), ids)
+    assert not g.values([{"a": ts[1]}], ("a",), ids) and not g.values([{}], ("a",), ids)
+    assert eng._gd is gd
