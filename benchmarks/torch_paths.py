@@ -19,6 +19,7 @@ __all__ = [
     "inplace_floor",
     "ours",
     "ours_paths",
+    "ours_loop_alone",
     "peer_muon",
     "newton_schulz_peer",
 ]
@@ -253,6 +254,63 @@ def ours(rule: str, arrays, grads, device: str, path: str, options: dict, n_para
         bytes_per_param=bpp,
         info={"options": {k: repr(v) for k, v in options.items()}, "c_loop": c_loop, "fresh_grads_each_step": True},
         prepare=fresh_grads(params),
+        **_timing(device),
+    )
+
+
+def ours_loop_alone(arrays, grads, device: str, n_params: int) -> Subject:
+    """Our AdamW's compiled C loop alone over the same tensors: the addresses of the parameters, state and both
+    alternating sets of fresh gradients are read once, before timing, and each step only runs the loop
+    (``_torch_ckernel.run_spans``). What no per-step work of the adapter (checks, step counters, version bumps)
+    is in: the bound the default path approaches on many small tensors. CPU only."""
+    torch = _torch()
+    if device != "cpu":
+        raise Skip("the compiled C loop runs on CPU tensors")
+    mod = _adapter()
+    ck = importlib.import_module("xpoptim.adapters._torch_ckernel")
+    hparams = importlib.import_module("xpoptim.adapters._torch_hparams")
+    core = importlib.import_module("xpoptim.core")
+    params = to_params(arrays, grads, device)
+    other = [p.grad.clone() for p in params]
+    box: dict = {"k": 0}
+
+    def setup():
+        opt = mod.create("adamw", params, lr=1e-3, weight_decay=0.01, compile=False)
+        opt.step()  # state, and the group's steady-state record (its kernel and addresses)
+        entries = [v[1] for v in opt.__dict__.get("_xp_fast", {}).values()]
+        if len(entries) != 1:
+            raise Skip("the adapter kept no steady-state record for the group (no C compiler?)")
+        fg = entries[0]
+        hp = hparams.hp_from_group(opt.spec, opt.param_groups[0], "AdamW")
+        box["host"] = fg.kernel.host_scalars(tuple(core.step_scalars(opt.spec, hp, 2, core.HOST)))
+        box["sets"] = [[p.grad for p in params], other]
+        box["tables"] = [
+            np.ascontiguousarray(np.column_stack([fg.p_ptrs, np.array([g.data_ptr() for g in gs], dtype=np.uintp), *fg.col_ptrs]))
+            for gs in box["sets"]
+        ]
+        box["fg"], box["opt"] = fg, opt
+
+    def prepare():
+        box["k"] ^= 1
+        for p, g in zip(params, box["sets"][box["k"]]):
+            p.grad = g
+
+    def step():
+        fg = box["fg"]
+        ck.run_spans(fg.kernel, box["host"], fg.numel, box["tables"][box["k"]], 4)
+
+    return Subject(
+        label="xpoptim C loop alone (no checks)",
+        kind="floor",
+        framework="torch",
+        path="C loop alone",
+        rule="adamw",
+        step=step,
+        setup=setup,
+        n_params=n_params,
+        bytes_per_param=28,
+        info={"what": "the compiled loop over precomputed addresses; no per-step work of the adapter"},
+        prepare=prepare,
         **_timing(device),
     )
 

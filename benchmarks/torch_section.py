@@ -47,6 +47,7 @@ def _block(layout, device: str, repeats: int, warmup: int, budget_s: float, skip
         _try(torch_paths.ours, "adamw", arrays, grads, device, "op by op", {"_c_loop": False}, n, 28, {"weight_decay": 0.01}, skipped=skipped, label="ours adamw op by op")
         if op_by_op
         else None,
+        _try(torch_paths.ours_loop_alone, arrays, grads, device, n, skipped=skipped, label="C loop alone") if device == "cpu" else None,
     ]
     subjects = [s for s in subjects if s is not None]
     ms = measure_interleaved(subjects, warmup=warmup, repeats=repeats, budget_s=budget_s, name=layout.name)
