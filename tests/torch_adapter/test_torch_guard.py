@@ -246,3 +246,100 @@ def test_checks_see_each_kind_of_change_directly():
     assert g.values(d, ("a",), ids)
     assert not g.values([{"a": ts[1]}], ("a",), ids) and not g.values([{}], ("a",), ids)
     assert eng._gd is gd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizer.state counts its entry changes (the steady-state step's O(1) look at it)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _replace_entry(opt, ps, i):
+    opt.state[ps[i]] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[ps[i]].items()}
+
+
+def _update_entry(opt, ps, i):
+    opt.state.update({ps[i]: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[ps[i]].items()}})
+
+
+def _ior_entry(opt, ps, i):
+    opt.state |= {ps[i]: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[ps[i]].items()}}
+
+
+def _pop_and_setdefault(opt, ps, i):
+    st = opt.state.pop(ps[i])
+    opt.state.setdefault(ps[i], {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()})
+
+
+def _del_and_reinsert(opt, ps, i):
+    st = opt.state[ps[i]]
+    del opt.state[ps[i]]
+    opt.state[ps[i]] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+
+
+def _clear_and_restore(opt, ps, i):
+    saved = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for p, st in opt.state.items()}
+    opt.state.clear()
+    for p, st in saved.items():
+        dict.__setitem__(opt.state, p, st)  # bypasses the count: ``clear`` above was counted
+
+
+def _whole_mapping_replaced(opt, ps, i):
+    from collections import defaultdict
+
+    opt.state = defaultdict(dict, {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for p, st in opt.state.items()})
+
+
+def _round_trip(opt, ps, i):
+    opt.load_state_dict(opt.state_dict())
+
+
+STATE_CHANGES = {
+    "entry-replaced": _replace_entry,
+    "update": _update_entry,
+    "in-place-or": _ior_entry,
+    "pop-setdefault": _pop_and_setdefault,
+    "del-reinsert": _del_and_reinsert,
+    "clear": _clear_and_restore,
+    "mapping-replaced": _whole_mapping_replaced,
+    "load_state_dict": _round_trip,
+}
+
+
+@pytest.mark.parametrize("change", list(STATE_CHANGES))
+def test_state_entry_changes_are_seen(where, change):
+    """A parameter's state dict swapped for an equal copy, through each way of changing ``optimizer.state``: the
+    later steps update the new tensors (what the user sees in ``optimizer.state``), as torch.optim.AdamW does."""
+    ours, ref, oa, ob = _pair()
+    for k in range(3):
+        _grads(ours, k)
+        _grads(ref, k)
+        oa.step()
+        ob.step()
+    STATE_CHANGES[change](oa, ours, 1)
+    for k in range(3, 6):
+        _grads(ours, k)
+        _grads(ref, k)
+        oa.step()
+        ob.step()
+    _assert_same_trajectory(ours, ref, oa, ob)
+
+
+def test_state_mapping_behaves_as_torch_optims():
+    import copy
+    import pickle
+    from collections import defaultdict
+
+    ours, _, oa, _ = _pair()
+    _grads(ours, 0)
+    oa.step()
+    assert isinstance(oa.state, defaultdict) and oa.state.default_factory is dict
+    before = oa.state.changes
+    stranger = torch.zeros(1)
+    assert oa.state[stranger] == {} and oa.state.changes == before + 1  # a missing key filled by the default
+    del oa.state[stranger]
+    for other in (copy.deepcopy(oa), pickle.loads(pickle.dumps(oa))):
+        assert type(other.state) is type(oa.state)
+        for p, q in zip(ours, other.param_groups[0]["params"]):
+            assert torch.equal(oa.state[p]["exp_avg"], other.state[q]["exp_avg"])
+    oa.load_state_dict(oa.state_dict())
+    assert type(oa.state) is type(other.state)

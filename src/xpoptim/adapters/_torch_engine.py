@@ -518,9 +518,11 @@ class FastGroup:
     another shape; only ``.data`` gets past that check).
     """
 
-    __slots__ = ("spec_key", "params", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel", "checked")
+    __slots__ = ("spec_key", "params", "state", "state_changes", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel", "checked")
     spec_key: tuple[str, tuple, bool]
     params: list[torch.Tensor]
+    state: Mapping
+    state_changes: int | None
     sts: list[dict]
     cols: list[list[torch.Tensor]]
     steps: list[torch.Tensor]
@@ -553,15 +555,17 @@ class CheckedInC:
         self.ones = np.ones(len(fg.params), dtype=np.int64)
 
 
-def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], sts: Sequence[dict]) -> FastGroup | None:
+def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], state: Mapping) -> FastGroup | None:
     """A :class:`FastGroup` for a group whose every parameter and state tensor is a contiguous CPU tensor of one
-    dtype with a compiled loop, else ``None``. Called after a step that passed the full checks."""
+    dtype with a compiled loop, else ``None``. Called after a step that passed the full checks; ``state`` is the
+    optimizer's ``state``."""
     if spec.extras or not params:
         return None
     dtype = params[0].dtype
     ck = _ck.c_kernel(spec, hp, spec.static(hp), maximize, dtype)
     if ck is None:
         return None
+    sts = [state[p] for p in params]
     names = spec.state
     cols = [[st[n] for st in sts] for n in names]
     steps = [st["step"] for st in sts]
@@ -574,7 +578,8 @@ def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence
         return None
     fg = FastGroup()
     fg.spec_key = (spec.name, _ck._static_key(spec.static(hp)), bool(maximize))
-    fg.params, fg.sts, fg.cols, fg.steps = list(params), list(sts), cols, steps
+    fg.params, fg.sts, fg.cols, fg.steps = list(params), sts, cols, steps
+    fg.state, fg.state_changes = state, getattr(state, "changes", None)
     fg.getters = [operator.itemgetter(n) for n in names]
     fg.p_ptrs = _ptrs(params)
     fg.col_ptrs = [_ptrs(c) for c in cols]
@@ -595,18 +600,23 @@ def _ptrs(ts: Sequence[torch.Tensor]) -> np.ndarray:
 
 
 def fast_plan(
-    fg: FastGroup, spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state_get: Callable
+    fg: FastGroup, spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: Mapping
 ) -> Callable[[], None] | None:
     """The step of a group through its :class:`FastGroup`, not yet run; ``None`` when anything differs from what
-    the group established (the caller then runs the full checks, which name what is wrong)."""
+    the group established (the caller then runs the full checks, which name what is wrong).
+
+    ``state`` is the optimizer's ``state``: when it is the same :class:`._torch_state.ParamStates` with no entry
+    changed since the group was recorded, every parameter still has the state dict it had (no lookups); otherwise
+    each parameter's entry is looked up and compared."""
     if (spec.name, _ck._static_key(spec.static(hp)), bool(maximize)) != fg.spec_key:
         return None
     n = len(params)
     if n != len(fg.params) or not all(map(_is, params, fg.params)):
         return None
-    sts = list(map(state_get, params))
-    if not all(map(_is, sts, fg.sts)):
-        return None
+    sts: list = fg.sts
+    if state is not fg.state or fg.state_changes is None or getattr(state, "changes", None) != fg.state_changes:
+        if not all(map(_is, map(state.get, params), sts)):
+            return None
     c = fg.checked
     ptrs: np.ndarray | None
     if c is not None:

@@ -20,7 +20,7 @@ from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from . import _torch_engine as _eng
 from . import _torch_gemm
-from ._torch_state import build_loaded, expected_state
+from ._torch_state import ParamStates, build_loaded, expected_state
 from ._torch_hparams import (
     OPTION_DEFAULTS,
     OPTION_KEYS,
@@ -168,6 +168,7 @@ class XPOptimizer(Optimizer):
             self.__dict__["_xp_pending_fallback"] = defaults["fallback"]
             params = self._route_by_ndim(params, where)
         super().__init__(params, defaults)
+        self.state = ParamStates(dict, self.state)
         _torch_gemm.install()
 
     @staticmethod
@@ -311,6 +312,8 @@ class XPOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state.get("spec"), str):
             state = {**state, "spec": SPECS[state["spec"]]}
+        if not isinstance(state.get("state", ParamStates()), ParamStates):
+            state = {**state, "state": ParamStates(dict, state["state"])}
         super().__setstate__(state)
         self.__dict__["_xp_fast"] = {}
         if "spec" not in type(self).__dict__:
@@ -369,7 +372,7 @@ class XPOptimizer(Optimizer):
                 continue
             sdt_fg = fast.get(id(group))
             if sdt_fg is not None and sdt_fg[0] == group["state_dtype"] and not group["compile"] and isinstance(gspec, ElementwiseSpec):
-                run = _eng.fast_plan(sdt_fg[1], gspec, hp, group["maximize"], params, grads, state.get)
+                run = _eng.fast_plan(sdt_fg[1], gspec, hp, group["maximize"], params, grads, state)
                 if run is not None:
                     ready.append(run)
                     continue
@@ -387,7 +390,8 @@ class XPOptimizer(Optimizer):
                 elementwise.append(self._elementwise_plan(group, gspec, hp, params, grads, extras, new_state, where))
         # Phase 3: write. New state entries first (the elementwise kernels write into them), then the kernels,
         # then the matrix updates computed above.
-        state.update(new_state)
+        if new_state:
+            state.update(new_state)
         for run in ready:
             run()
         for run in elementwise:
@@ -397,7 +401,7 @@ class XPOptimizer(Optimizer):
         # Groups that passed the full checks: remember their tensors, so the next step can check them in bulk.
         for group, gspec, hp, params, _grads, _extras in plans:
             if isinstance(gspec, ElementwiseSpec) and not group["compile"]:
-                fg = _eng.fast_group(gspec, hp, group["maximize"], params, [state[p] for p in params])
+                fg = _eng.fast_group(gspec, hp, group["maximize"], params, state)
                 if fg is None:
                     fast.pop(id(group), None)
                 else:

@@ -20,7 +20,61 @@ from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 from . import _torch_engine as _eng
 from ._torch_hparams import OPTION_DEFAULTS, check_options, hp_from_group
 
-__all__ = ["build_loaded", "expected_state"]
+__all__ = ["build_loaded", "expected_state", "ParamStates"]
+
+
+class ParamStates(defaultdict):
+    """``optimizer.state``: torch.optim's ``defaultdict(dict)`` of per-parameter state, counting its own changes.
+
+    Each call that adds, replaces or removes a parameter's entry (``state[p] = ...``, ``del``, ``pop``,
+    ``popitem``, ``clear``, ``update``, ``setdefault``, ``|=``, and a missing key filled by the default) bumps
+    :attr:`changes`. The steady-state step (``_torch_engine.fast_plan``) compares the count with the one it saw,
+    in place of looking up every parameter's entry (a Python-level ``Tensor.__hash__`` each). Reading, iteration,
+    pickling, ``copy.deepcopy`` and ``state_dict`` are ``defaultdict``'s; the per-parameter dicts are plain dicts,
+    whose values the step checks itself.
+
+    Attributes:
+        changes: how many entry changes this mapping has seen.
+    """
+
+    __slots__ = ("changes",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.changes = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.changes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.changes += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self.changes += 1
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[Any, Any]:
+        self.changes += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.changes += 1
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.changes += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.changes += 1
+        return super().setdefault(key, default)
+
+    def __ior__(self, other: Any) -> ParamStates:  # type: ignore[misc]
+        self.changes += 1
+        super().__ior__(other)
+        return self
 
 
 def expected_state(gspec: ElementwiseSpec | MatrixSpec, p: torch.Tensor, hp: dict) -> dict[str, tuple | None]:
@@ -51,7 +105,7 @@ def _step_value(v: Any, where: str) -> float:
     return float(v)
 
 
-def build_loaded(opt: Any, state_dict: Any) -> tuple[list[dict], defaultdict]:
+def build_loaded(opt: Any, state_dict: Any) -> tuple[list[dict], ParamStates]:
     """New ``(param_groups, state)`` for ``opt`` from ``state_dict``; raises ``ValueError`` when anything does not fit."""
     where = opt.spec.title
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -92,7 +146,7 @@ def build_loaded(opt: Any, state_dict: Any) -> tuple[list[dict], defaultdict]:
         groups.append(new)
         for pid, p in zip(sg["params"], g["params"]):
             id_map[pid] = (p, new, gspec, hp)
-    state: defaultdict = defaultdict(dict)
+    state = ParamStates(dict)
     for pid, st in saved_state.items():
         if pid not in id_map:
             continue
