@@ -454,8 +454,15 @@ def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np
         ops = [operand(a) for a in args]
         if op in ("+", "-", "*", "/"):
             expr = f"{ops[0]} {op} {ops[1]}"
-        elif op in ("<", "<=", ">", ">=", "==", "!=", "&&", "||"):
+        elif op in ("<", "<=", ">", ">=", "==", "!="):
             expr = f"{ops[0]} {op} {ops[1]}"
+        elif op == "&&":
+            # As a select, not ``&&`` or ``&``: gcc turns either form, when the result feeds another select, into a
+            # select between comparison masks that its vectoriser refuses (M-SVAG's direction then ran one element
+            # at a time); the select form vectorises. Same 0/1 values.
+            expr = f"({ops[0]} ? {ops[1]} : 0)"
+        elif op == "||":
+            expr = f"({ops[0]} ? 1 : {ops[1]})"
         elif op == "neg":
             expr = f"-{ops[0]}"
         elif op == "not":
