@@ -59,6 +59,15 @@ def _grads(ps, k, make=None):
         p.grad = make(i, g) if make else g  # fresh gradient tensors, as backward makes after zero_grad()
 
 
+def _steps(ours, ref, oa, ob, ks):
+    """Fresh gradients and one step of both optimizers for each ``k`` in ``ks``."""
+    for k in ks:
+        _grads(ours, k)
+        _grads(ref, k)
+        oa.step()
+        ob.step()
+
+
 def _fast(opt):
     (fg,) = [v[1] for v in opt._xp_fast.values()]
     return fg
@@ -75,38 +84,34 @@ def _assert_same_trajectory(ours, ref, oa=None, ob=None):
 
 def test_fast_path_checks_where_expected(where):
     ours, ref, oa, ob = _pair()
-    for k in range(3):
-        _grads(ours, k)
-        _grads(ref, k)
-        oa.step()
-        ob.step()
+    _steps(ours, ref, oa, ob, range(3))
     fg = _fast(oa)
     assert (fg.checked is not None) == (where == "checks-in-c")
     _assert_same_trajectory(ours, ref)
 
 
-def _state_replaced(opt, ps, i):
-    st = opt.state[ps[i]]
-    st["exp_avg"] = st["exp_avg"].clone()
+def _copy(st):
+    """A parameter's state dict with every tensor cloned (equal values, new memory)."""
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
 
 
-def _state_repointed(opt, ps, i):
-    st = opt.state[ps[i]]
-    st["exp_avg_sq"].data = st["exp_avg_sq"].data.clone()
+def _replaced(name):
+    def change(opt, ps, i):
+        opt.state[ps[i]][name] = opt.state[ps[i]][name].clone()
+
+    return change
 
 
-def _step_replaced(opt, ps, i):
-    st = opt.state[ps[i]]
-    st["step"] = st["step"].clone()
+def _repointed(name):
+    def change(opt, ps, i):
+        t = opt.state[ps[i]][name]
+        t.data = t.data.clone()
 
-
-def _step_repointed(opt, ps, i):
-    st = opt.state[ps[i]]
-    st["step"].data = st["step"].data.clone()
+    return change
 
 
 def _state_dict_replaced(opt, ps, i):
-    opt.state[ps[i]] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[ps[i]].items()}
+    opt.state[ps[i]] = _copy(opt.state[ps[i]])
 
 
 def _param_repointed(opt, ps, i):
@@ -122,10 +127,10 @@ def _param_transposed_in_place(opt, ps, i):
 
 
 MUTATIONS = {
-    "state-tensor-replaced": _state_replaced,
-    "state-tensor-data-repointed": _state_repointed,
-    "step-tensor-replaced": _step_replaced,
-    "step-tensor-data-repointed": _step_repointed,
+    "state-tensor-replaced": _replaced("exp_avg"),
+    "state-tensor-data-repointed": _repointed("exp_avg_sq"),
+    "step-tensor-replaced": _replaced("step"),
+    "step-tensor-data-repointed": _repointed("step"),
     "state-dict-replaced": _state_dict_replaced,
     "param-data-repointed": _param_repointed,
     "param-and-state-permuted": _param_transposed_in_place,
@@ -138,19 +143,11 @@ def test_changes_between_steps_are_stepped_like_torch_optim(where, mutation):
     torch.optim's (where it is meaningful there); the trajectories stay equal. A check that missed the change would
     write through the old address (stale state, a parameter that stops moving)."""
     ours, ref, oa, ob = _pair()
-    for k in range(3):
-        _grads(ours, k)
-        _grads(ref, k)
-        oa.step()
-        ob.step()
+    _steps(ours, ref, oa, ob, range(3))
     MUTATIONS[mutation](oa, ours, 1)
     if mutation in ("param-data-repointed", "param-and-state-permuted"):
         MUTATIONS[mutation](ob, ref, 1)
-    for k in range(3, 7):
-        _grads(ours, k)
-        _grads(ref, k)
-        oa.step()
-        ob.step()
+    _steps(ours, ref, oa, ob, range(3, 7))
     _assert_same_trajectory(ours, ref, oa, ob)
 
 
@@ -253,31 +250,26 @@ def test_checks_see_each_kind_of_change_directly():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _replace_entry(opt, ps, i):
-    opt.state[ps[i]] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[ps[i]].items()}
-
-
 def _update_entry(opt, ps, i):
-    opt.state.update({ps[i]: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[ps[i]].items()}})
+    opt.state.update({ps[i]: _copy(opt.state[ps[i]])})
 
 
 def _ior_entry(opt, ps, i):
-    opt.state |= {ps[i]: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[ps[i]].items()}}
+    opt.state |= {ps[i]: _copy(opt.state[ps[i]])}
 
 
 def _pop_and_setdefault(opt, ps, i):
-    st = opt.state.pop(ps[i])
-    opt.state.setdefault(ps[i], {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()})
+    opt.state.setdefault(ps[i], _copy(opt.state.pop(ps[i])))
 
 
 def _del_and_reinsert(opt, ps, i):
     st = opt.state[ps[i]]
     del opt.state[ps[i]]
-    opt.state[ps[i]] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+    opt.state[ps[i]] = _copy(st)
 
 
 def _clear_and_restore(opt, ps, i):
-    saved = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for p, st in opt.state.items()}
+    saved = {p: _copy(st) for p, st in opt.state.items()}
     opt.state.clear()
     for p, st in saved.items():
         dict.__setitem__(opt.state, p, st)  # bypasses the count: ``clear`` above was counted
@@ -286,7 +278,7 @@ def _clear_and_restore(opt, ps, i):
 def _whole_mapping_replaced(opt, ps, i):
     from collections import defaultdict
 
-    opt.state = defaultdict(dict, {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for p, st in opt.state.items()})
+    opt.state = defaultdict(dict, {p: _copy(st) for p, st in opt.state.items()})
 
 
 def _round_trip(opt, ps, i):
@@ -294,7 +286,7 @@ def _round_trip(opt, ps, i):
 
 
 STATE_CHANGES = {
-    "entry-replaced": _replace_entry,
+    "entry-replaced": _state_dict_replaced,
     "update": _update_entry,
     "in-place-or": _ior_entry,
     "pop-setdefault": _pop_and_setdefault,
@@ -310,17 +302,9 @@ def test_state_entry_changes_are_seen(where, change):
     """A parameter's state dict swapped for an equal copy, through each way of changing ``optimizer.state``: the
     later steps update the new tensors (what the user sees in ``optimizer.state``), as torch.optim.AdamW does."""
     ours, ref, oa, ob = _pair()
-    for k in range(3):
-        _grads(ours, k)
-        _grads(ref, k)
-        oa.step()
-        ob.step()
+    _steps(ours, ref, oa, ob, range(3))
     STATE_CHANGES[change](oa, ours, 1)
-    for k in range(3, 6):
-        _grads(ours, k)
-        _grads(ref, k)
-        oa.step()
-        ob.step()
+    _steps(ours, ref, oa, ob, range(3, 6))
     _assert_same_trajectory(ours, ref, oa, ob)
 
 
