@@ -513,9 +513,9 @@ class FastGroup:
     by ``p.data = x``, state replaced by ``load_state_dict`` or by hand, or a new parameter in the group, all fall
     back to the full checks); the fresh gradients are checked at every step (element count, dtype, device,
     contiguity: what the compiled loop needs to read them safely). The per-tensor questions are asked in one C call
-    per list where :mod:`._torch_guard` builds (:class:`CheckedInC`), else tensor by tensor in Python. A gradient swapped through ``p.grad.data = x`` for a
-    tensor with as many elements in another shape is read in memory order (torch itself refuses ``p.grad = x`` of
-    another shape; only ``.data`` gets past that check).
+    per list where :mod:`._torch_guard` builds (:class:`CheckedInC`), else tensor by tensor in Python. A gradient
+    swapped through ``p.grad.data = x`` for a tensor with as many elements in another shape is read in memory order
+    (torch itself refuses ``p.grad = x`` of another shape; only ``.data`` gets past that check).
     """
 
     __slots__ = ("spec_key", "params", "state", "state_changes", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel", "checked")

@@ -312,7 +312,7 @@ class XPOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state.get("spec"), str):
             state = {**state, "spec": SPECS[state["spec"]]}
-        if not isinstance(state.get("state", ParamStates()), ParamStates):
+        if "state" in state and not isinstance(state["state"], ParamStates):  # torch.optim's, or an older pickle's
             state = {**state, "state": ParamStates(dict, state["state"])}
         super().__setstate__(state)
         self.__dict__["_xp_fast"] = {}
