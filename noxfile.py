@@ -6,6 +6,8 @@ CUDA torch). CPU torch is pinned to 2.13.0.
 Sessions:
     tests        the full CPU suite with every CPU backend installed together (numpy, strict, torch, jax)
     slow         the tests marked ``slow`` (long compiles, Monte Carlo, multi-process)
+    peers        the peers' own suites on every rule: torch's generic optimizer tests and optax's alias tests
+                 (tests/peers/; the default run keeps one rule of each kind)
     isolation    one per backend (numpy, strict, torch, jax): installs only that backend and proves the core
                  and the NumPy path run without the others
     matrix       the cross-backend verifier; writes its report under benchmarks/results/matrix/
@@ -66,6 +68,13 @@ def slow(session: nox.Session) -> None:
     """Tests marked slow (long compiles, Monte Carlo, multi-process)."""
     py = _shared_python(session)
     session.run(py, "-m", "pytest", "-m", "slow", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def peers(session: nox.Session) -> None:
+    """torch's generic optimizer tests and optax's alias tests (tests/peers/) on every xpoptim rule."""
+    py = _shared_python(session)
+    session.run(py, "-m", "pytest", "tests/peers", "-m", "not slow and not gpu", *session.posargs, external=True)
 
 
 @nox.session

@@ -114,7 +114,7 @@ def peer_heavyball(arrays, grads, device: str, n_params: int) -> Subject:
         heavyball = importlib.import_module("heavyball")
     except ImportError as exc:
         raise Skip(
-            f"heavyball is not installed ({exc}); `pip install heavyball` installs it next to a CPU torch "
+            f"heavyball is not installed ({exc}); `pip install -e '.[bench]'` (or `pip install heavyball`) installs it next to a CPU torch "
             "(it requires torch>=2.2, opt-einsum and numpy>=2.3.4, and no CUDA build)"
         ) from None
     params = to_params(arrays, grads, device)

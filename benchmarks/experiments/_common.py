@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +172,41 @@ def _fmt(x: Any) -> str:
 def run_main(main: Any) -> None:
     """``sys.exit(main())`` for ``python -m``."""
     sys.exit(main())
+
+
+@contextlib.contextmanager
+def one_thread_per_framework(jax_x64: bool = False) -> Iterator[None]:
+    """Run an experiment with one thread per framework, and give the process its settings back afterwards.
+
+    The models are small: more threads gain nothing, and on a shared CPU oversubscribed thread pools make every
+    operation many times slower. torch's intra-op threads are set to 1; JAX's CPU client gets
+    ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`` through ``XLA_FLAGS`` (read once, when
+    JAX first starts a backend: a process that already runs JAX keeps its own); ``jax_x64`` turns on float64 in
+    JAX. torch's thread count, ``XLA_FLAGS`` and JAX's float64 flag are restored on exit, so a script's ``main``
+    can be called inside another program (the smoke tests call it in the test process) without changing it.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    had_flags = "XLA_FLAGS" in os.environ
+    flags = os.environ.get("XLA_FLAGS")
+    x64 = None
+    torch.set_num_threads(1)
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    try:
+        if jax_x64:
+            import jax
+
+            x64 = bool(jax.config.jax_enable_x64)
+            jax.config.update("jax_enable_x64", True)
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if had_flags:
+            os.environ["XLA_FLAGS"] = flags  # type: ignore[assignment]
+        else:
+            os.environ.pop("XLA_FLAGS", None)
+        if x64 is not None:
+            import jax
+
+            jax.config.update("jax_enable_x64", x64)

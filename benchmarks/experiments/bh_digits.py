@@ -20,12 +20,12 @@ Run: ``python -m benchmarks.experiments bh_digits [--quick]``.
 
 from __future__ import annotations
 
+import argparse
 import numpy as np
 
-from xpoptim.core import SPECS
 
 from . import _digits as D
-from ._common import Report, parse_args, run_main
+from ._common import Report, one_thread_per_framework, parse_args, run_main
 
 #: Library modules whose functions compute this experiment's numbers (see ``_provenance``).
 SOURCES = (
@@ -54,9 +54,11 @@ BATCH = 128
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    import torch
+    with one_thread_per_framework():
+        return _run(args)
 
-    torch.set_num_threads(1)
+
+def _run(args: argparse.Namespace) -> int:
     steps = 10 if args.quick else 300
     grid = D.GRID[3:5] if args.quick else D.GRID
     tuning, evals = (D.TUNING_SEEDS[:1], D.EVAL_SEEDS[:2]) if args.quick else (D.TUNING_SEEDS[:2], D.EVAL_SEEDS)

@@ -21,6 +21,7 @@ Run: ``python -m benchmarks.experiments charlm [--quick]``.
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import numpy as np
@@ -28,7 +29,7 @@ import numpy as np
 from xpoptim.core import SPECS, MatrixSpec
 
 from . import _digits as D
-from ._common import Report, parse_args, run_main
+from ._common import Report, one_thread_per_framework, parse_args, run_main
 
 #: Library modules whose functions compute this experiment's numbers (see ``_provenance``).
 SOURCES = (
@@ -199,9 +200,11 @@ def make_task(quick: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    import torch
+    with one_thread_per_framework():
+        return _run(args)
 
-    torch.set_num_threads(1)
+
+def _run(args: argparse.Namespace) -> int:
     steps = 15 if args.quick else 1000
     eval_every = 5 if args.quick else 100
     grid = GRID[:2] if args.quick else GRID

@@ -23,6 +23,7 @@ Run: ``python -m benchmarks.experiments mvngrad_digits [--quick]``.
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 from xpoptim.core import SPECS, functional, get_spec
 
 from . import _digits as D
-from ._common import Report, parse_args, run_main
+from ._common import Report, one_thread_per_framework, parse_args, run_main
 from .mvngrad_theory import candidate_steps
 
 #: Library modules whose functions compute this experiment's numbers (see ``_provenance``).
@@ -170,9 +171,11 @@ def part_c(rep: Report, data: dict, quick: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    import torch
+    with one_thread_per_framework():
+        return _run(args)
 
-    torch.set_num_threads(1)
+
+def _run(args: argparse.Namespace) -> int:
     rep = Report("mvngrad_digits", "MVN-Grad on digits: batch sizes, lr x beta2 robustness, update-variance gap", args.out, args.quick, SOURCES)
     data = D.load()
     rep.note(f"MLP 64 -> 64 -> 10 (tanh, float64); split {D.SPLIT[0]} / {D.SPLIT[1]} / {D.SPLIT[2]}; torch adapter; "

@@ -18,15 +18,15 @@ Run: ``python -m benchmarks.experiments real_data [--quick]``.
 
 from __future__ import annotations
 
+import argparse
 import math
-import os
 
 import numpy as np
 
 from xpoptim.core import SPECS, MatrixSpec
 
 from . import _digits as D
-from ._common import Report, parse_args, run_main
+from ._common import Report, one_thread_per_framework, parse_args, run_main
 
 #: Library modules whose functions compute this experiment's numbers (see ``_provenance``).
 SOURCES = (
@@ -106,16 +106,14 @@ def run_jax(name: str, lr: float, seed: int, data: dict, steps: int, batch_size:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    # One thread per framework: the tiny models gain nothing from more, and on a shared CPU
-    # oversubscribed thread pools make every op many times slower.
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    with one_thread_per_framework(jax_x64=True):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-        import torch
-
-        torch.set_num_threads(1)
+        import jax  # noqa: F401
+        import torch  # noqa: F401
 
         from xpoptim.adapters import optax as _xo  # noqa: F401
         from xpoptim.adapters import torch as _xt  # noqa: F401

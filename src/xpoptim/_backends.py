@@ -95,8 +95,9 @@ def resolve_names(spec: str | None) -> list[str]:
 
 def _numpy() -> Backend:
     import array_api_compat.numpy as xp
+    import numpy as np
 
-    return Backend("numpy", xp, None, {"float64": xp.float64, "float32": xp.float32}, "numpy")
+    return Backend("numpy", xp, None, {"float64": np.float64, "float32": np.float32}, "numpy")
 
 
 def _strict() -> Backend:

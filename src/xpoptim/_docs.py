@@ -6,7 +6,7 @@ this table between the ``<!-- conventions:begin -->`` and ``<!-- conventions:end
 
 from __future__ import annotations
 
-from xpoptim.core import BUILTIN, SPECS
+from xpoptim.core import BUILTIN, SPECS, MatrixSpec
 
 
 def _fmt(value: object) -> str:
@@ -29,7 +29,7 @@ def conventions_table() -> str:
     ]
     for spec in (s for n, s in SPECS.items() if n in BUILTIN):
         defaults = ", ".join(f"{h.name}={_fmt(h.default)}" for h in spec.hyperparams)
-        extra = f"; non-matrix params: {spec.fallback}" if spec.kind == "matrix" else ""
+        extra = f"; non-matrix params: {spec.fallback}" if isinstance(spec, MatrixSpec) else ""
         cells = (f"`{spec.title}`", defaults, f"{spec.conventions}{extra}", spec.source)
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)

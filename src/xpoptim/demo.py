@@ -90,12 +90,14 @@ def train_torch(optimizer: str, hp: dict, data: tuple, params: dict, idx: list) 
 
     x_tr, y_tr, x_te, y_te = (torch.from_numpy(np.asarray(a)) for a in data[:4])
     x_tr, x_te = x_tr.float(), x_te.float()
-    model = torch.nn.Sequential(torch.nn.Linear(params["w1"].shape[1], params["w1"].shape[0]), torch.nn.Tanh(), torch.nn.Linear(params["w2"].shape[1], params["w2"].shape[0]))
+    hidden = torch.nn.Linear(params["w1"].shape[1], params["w1"].shape[0])
+    head = torch.nn.Linear(params["w2"].shape[1], params["w2"].shape[0])
+    model = torch.nn.Sequential(hidden, torch.nn.Tanh(), head)
     with torch.no_grad():
-        model[0].weight.copy_(torch.from_numpy(params["w1"]))
-        model[0].bias.copy_(torch.from_numpy(params["b1"]))
-        model[2].weight.copy_(torch.from_numpy(params["w2"]))
-        model[2].bias.copy_(torch.from_numpy(params["b2"]))
+        hidden.weight.copy_(torch.from_numpy(params["w1"]))
+        hidden.bias.copy_(torch.from_numpy(params["b1"]))
+        head.weight.copy_(torch.from_numpy(params["w2"]))
+        head.bias.copy_(torch.from_numpy(params["b2"]))
     opt = xt.create(optimizer, model.parameters(), **hp)
     losses = []
     for b in idx:

@@ -2,9 +2,10 @@
 
 It runs every optimizer on every array backend installed here (NumPy always; array-api-strict, torch
 CPU/CUDA, JAX CPU/GPU, CuPy when usable), in float64 and float32, for ``--steps`` steps on fixed
-problems (``xpoptim._problems``; by default the closed-loop ones: a noisy quadratic, a small tanh MLP with
-hand-written backprop, a matrix least-squares problem for the spectral rules; ``--problems structured,digits``
-adds gradients with the structure of real models, replayed identically to every backend), and compares each parameter trajectory with the
+problems (``xpoptim._problems``: closed-loop ones, a noisy quadratic, a small tanh MLP with hand-written
+backprop and a matrix least-squares problem for the spectral rules; and gradients with the structure of real
+models, replayed identically to every backend, ``structured`` and ``digits``; ``--problems`` selects a subset),
+and compares each parameter trajectory with the
 float64 NumPy run of the same core rule (``xpoptim.core.functional``) on the same inputs (for a
 float32 candidate the reference starts from the float32-rounded initial point and data, so the check
 measures the candidate's arithmetic, not the rounding of its inputs). It also drives the adapters
@@ -14,11 +15,14 @@ same problems, so the numbers users get through a framework are checked, not onl
 **The error of a cell.** For each problem and parameter, with ``R_t`` the reference trajectory
 (``t = 0..N``) and ``A_t`` the candidate's,
 
-    err = max_t max_i |A_t,i - R_t,i| / max_t max_i |R_t,i - R_0,i|,
+    err = max_t max_i max(|A_t,i - R_t,i| - F_t,i, 0) / max_t max_i |R_t,i - R_0,i|,
 
 the largest deviation relative to the distance the reference travelled (a per-element relative error
 would be dominated by elements crossing zero; relative to the parameter's size it would hide bugs
-when the optimizer moves little). A cell's error is the maximum over problems and parameters; it passes
+when the optimizer moves little), counted beyond ``F``, the deviation that storing the parameter in the
+candidate's dtype alone can cause (:func:`representation_floor`: at most 3 roundings of ``|p|`` per step, summed
+over the steps; it matters for a parameter that moves little against its size, e.g. one moved only by weight
+decay). A cell's error is the maximum over problems and parameters; it passes
 when ``err <= tolerance(optimizer, dtype, steps)`` (:data:`TOLERANCES`, each bound with its reason;
 measured at 20 steps, scaled by ``20/steps`` for shorter runs, see :func:`tolerance`).
 
@@ -69,6 +73,8 @@ __all__ = [
     "Trajectory",
     "run_core",
     "trajectory_error",
+    "representation_floor",
+    "ROUNDINGS_PER_STEP",
     "perturbed",
     "run",
     "Report",
@@ -280,7 +286,7 @@ def perturbed(spec: ElementwiseSpec | MatrixSpec, kind: str = "step") -> Element
     if kind == "lr":
         validate = spec.validate
 
-        class _LrOff(type(spec)):  # type: ignore[misc, valid-type]
+        class _LrOff(type(spec)):  # type: ignore[misc]  # a subclass of the spec's own class, known at run time
             def validate(self, **hp: Any) -> dict:  # noqa: D102
                 out = validate(**hp)
                 out["lr"] = out["lr"] * 1.001
@@ -299,12 +305,13 @@ def perturbed(spec: ElementwiseSpec | MatrixSpec, kind: str = "step") -> Element
 class ErrorReport:
     """The worst deviation of a candidate trajectory from the reference."""
 
-    error: float  # relative to the distance travelled (module docstring)
-    abs_error: float
+    error: float  # beyond the representation floor, relative to the distance travelled (module docstring)
+    abs_error: float  # |A - R| where ``error`` is largest
     problem: str = ""
     param: str = ""
     step: int = 0
     index: tuple = ()
+    raw: float = 0.0  # the largest |A - R| / travel without the floor (for the report)
 
     def where(self) -> str:
         if not self.param or self.error == 0:
@@ -312,10 +319,48 @@ class ErrorReport:
         return f"{self.problem}/{self.param} step {self.step} index {list(self.index)}"
 
 
-def trajectory_error(actual: Trajectory, desired: Trajectory, problem: str = "") -> ErrorReport:
+#: Roundings of a parameter-sized number in one step of the update ``p <- p (1 - lr wd) - lr d``: the decay factor
+#: ``1 - lr wd`` stored in the parameter's dtype (a systematic relative error up to ``u``), the product
+#: ``p (1 - lr wd)`` and the sum. Fused and op-by-op forms, torch's in-place ``mul_``/``add_`` and optax's
+#: ``p + (-lr (d + wd p))`` round at most this many times at the size of ``|p|``.
+ROUNDINGS_PER_STEP = 3
+
+
+def representation_floor(ref: np.ndarray, dtype: str) -> np.ndarray:
+    """What storing the parameter in ``dtype`` alone can make a trajectory deviate from ``ref``, per step and element.
+
+    Derivation. Each step rounds at most :data:`ROUNDINGS_PER_STEP` numbers of the size of the parameter (round
+    to nearest: an error of at most ``u |x|``, ``u = eps / 2``), and a rounding error of ``p`` persists: later steps
+    move ``p`` by amounts that do not depend on it, except through the decay factor ``1 - lr wd ~ 1``. Both the
+    candidate (unit round-off ``u_A``) and the float64 reference (``u_R``) round, so after ``t`` steps
+
+        ``F_t,i = ROUNDINGS_PER_STEP (u_A + u_R) sum_{s=1..t} max(|R_s-1,i|, |R_s,i|)``,  ``F_0 = 0``.
+
+    It matters where a parameter moves little against its size: a parameter moved only by weight decay travels
+    ``lr wd |p|`` per step while float32 rounds it by up to ``3 u |p|``, ``3 eps / (2 lr wd)`` of its travel
+    (``9e-3`` at ``lr = 2e-3``, ``wd = 1e-2``) on every backend; on a parameter that moves ``~lr`` per step it is
+    ``~1e-5`` of the travel in float32.
+
+    Args:
+        ref: the reference trajectory of one parameter, ``(steps + 1, *shape)``.
+        dtype: the candidate's dtype (``"float64"`` or ``"float32"``).
+
+    Returns:
+        ``F`` with the shape of ``ref``.
+    """
+    u = float(np.finfo(np.dtype(dtype)).eps) / 2 + float(np.finfo(np.float64).eps) / 2
+    a = np.abs(ref)
+    per_step = np.maximum(a[:-1], a[1:]) if len(ref) > 1 else a[:0]
+    floor = np.zeros_like(a)
+    floor[1:] = ROUNDINGS_PER_STEP * u * np.cumsum(per_step, axis=0)
+    return floor
+
+
+def trajectory_error(actual: Trajectory, desired: Trajectory, problem: str = "", dtype: str | None = None) -> ErrorReport:
     """The cell error of ``actual`` against the reference ``desired`` (see the module docstring).
 
-    NaN or inf in ``actual`` gives an infinite error.
+    With ``dtype`` (the candidate's), the deviation is counted beyond the :func:`representation_floor` of that
+    dtype; without it, in full. NaN or inf in ``actual`` gives an infinite error.
     """
     worst = ErrorReport(0.0, 0.0)
     for name in desired.params[0]:
@@ -328,12 +373,16 @@ def trajectory_error(actual: Trajectory, desired: Trajectory, problem: str = "")
             travel = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1.0)
         diff = np.abs(got - ref)
         diff = np.where(np.isfinite(got), diff, np.inf)
-        flat = int(np.argmax(diff))
-        idx = np.unravel_index(flat, diff.shape)
+        excess = diff if dtype is None else np.maximum(diff - representation_floor(ref, dtype), 0.0)
+        flat = int(np.argmax(excess))
+        idx = np.unravel_index(flat, excess.shape)
         abs_err = float(diff[idx])
-        err = abs_err / travel
+        err = float(excess[idx]) / travel
+        raw = max(worst.raw, float(np.max(diff)) / travel if diff.size else 0.0)
         if err > worst.error or (err == worst.error and not worst.param):
-            worst = ErrorReport(err, abs_err, problem, name, int(idx[0]), tuple(int(i) for i in idx[1:]))
+            worst = ErrorReport(err, abs_err, problem, name, int(idx[0]), tuple(int(i) for i in idx[1:]), raw)
+        else:
+            worst.raw = raw
     return worst
 
 
@@ -362,7 +411,10 @@ class Candidate:
         """Trajectories for every problem, by name."""
         if self.joint_runner is not None:
             return self.joint_runner(config, problems, dtype, steps)
-        return {p.name: self.runner(config, p, dtype, steps) for p in problems}
+        runner = self.runner
+        if runner is None:
+            raise ValueError(f"candidate {self.path}/{self.backend}: has neither runner nor joint_runner")
+        return {p.name: runner(config, p, dtype, steps) for p in problems}
 
 
 def _core_candidate(backend: Backend, override: Mapping[str, Any]) -> Candidate:
@@ -501,7 +553,8 @@ def run(
         backends: backend names or aliases (``"numpy,torch"``; default: ``$XPOPTIM_BACKENDS`` or all).
         dtypes: subset of ``("float64", "float32")``.
         steps: steps per trajectory (>= 1).
-        problems: subset of ``PROBLEMS`` (default: ``DEFAULT_PROBLEMS``, the closed-loop ones).
+        problems: subset of ``PROBLEMS`` (default: ``DEFAULT_PROBLEMS``, all of them; ``digits`` only where
+            scikit-learn is installed).
         adapters: also check the torch / optax / array adapters.
         variants: include the non-default configurations when ``optimizers`` names an optimizer.
         override: registry name -> spec used by the *core candidates* instead of the real one (the
@@ -608,10 +661,14 @@ def _cell(config: Config, cand: Candidate, dtype: str, probs: list[Problem], ref
     }
     t0 = time.perf_counter()
     worst = ErrorReport(0.0, 0.0)
+    raw = 0.0
+    per_problem: dict[str, dict] = {}
     try:
         trajs = cand.run_all(config, probs, dtype, steps)
         for p in probs:
-            e = trajectory_error(trajs[p.name], refs[(p.name, dtype)], p.name)
+            e = trajectory_error(trajs[p.name], refs[(p.name, dtype)], p.name, dtype)
+            per_problem[p.name] = {"error": _finite_or_inf(e.error), "raw_error": _finite_or_inf(e.raw)}
+            raw = max(raw, e.raw)
             if e.error > worst.error or not worst.param:
                 worst = e
     except NotAvailable as exc:
@@ -625,11 +682,18 @@ def _cell(config: Config, cand: Candidate, dtype: str, probs: list[Problem], ref
         status="pass" if err <= tol.bound else "FAIL",
         error=err if math.isfinite(err) else "inf",
         abs_error=worst.abs_error if math.isfinite(worst.abs_error) else "inf",
+        raw_error=_finite_or_inf(raw),
+        problems=per_problem,
         where=worst.where(),
         message="",
         seconds=round(time.perf_counter() - t0, 3),
     )
     return cell
+
+
+def _finite_or_inf(x: float) -> float | str:
+    """``x``, or ``"inf"`` (JSON has no infinity)."""
+    return x if math.isfinite(x) else "inf"
 
 
 def _versions() -> dict:
@@ -654,8 +718,10 @@ def _meta(steps: int, probs: list[Problem], backends: list[str], dtypes: Sequenc
         "backends": backends,
         "dtypes": list(dtypes),
         "seconds": round(seconds, 1),
-        "error": "max_t max_i |A - R| / max_t max_i |R_t - R_0| over problems and parameters; "
-        "R = float64 NumPy run of the core rule on the same inputs (rounded to the candidate's dtype)",
+        "error": "max_t max_i max(|A - R| - F, 0) / max_t max_i |R_t - R_0| over problems and parameters; "
+        "R = float64 NumPy run of the core rule on the same inputs (rounded to the candidate's dtype); "
+        "F = 3 (u_dtype + u_float64) sum_s max(|R_s-1|, |R_s|), what storing the parameter in the candidate's dtype "
+        "alone can change (3 roundings of |p| per step)",
         "numerics": "JAX x64 on, default_matmul_precision=float32; torch float32_matmul_precision=highest, TF32 off",
     }
 
@@ -720,22 +786,63 @@ def _variant_lines(report: Report) -> list[str]:
 
 def format_summary(report: Report) -> str:
     """One line per optimizer: cells passed, the worst error against its bound per dtype."""
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for c in report.cells:
-        r = rows.setdefault(c["optimizer"], {"cells": 0, "passed": 0, "worst": {}})
+        r = rows.setdefault(c["optimizer"], {"cells": 0, "passed": 0, "worst": {}, "raw": {}})
         r["cells"] += 1
         r["passed"] += c["status"] == "pass"
         e = c["error"]
         if e is not None:
             e = math.inf if e == "inf" else e
+            w = c.get("raw_error", e)
+            w = math.inf if w == "inf" else w
             r["worst"][c["dtype"]] = max(r["worst"].get(c["dtype"], 0.0), e)
+            r["raw"][c["dtype"]] = max(r["raw"].get(c["dtype"], 0.0), w)
     steps = report.meta.get("steps", REFERENCE_STEPS)
-    lines = ["per optimizer (cells passed; worst error / bound per dtype):"]
+    lines = ["per optimizer (cells passed; worst error / bound per dtype, and in brackets without the representation floor):"]
     for name, r in rows.items():
-        parts = [f"{d} {_fmt_err(r['worst'][d])} / {tolerance(name, d, steps).bound:.0e}" for d in DTYPES if d in r["worst"]]
+        parts = [
+            f"{d} {_fmt_err(r['worst'][d])} / {tolerance(name, d, steps).bound:.0e} ({_fmt_err(r['raw'][d])})"
+            for d in DTYPES
+            if d in r["worst"]
+        ]
         status = "ok" if r["passed"] == r["cells"] else "FAIL"
         lines.append(f"  {name:14s} {r['passed']:3d}/{r['cells']:<3d} {status:4s}  " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def per_problem_worst(report: Report) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
+    """``{(optimizer, dtype): {problem: (worst error, worst error without the floor)}}`` over the report's cells."""
+    out: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+    for c in report.cells:
+        for name, e in (c.get("problems") or {}).items():
+            err = math.inf if e["error"] == "inf" else e["error"]
+            raw = math.inf if e["raw_error"] == "inf" else e["raw_error"]
+            row = out.setdefault((c["optimizer"], c["dtype"]), {})
+            old = row.get(name, (0.0, 0.0))
+            row[name] = (max(old[0], err), max(old[1], raw))
+    return out
+
+
+def _per_problem_lines(report: Report) -> list[str]:
+    worst = per_problem_worst(report)
+    names = [p for p in report.meta.get("problems", {}) if any(p in row for row in worst.values())]
+    if not names:
+        return []
+    out = [
+        "",
+        "## Per problem",
+        "",
+        "Worst error per optimizer, dtype and problem over every backend and path (without the representation floor in "
+        "brackets).",
+        "",
+        "| optimizer | dtype | " + " | ".join(names) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for (o, d), row in worst.items():
+        cells = [f"{_fmt_err(row[n][0])} ({_fmt_err(row[n][1])})" if n in row else "-" for n in names]
+        out.append(f"| {o} | {d} | " + " | ".join(cells) + " |")
+    return out
 
 
 def format_compared(report: Report) -> str:
@@ -774,14 +881,14 @@ def format_markdown(report: Report) -> str:
         f"- error: {m['error']}",
         f"- numerics: {m['numerics']}",
         "",
-        "| optimizer | path | backend | dtype | max rel err | tolerance | status | worst at |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| optimizer | path | backend | dtype | max rel err | without floor | tolerance | status | worst at |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in report.cells:
         status = c["status"] if not c.get("message") else f"{c['status']}: {c['message']}".replace("|", "\\|")
         out.append(
             f"| {c['config']} | {c['path']} | {c['backend']} | {c['dtype']} | {_fmt_err(c['error'])} | "
-            f"{c['tolerance']:.0e} | {status} | {c['where']} |"
+            f"{_fmt_err(c.get('raw_error'))} | {c['tolerance']:.0e} | {status} | {c['where']} |"
         )
     cmp = report.compared
     out += ["", "## What was compared", "", f"Backends: {', '.join(cmp['backends']) or 'none'}.", "", "| path | backends | what it runs |", "| --- | --- | --- |"]
@@ -791,6 +898,7 @@ def format_markdown(report: Report) -> str:
     if variants:
         out += [""] + [f"- `{v.split(':')[0]}`:{v.split(':', 1)[1]}" for v in variants]
     out += ["", "## Per optimizer", "", "```", format_summary(report), "```"]
+    out += _per_problem_lines(report)
     if report.unavailable:
         out += ["", "## Not available here", ""]
         out += [f"- `{k}`: {v}" for k, v in sorted(report.unavailable.items())]
@@ -819,7 +927,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", help="comma-separated optimizer names or configuration labels (default: all)")
     p.add_argument("--backends", help="comma-separated backends or aliases (numpy, strict, torch, jax, cupy, gpu; default: $XPOPTIM_BACKENDS or all installed)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of float64,float32")
-    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)} (default: {','.join(DEFAULT_PROBLEMS)}; 'digits' needs scikit-learn)")
+    p.add_argument("--problems", help=f"comma-separated subset of {','.join(PROBLEMS)} (default: all; 'digits' needs scikit-learn)")
     p.add_argument("--steps", type=int, default=20, help="steps per trajectory (default 20)")
     p.add_argument("--out", help="write matrix.md and matrix.json into this folder")
     p.add_argument("--no-adapters", action="store_true", help="check the core rules only")
@@ -846,17 +954,21 @@ def measured(report: Report) -> str:
     How the float32 bounds of :data:`TOLERANCES` were set (``python -m xpoptim.matrix --measure``).
     """
     worst: dict[tuple[str, str], float] = {}
+    raw: dict[tuple[str, str], float] = {}
     for c in report.cells:
         e = c["error"]
         if e is None:
             continue
         e = math.inf if e == "inf" else e
+        r = c.get("raw_error", e)
+        r = math.inf if r == "inf" else r
         key = (c["optimizer"], c["dtype"])
         worst[key] = max(worst.get(key, 0.0), e)
-    lines = [f"{'optimizer':14s} {'dtype':8s} {'measured':>9s} {'bound':>7s} {'margin':>7s}"]
+        raw[key] = max(raw.get(key, 0.0), r)
+    lines = [f"{'optimizer':14s} {'dtype':8s} {'measured':>9s} {'bound':>7s} {'margin':>7s} {'no floor':>9s}"]
     for (o, d), e in sorted(worst.items()):
         b = tolerance(o, d, report.meta.get("steps", REFERENCE_STEPS)).bound
-        lines.append(f"{o:14s} {d:8s} {e:9.1e} {b:7.0e} {b / e if e else math.inf:7.1f}")
+        lines.append(f"{o:14s} {d:8s} {e:9.1e} {b:7.0e} {b / e if e else math.inf:7.1f} {raw[(o, d)]:9.1e}")
     return "\n".join(lines)
 
 

@@ -165,7 +165,8 @@ def assert_backends_agree(
         dtypes: ``"float64"`` and/or ``"float32"``.
         steps: optimizer name only: steps per trajectory.
         rtol: a number, or ``{dtype: number}``. Optimizer name: a bound on the verifier's error (the
-            deviation relative to the distance travelled). Callable: elementwise relative tolerance
+            deviation beyond the dtype's representation floor, relative to the distance travelled;
+            ``xpoptim.matrix.trajectory_error``). Callable: elementwise relative tolerance
             (default :data:`DEFAULT_RTOL`).
         atol: callable only: absolute tolerance (default :data:`DEFAULT_ATOL`).
         hyperparams: optimizer name only: hyperparameters (default: the verifier's settings).

@@ -214,6 +214,16 @@ def _bh_moments(g, S, t, mu):
     return S["m"] / (1 - mu**t), S["v"] / (1 - mu**t)
 
 
+def _variance_estimate(m, v):
+    """Spec 3.4 / 3.9: ``v - m^2`` clamped at 0 against round-off, and 0 below 16 units in the last place of ``v``
+    (``np.spacing``): there it is the round-off of forming ``v`` and ``m^2``, not a variance. At exactly 16 ulp the
+    estimate is kept where ``v``'s significand is odd (round-half-to-even of ``v + d/32``)."""
+    d = np.maximum(v - m**2, 0.0)
+    ulp = np.spacing(v)
+    odd = np.floor(v / ulp) % 2 == 1
+    return np.where((d < 16 * ulp) | ((d == 16 * ulp) & ~odd), 0.0, d)
+
+
 def ref_svag(theta, g, S, t, hp):
     """Spec 3.3 / 3.9: repo form ``gamma = m^2/(m^2 + s)``, ``s = (v - m^2)/(1 - rho)``, clipped to [0, 1],
     NaN -> 0 (``variance_unbiasing=True``); paper form ``gamma = 1/(1 + (v - m^2)/m^2)`` otherwise."""
@@ -223,11 +233,11 @@ def ref_svag(theta, g, S, t, hp):
     with np.errstate(divide="ignore", invalid="ignore"):
         if hp["variance_unbiasing"]:
             rho = min(kappa_reference(mu, t), 0.9999)
-            s = (v - m**2) / (1 - rho)
+            s = _variance_estimate(m, v) / (1 - rho)
             gamma = m**2 / (m**2 + s)
             gamma = np.nan_to_num(np.clip(gamma, 0.0, 1.0), nan=0.0)
         else:
-            eta2 = np.maximum(v - m**2, 0.0) / m**2  # [I] clamp against round-off
+            eta2 = _variance_estimate(m, v) / m**2
             gamma = np.where(m == 0, 0.0, 1.0 / (1.0 + eta2))
     return theta - lr * gamma * g
 
@@ -241,10 +251,10 @@ def ref_msvag(theta, g, S, t, hp):
     with np.errstate(divide="ignore", invalid="ignore"):
         if hp["variance_unbiasing"]:
             rho = min(kappa_reference(mu, t), 0.9999)
-            s = (v - m**2) / (1 - rho)
+            s = _variance_estimate(m, v) / (1 - rho)
             gamma = np.nan_to_num(np.clip(m**2 / (m**2 + rho * s), 0.0, 1.0), nan=0.0)
         else:
-            eta2 = kappa_reference(mu, t) * np.maximum(v - m**2, 0.0) / m**2
+            eta2 = kappa_reference(mu, t) * _variance_estimate(m, v) / m**2
             gamma = np.where(m == 0, 0.0, 1.0 / (1.0 + eta2))
     return theta - lr * gamma * m
 
@@ -266,7 +276,7 @@ def ref_adam_star(theta, g, S, t, hp):
     theta = theta * (1 - lr * hp["weight_decay"])
     m, v = _bh_moments(g, S, t, mu)
     with np.errstate(divide="ignore", invalid="ignore"):
-        eta2 = kappa_reference(mu, t) * np.maximum(v - m**2, 0.0) / m**2
+        eta2 = kappa_reference(mu, t) * _variance_estimate(m, v) / m**2
     return theta - lr * _sign_factor(m, eta2, hp["adaptation"]) * np.sign(m)
 
 

@@ -1,8 +1,5 @@
 """Bad input to the torch adapter through its public API: a clear error with nothing changed (byte for byte), or the
 documented result (``docs/reliability.md``). Uses the shared case tables of ``_cases.py``.
-
-Not in these tables yet, because the adapter does not meet them: a negative ``grad_variance`` is used (the rule
-turns those elements into NaN) rather than refused.
 """
 
 from __future__ import annotations
@@ -104,6 +101,32 @@ def test_muon_1e20_gradients_give_the_orthogonalised_step_not_nan():
     assert torch.isfinite(ps[0]).all() and not torch.equal(ps[0], _make("muon", shapes=((4, 6),))[0][0])
 
 
+@pytest.mark.parametrize("where", ["argument", "attribute"])
+@pytest.mark.parametrize("bad", [-1e-3, float("nan")], ids=["negative", "nan"])
+@pytest.mark.parametrize("name", MB)
+def test_negative_or_nan_grad_variance_is_refused_with_nothing_changed(name, bad, where):
+    """As the NumPy and optax adapters: refused before anything is written (was: NaN in that element). The bad
+    value sits in the second group, so the first group's parameters would have been written by a half step."""
+    ps, opt = _stepped(name)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, 2))]})
+    ps = ps + opt.param_groups[1]["params"]
+    _grads(ps, seed=5)
+    variance = _extra(name, ps)["grad_variance"]
+    variance[ps[-1]][1, 0] = bad
+    before = _snap(ps, opt)
+    with pytest.raises(ValueError, match=r"grad_variance of a parameter of shape \(2, 2\) holds (-0\.001\d*|nan): expected a per-element variance >= 0"):
+        if where == "argument":
+            opt.step(grad_variance=variance)
+        else:
+            for p in ps:
+                p.grad_variance = variance[p]
+            opt.step()
+    assert_unchanged(before, _snap(ps, opt))
+    variance[ps[-1]][1, 0] = 0.0  # the same step with a valid variance goes ahead
+    opt.step(grad_variance=variance)
+    assert torch.isfinite(ps[-1]).all() and not torch.equal(ps[-1], torch.ones(2, 2))
+
+
 @pytest.mark.parametrize("shape", list(ODD_SHAPES))
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_zero_size_and_0d_parameters_step(name, shape):
@@ -174,3 +197,41 @@ def test_copies_continue_with_the_same_numbers(name, how):
     other.step(**_extra(name, qs))
     for p, q in zip(ps, qs):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_copied_optimizer_keeps_every_public_attribute_and_steps_alike(name, how):
+    """As torch's test_deepcopy_copies_all_public_attrs (``spec`` was lost); the copy owns its tensors."""
+    ps, opt = _stepped(name)
+    if how == "deepcopy":
+        ps2, other = copy.deepcopy((ps, opt))
+    else:
+        ps2, other = pickle.loads(pickle.dumps((ps, opt)))
+    public = {k for k in opt.__dict__ if not k.startswith("_")}
+    assert public == {k for k in other.__dict__ if not k.startswith("_")} and "spec" in public
+    assert other.spec is opt.spec
+    for p, q in zip(ps, ps2):
+        g = torch.randn(p.shape, generator=torch.Generator().manual_seed(11))
+        p.grad, q.grad = g, g.clone()
+    opt.step(**_extra(name, ps))
+    other.step(**_extra(name, ps2))
+    for p, q in zip(ps, ps2):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+
+
+@pytest.mark.parametrize("named_before", [True, False])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_load_state_dict_keeps_param_names_given_to_either_side(name, named_before):
+    """As torch.optim: names in the loaded dict are loaded; without them the optimizer keeps its own."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=gen)
+    first = xt.create(name, model.named_parameters() if named_before else model.parameters(), compile=False)
+    second = xt.create(name, model.parameters() if named_before else model.named_parameters(), compile=False)
+    named = first if named_before else second
+    names = [g["param_names"] for g in named.param_groups]
+    second.load_state_dict(first.state_dict())
+    assert [g["param_names"] for g in second.param_groups] == names
+    assert sorted(n for ns in names for n in ns) == sorted(n for n, _ in model.named_parameters())

@@ -27,9 +27,12 @@ def test_class_signature_matches_the_spec(name):
     assert sig["lr"].default == spec.defaults["lr"]
     betas = {"beta1", "beta2"} <= set(spec.defaults)
     for h in spec.hyperparams:
+        # the annotation type checkers see: the kind's Python type (numbers also as tensors, as torch.optim types lr)
+        assert sig[h.name].annotation == _ANNOTATION.get(h.kind.value, "float | torch.Tensor") + (" | None" if betas and h.name in ("beta1", "beta2") else ""), h.name
         if h.name == "lr" or (betas and h.name in ("beta1", "beta2")):
             continue
         assert sig[h.name].default == h.default and sig[h.name].kind is inspect.Parameter.KEYWORD_ONLY, h.name
+    assert sig["params"].annotation == "ParamsT"
     expected = {h.name for h in spec.hyperparams} | {"self", "params", "maximize", "state_dtype", "compile"}
     expected |= {"foreach", "fused", "capturable", "differentiable"}
     if betas:
@@ -38,6 +41,10 @@ def test_class_signature_matches_the_spec(name):
         expected |= {"fallback", "fallback_hyperparams"}
     assert set(sig) == expected
     assert sig["compile"].default is False
+
+
+#: Annotation of a hyperparameter by kind (the numeric kinds: ``float | torch.Tensor``).
+_ANNOTATION = {"bool": "bool", "int_pos": "int", "choice": "str", "dtype": "Any", "any": "Any"}
 
 
 @pytest.mark.parametrize("name", ["adamw", "mvngrad", "muon"])

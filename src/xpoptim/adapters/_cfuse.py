@@ -343,6 +343,11 @@ class CKernel:
         n_arrays: number of array arguments (``p, g, *extras, *state``).
     """
 
+    # The loops over arrays given by address (set by :func:`compile_kernel` from the same library):
+    _ptrs: Any
+    _read_steps: Any
+    _write_steps: Any
+
     def __init__(self, fn: Any, packed: Any, dtype: np.dtype, source: str, n_arrays: int, host_program: list, n_inputs: int, host_outputs: list) -> None:
         self._fn = fn
         self._packed = packed

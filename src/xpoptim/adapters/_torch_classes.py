@@ -1,8 +1,8 @@
 """The torch optimizer classes, one per rule: explicit subclasses of :class:`XPOptimizer`.
 
 Private module: import the classes from ``xpoptim.adapters.torch``. Each class fixes its rule and spells out its
-hyperparameters with the spec's defaults (``tests/torch_adapter/test_torch_classes.py`` checks that every signature
-matches its spec), then calls ``XPOptimizer.__init__(params, "<rule>", ...)``. ``betas=None`` / ``beta1=None`` /
+hyperparameters with the spec's defaults and types (numbers as ``float | torch.Tensor``, as torch.optim types
+``lr``; ``tests/torch_adapter/test_torch_classes.py`` checks that every signature matches its spec), then calls ``XPOptimizer.__init__(params, "<rule>", ...)``. ``betas=None`` / ``beta1=None`` /
 ``beta2=None`` mean "not given" (the spec's defaults); ``foreach``, ``fused``, ``capturable`` and
 ``differentiable`` are torch.optim's flags, accepted as ``None``/``False`` only.
 """
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from xpoptim.core import SPECS
 
@@ -44,12 +45,12 @@ class Adam(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        betas: tuple[Any, Any] | None = None,
-        eps: Any = 1e-08,
-        weight_decay: Any = 0.0,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
+        eps: float | torch.Tensor = 1e-08,
+        weight_decay: float | torch.Tensor = 0.0,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -57,8 +58,8 @@ class Adam(XPOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
-        beta1: Any = None,
-        beta2: Any = None,
+        beta1: float | torch.Tensor | None = None,
+        beta2: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -84,12 +85,12 @@ class AdamW(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        betas: tuple[Any, Any] | None = None,
-        eps: Any = 1e-08,
-        weight_decay: Any = 0.01,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
+        eps: float | torch.Tensor = 1e-08,
+        weight_decay: float | torch.Tensor = 0.01,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -97,8 +98,8 @@ class AdamW(XPOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
-        beta1: Any = None,
-        beta2: Any = None,
+        beta1: float | torch.Tensor | None = None,
+        beta2: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -124,12 +125,12 @@ class AdaBelief(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        betas: tuple[Any, Any] | None = None,
-        eps: Any = 1e-16,
-        weight_decay: Any = 0.0,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
+        eps: float | torch.Tensor = 1e-16,
+        weight_decay: float | torch.Tensor = 0.0,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -137,8 +138,8 @@ class AdaBelief(XPOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
-        beta1: Any = None,
-        beta2: Any = None,
+        beta1: float | torch.Tensor | None = None,
+        beta2: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -164,12 +165,12 @@ class LaProp(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.0004,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.0004,
         *,
-        betas: tuple[Any, Any] | None = None,
-        eps: Any = 1e-15,
-        weight_decay: Any = 0.0,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
+        eps: float | torch.Tensor = 1e-15,
+        weight_decay: float | torch.Tensor = 0.0,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -177,8 +178,8 @@ class LaProp(XPOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
-        beta1: Any = None,
-        beta2: Any = None,
+        beta1: float | torch.Tensor | None = None,
+        beta2: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -204,14 +205,14 @@ class MVNGrad(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        betas: tuple[Any, Any] | None = None,
-        eps: Any = 1e-08,
-        eps_s: Any = 0.0,
-        weight_decay: Any = 0.0,
-        residual: Any = "m_t",
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
+        eps: float | torch.Tensor = 1e-08,
+        eps_s: float | torch.Tensor = 0.0,
+        weight_decay: float | torch.Tensor = 0.0,
+        residual: str = "m_t",
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -219,8 +220,8 @@ class MVNGrad(XPOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
-        beta1: Any = None,
-        beta2: Any = None,
+        beta1: float | torch.Tensor | None = None,
+        beta2: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -248,13 +249,13 @@ class SGD(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        momentum: Any = 0.9,
-        dampening: Any = 0.0,
-        weight_decay: Any = 0.0,
-        nesterov: Any = False,
+        momentum: float | torch.Tensor = 0.9,
+        dampening: float | torch.Tensor = 0.0,
+        weight_decay: float | torch.Tensor = 0.0,
+        nesterov: bool = False,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -286,11 +287,11 @@ class MSSD(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        mu: Any = 0.9,
-        weight_decay: Any = 0.0,
+        mu: float | torch.Tensor = 0.9,
+        weight_decay: float | torch.Tensor = 0.0,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -320,12 +321,12 @@ class SVAG(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        mu: Any = 0.9,
-        weight_decay: Any = 0.0,
-        variance_unbiasing: Any = True,
+        mu: float | torch.Tensor = 0.9,
+        weight_decay: float | torch.Tensor = 0.0,
+        variance_unbiasing: bool = True,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -356,12 +357,12 @@ class MSVAG(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        mu: Any = 0.9,
-        weight_decay: Any = 0.0,
-        variance_unbiasing: Any = True,
+        mu: float | torch.Tensor = 0.9,
+        weight_decay: float | torch.Tensor = 0.0,
+        variance_unbiasing: bool = True,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -392,12 +393,12 @@ class AdamStar(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        mu: Any = 0.9,
-        weight_decay: Any = 0.0,
-        adaptation: Any = "adam",
+        mu: float | torch.Tensor = 0.9,
+        weight_decay: float | torch.Tensor = 0.0,
+        adaptation: str = "adam",
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -428,11 +429,11 @@ class MSVAGMB(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        mu: Any = 0.9,
-        weight_decay: Any = 0.0,
+        mu: float | torch.Tensor = 0.9,
+        weight_decay: float | torch.Tensor = 0.0,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -462,12 +463,12 @@ class AdamStarMB(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        mu: Any = 0.9,
-        weight_decay: Any = 0.0,
-        adaptation: Any = "adam",
+        mu: float | torch.Tensor = 0.9,
+        weight_decay: float | torch.Tensor = 0.0,
+        adaptation: str = "adam",
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -498,15 +499,15 @@ class DeVALinf(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.02,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.02,
         *,
-        betas: tuple[Any, Any] | None = None,
-        eps: Any = 1e-05,
-        weight_decay: Any = 0.0,
-        nesterov: Any = False,
-        second_moment_of: Any = "momentum",
-        bias_correction: Any = False,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
+        eps: float | torch.Tensor = 1e-05,
+        weight_decay: float | torch.Tensor = 0.0,
+        nesterov: bool = False,
+        second_moment_of: str = "momentum",
+        bias_correction: bool = False,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,
@@ -514,8 +515,8 @@ class DeVALinf(XPOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
-        beta1: Any = None,
-        beta2: Any = None,
+        beta1: float | torch.Tensor | None = None,
+        beta2: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -544,20 +545,20 @@ class DeVASinf(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.003,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.003,
         *,
-        betas: tuple[Any, Any] | None = None,
-        shampoo_beta: Any = -1.0,
-        eps: Any = 1e-08,
-        weight_decay: Any = 0.01,
-        precondition_frequency: Any = 10,
-        max_precond_dim: Any = 10000,
-        correct_bias: Any = True,
-        nesterov: Any = True,
-        normalize_grads: Any = False,
-        shape_scale: Any = "match_rms_adamw",
-        ns_steps: Any = 5,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
+        shampoo_beta: float | torch.Tensor = -1.0,
+        eps: float | torch.Tensor = 1e-08,
+        weight_decay: float | torch.Tensor = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        correct_bias: bool = True,
+        nesterov: bool = True,
+        normalize_grads: bool = False,
+        shape_scale: str = "match_rms_adamw",
+        ns_steps: int = 5,
         ns_coefficients: Any = "quintic",
         ns_dtype: Any = None,
         maximize: bool = False,
@@ -569,8 +570,8 @@ class DeVASinf(XPOptimizer):
         differentiable: bool = False,
         fallback: str | None = None,
         fallback_hyperparams: Mapping[str, Any] | None = None,
-        beta1: Any = None,
-        beta2: Any = None,
+        beta1: float | torch.Tensor | None = None,
+        beta2: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -608,18 +609,18 @@ class Muon(XPOptimizer):
 
     def __init__(
         self,
-        params: Any,
-        lr: Any = 0.001,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.001,
         *,
-        weight_decay: Any = 0.1,
-        momentum: Any = 0.95,
-        nesterov: Any = True,
-        ns_steps: Any = 5,
+        weight_decay: float | torch.Tensor = 0.1,
+        momentum: float | torch.Tensor = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
         ns_coefficients: Any = "quintic",
         ns_dtype: Any = None,
-        ns_prenorm: Any = "frobenius",
-        ns_eps: Any = 1e-07,
-        shape_scale: Any = "original",
+        ns_prenorm: str = "frobenius",
+        ns_eps: float | torch.Tensor = 1e-07,
+        shape_scale: str = "original",
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         compile: bool = False,

@@ -27,7 +27,7 @@ import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import array_api_compat.torch as txp
 import numpy as np
@@ -38,6 +38,9 @@ from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from . import _torch_ckernel as _ck
 from . import _torch_foreach as _fe
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "state_dtype_for",
@@ -220,12 +223,14 @@ def elementwise_step(
         ck = _ck.c_kernel(spec, hp, static, maximize, p0.dtype)
     ts = read_steps(steps, ck)
     t0 = ts[0]
+    by_t: Mapping[int, range | list[int]]
     if ts.count(t0) == n:
         by_t = {t0: range(n)}
     else:
-        by_t = {}
+        by_step: dict[int, list[int]] = {}
         for i, t in enumerate(ts):
-            by_t.setdefault(t, []).append(i)
+            by_step.setdefault(t, []).append(i)
+        by_t = by_step
     for t_prev, idx in by_t.items():
         t = t_prev + 1
         if isinstance(idx, range):
@@ -307,7 +312,7 @@ def dtensor_loaded() -> bool:
     return "torch.distributed.tensor" in sys.modules
 
 
-def is_sharded(t: Any) -> bool:
+def is_sharded(t: object) -> TypeGuard[DTensor]:
     """Is ``t`` a DTensor? (``torch.distributed.tensor`` not imported yet means no DTensor exists.)"""
     mod = sys.modules.get("torch.distributed.tensor")
     cls = getattr(mod, "DTensor", None) if mod is not None else None
@@ -501,6 +506,18 @@ class FastGroup:
     """
 
     __slots__ = ("spec_key", "params", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel")
+    spec_key: tuple[str, tuple, bool]
+    params: list[torch.Tensor]
+    sts: list[dict]
+    cols: list[list[torch.Tensor]]
+    steps: list[torch.Tensor]
+    getters: list[operator.itemgetter]
+    p_ptrs: np.ndarray
+    col_ptrs: list[np.ndarray]
+    step_ptrs: np.ndarray
+    numel: np.ndarray
+    dtype: torch.dtype
+    kernel: _ck._cfuse.CKernel
 
 
 def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], sts: Sequence[dict]) -> FastGroup | None:

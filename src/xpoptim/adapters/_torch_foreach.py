@@ -28,7 +28,7 @@ class TensorList:
     __slots__ = ("ts",)
     __array_priority__ = 1000.0
 
-    def __init__(self, ts: list[torch.Tensor]) -> None:
+    def __init__(self, ts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
         self.ts = ts
 
     # -- arithmetic: _foreach_* with a list or a Python number --------------------------------------------------

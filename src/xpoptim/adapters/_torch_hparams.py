@@ -81,7 +81,7 @@ def number(value: Any, name: str, where: str) -> Any:
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(
                 f"{where}: {name}={value!r} is invalid: expected a real number or a 1-element real tensor "
-                f"(got a {value.dtype} tensor of shape {tuple(value.shape)})"
+                f"(Tensor {name} must be 1-element and real; got a {value.dtype} tensor of shape {tuple(value.shape)})"
             )
         return value.item()
     if type(value) in (int, float):

@@ -9,7 +9,7 @@ import operator
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
@@ -30,6 +30,9 @@ from ._torch_hparams import (
     normalize_betas,
     to_group_form,
 )
+
+if TYPE_CHECKING:
+    from xpoptim.portable import PortableState
 
 __all__ = ["XPOptimizer"]
 
@@ -121,7 +124,10 @@ class XPOptimizer(Optimizer):
         self.__dict__["spec"] = spec
         where = spec.title
         if isinstance(params, torch.Tensor):
-            raise TypeError(f"{where}: params should be an iterable of tensors or dicts, got a {type(params).__name__}")
+            raise TypeError(
+                f"{where}: params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+                f"a {type(params).__name__}"
+            )
         hp_in = {k: v for k, v in hyperparams.items() if not (k in ("beta1", "beta2", "betas") and v is None)}
         for flag in _TORCH_FLAGS:
             if flag in hp_in:
@@ -176,15 +182,16 @@ class XPOptimizer(Optimizer):
 
     @staticmethod
     def _fallback_spec(name: str, where: str, arg: str = "fallback", own: str | None = None) -> ElementwiseSpec:
-        if name not in ELEMENTWISE or SPECS[name].extras:
-            allowed = [n for n in ELEMENTWISE if not SPECS[n].extras]
+        spec = SPECS.get(name) if name in ELEMENTWISE else None
+        if not isinstance(spec, ElementwiseSpec) or spec.extras:
+            allowed = [n for n, s in SPECS.items() if n in ELEMENTWISE and isinstance(s, ElementwiseSpec) and not s.extras]
             if own is None:
                 raise ValueError(f"{where}: {arg}={name!r} is invalid: expected one of {allowed}")
             raise ValueError(
                 f"{where}: a param group with {arg}={name!r} is invalid: expected {own!r} (the matrix rule) or an "
                 f"elementwise fallback rule, one of {allowed} (matrix_param_groups(model, {own!r}) builds such groups)"
             )
-        return SPECS[name]  # type: ignore[return-value]
+        return spec
 
     def _fallback(self) -> tuple[str, dict]:
         """(rule name, group-form hyperparameters) of the fallback rule of a matrix optimizer."""
@@ -197,14 +204,16 @@ class XPOptimizer(Optimizer):
         kinds = {isinstance(item, tuple) for item in params}
         if len(kinds) > 1:
             raise ValueError(
-                f"{where}: params mixes (name, tensor) pairs and bare tensors; give all parameters named or none"
+                f"{where}: all optimizer params should be with/without names. Some param names are missing: params "
+                "mixes (name, tensor) pairs and bare tensors; give all parameters named or none"
             )
         named = kinds == {True}
-        mat, other = [], []
+        mat: list[torch.Tensor | tuple[str, torch.Tensor]] = []
+        other: list[torch.Tensor | tuple[str, torch.Tensor]] = []
         for item in params:
             p = item[1] if named else item
             (mat if isinstance(p, torch.Tensor) and p.ndim >= 2 else other).append(item)
-        groups = []
+        groups: list[dict[str, Any]] = []
         if mat:
             groups.append({"params": mat})
         if other:
@@ -291,7 +300,17 @@ class XPOptimizer(Optimizer):
                 "matrix_param_groups(model)"
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim's (``defaults``, ``state``, ``param_groups``) plus the public ``spec`` (a registered spec by
+        name), so that ``copy.deepcopy`` and pickling keep every public attribute."""
+        state = super().__getstate__()
+        spec = self.spec
+        state["spec"] = spec.name if SPECS.get(spec.name) is spec else spec
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("spec"), str):
+            state = {**state, "spec": SPECS[state["spec"]]}
         super().__setstate__(state)
         self.__dict__["_xp_fast"] = {}
         if "spec" not in type(self).__dict__:
@@ -349,13 +368,13 @@ class XPOptimizer(Optimizer):
             if not params:
                 continue
             sdt_fg = fast.get(id(group))
-            if sdt_fg is not None and sdt_fg[0] == group["state_dtype"] and not group["compile"]:
+            if sdt_fg is not None and sdt_fg[0] == group["state_dtype"] and not group["compile"] and isinstance(gspec, ElementwiseSpec):
                 run = _eng.fast_plan(sdt_fg[1], gspec, hp, group["maximize"], params, grads, state.get)
                 if run is not None:
                     ready.append(run)
                     continue
             self._check_grads(params, grads, where)
-            extras = [self._extra_for(gspec, p, grad_variance) for p in params] if getattr(gspec, "extras", ()) else []
+            extras = [self._extra_for(gspec, p, grad_variance) for p in params] if isinstance(gspec, ElementwiseSpec) and gspec.extras else []
             plans.append((group, gspec, hp, list(params), grads, extras))
         # Phase 2: compute every matrix-rule update (may raise: nothing has been written yet).
         writes: list[Callable[[], None]] = []
@@ -409,7 +428,7 @@ class XPOptimizer(Optimizer):
         the step, not yet run."""
         names = gspec.state
         sdt_opt = group["state_dtype"]
-        sts = list(map(self.state.get, params))
+        sts: list[dict[str, Any]] = [self.state.get(p) or {} for p in params]  # an empty dict: new state below
         sharded = [i for i, p in enumerate(params) if _eng.is_sharded(p)] if _eng.dtensor_loaded() else []
         for i, st in enumerate(sts):
             if not st:
@@ -509,6 +528,13 @@ class XPOptimizer(Optimizer):
         if not isinstance(v, torch.Tensor) or v.shape != p.shape or v.device != p.device or not v.is_floating_point():
             desc = f"shape {tuple(v.shape)}, device {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{gspec.title}: grad_variance ({desc}) does not match its parameter (shape {tuple(p.shape)}, device {p.device})")
+        local = _eng.local(v)
+        if local.numel() and not bool((local >= 0).all()):
+            bad = local[~(local >= 0)].reshape(-1)[0].item()
+            raise ValueError(
+                f"{gspec.title}: grad_variance of a parameter of shape {tuple(p.shape)} holds {bad!r}: expected a "
+                "per-element variance >= 0 (not NaN), e.g. from minibatch_grad_variance"
+            )
         return v
 
     def _check_sharded(self, p: Any, g: Any, extra: Any, st: Mapping[str, Any], own: set, where: str) -> None:
@@ -570,7 +596,7 @@ class XPOptimizer(Optimizer):
 
     # -- portable state (xpoptim.portable) ----------------------------------------------------------------------
 
-    def export_state(self, names: Any = None) -> Any:
+    def export_state(self, names: Any = None) -> PortableState:
         """The framework-neutral state (:class:`xpoptim.portable.PortableState`); see :mod:`xpoptim.portable`.
 
         Args:
@@ -581,7 +607,7 @@ class XPOptimizer(Optimizer):
 
         return export_torch(self, names)
 
-    def import_state(self, portable: Any, names: Any = None) -> None:
+    def import_state(self, portable: PortableState, names: Any = None) -> None:
         """Load a :class:`xpoptim.portable.PortableState` (names as for :meth:`export_state`); hyperparameters are kept."""
         from xpoptim.portable.torch_state import import_torch  # noqa: PLC0415
 

@@ -83,6 +83,8 @@ def build_loaded(opt: Any, state_dict: Any) -> tuple[list[dict], defaultdict]:
             new.setdefault(k, v)
         if new["compile"] == "auto":  # older releases' default; torch.compile is opt-in now
             new["compile"] = False
+        if "param_names" in g and "param_names" not in new:  # as torch.optim: names given to either are kept
+            new["param_names"] = g["param_names"]
         new["params"] = g["params"]
         gspec = SPECS[g["rule"]]
         hp = hp_from_group(gspec, new, where)

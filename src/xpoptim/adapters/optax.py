@@ -56,20 +56,23 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Protocol, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xpoptim.core import BUILTIN, SPECS, default_state_dtype, get_spec, make_direction_kernel
+from xpoptim.core import BUILTIN, DEVA_SINF, MUON, SPECS, default_state_dtype, get_spec, make_direction_kernel
 from xpoptim.core import moments as _moments
 from xpoptim.core.functional import matrix_scale
 from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 
 from ._optax_docs import _alias_doc, _doc_args, _scale_by_doc, _sig_default
+
+if TYPE_CHECKING:
+    from xpoptim.portable import PortableState
 
 __all__ = [
     "create",
@@ -93,6 +96,20 @@ _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
+
+
+class _TreeDef(Protocol):
+    """What this module calls on a ``jax.tree_util.PyTreeDef``. jaxlib ships that class without type stubs, so jax's
+    own annotations leave it unresolved for type checkers; the tree definitions here are typed with this."""
+
+    def flatten_up_to(self, tree: Any, /) -> list[Any]: ...
+
+    def unflatten(self, leaves: Iterable[Any], /) -> Any: ...
+
+
+def _structure(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> _TreeDef:
+    """``jax.tree.structure``, typed as :class:`_TreeDef` (compared with ``==``)."""
+    return jax.tree.structure(tree, is_leaf=is_leaf)
 
 
 def _default_state_dtype(leaf_dtype: Any, state_dtype: Any) -> Any:
@@ -207,7 +224,7 @@ def _check_same_tree(title: str, tree: Any, like: Any, what: str, like_what: str
     got, want = _leaves_with_paths(tree), _leaves_with_paths(like)
     got_paths = [jax.tree_util.keystr(p) for p, _ in got]
     want_paths = [jax.tree_util.keystr(p) for p, _ in want]
-    if got_paths != want_paths or jax.tree.structure(tree, is_leaf=_is_masked) != jax.tree.structure(like, is_leaf=_is_masked):
+    if got_paths != want_paths or _structure(tree, _is_masked) != _structure(like, _is_masked):
         missing = [p for p in want_paths if p not in set(got_paths)]
         extra = [p for p in got_paths if p not in set(want_paths)]
         raise ValueError(
@@ -296,14 +313,13 @@ def _checked(title: str, tx: Any) -> optax.GradientTransformationExtraArgs:
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_state_class(spec: ElementwiseSpec) -> type:
-    fields = [("count", jax.Array)] + [(name, Any) for name in spec.state]
-    cls = NamedTuple(f"ScaleBy{spec.title}State", fields)
+def _make_state_class(title: str, fields: tuple[str, ...], doc: str) -> type[Any]:
+    """A ``ScaleBy<title>State`` NamedTuple class made at run time (a rule added with ``xpoptim.core.register``):
+    ``count`` then ``fields``; its instances are typed ``Any`` (their fields are known only at run time)."""
+    # a class name known only at run time (type checkers want a literal): the class is typed type[Any]
+    cls = NamedTuple(f"ScaleBy{title}State", [("count", jax.Array)] + [(n, Any) for n in fields])  # type: ignore[misc]
     cls.__module__ = __name__
-    cls.__doc__ = (
-        f"State of :func:`scale_by_{spec.name}`: ``count`` (int32 steps taken, saturating) and the "
-        f"{spec.title} buffers {', '.join(spec.state)} (pytrees like the params, state dtype)."
-    )
+    cls.__doc__ = doc
     return cls
 
 
@@ -359,10 +375,12 @@ def _scale_by_elementwise(
                 cache[dtype] = tuple(_cast_scalar(s, dtype) for s in raw)
             return cache[dtype]
 
+        treedef: _TreeDef
         g_leaves, treedef = jax.tree.flatten(updates)
         extra_leaves = [treedef.flatten_up_to(e) for e in extras]
         state_leaves = [treedef.flatten_up_to(getattr(state, n)) for n in names]
-        out_d, out_s = [], [[] for _ in names]
+        out_d: list[Any] = []
+        out_s: list[list[Any]] = [[] for _ in names]
         for i, g in enumerate(g_leaves):
             st = [s[i] for s in state_leaves]
             sd = st[0].dtype
@@ -499,6 +517,7 @@ def _default_dims(leaf: Any) -> Any:
 
 def _resolve_dims(dimension_numbers: Any, tree: Any) -> tuple:
     """Per-leaf dims aligned with ``tree`` flattened with MaskedNode as a leaf: ``(leaves, treedef, dims)``."""
+    treedef: _TreeDef
     leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_masked)
     if dimension_numbers is None:
         dims = [None if _is_masked(x) else _default_dims(x) for x in leaves]
@@ -560,7 +579,7 @@ def _map_matrix_leaves(title: str, dimension_numbers: Any, tree: Any, fn: Callab
 class ScaleByMuonState(NamedTuple):
     """State of :func:`scale_by_muon`: ``count`` (int32) and ``momentum_buffer`` (like the params)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # optax state convention: the field shadows tuple.count
     momentum_buffer: Any
 
 
@@ -573,28 +592,26 @@ class ScaleByDeVASinfState(NamedTuple):
     layout.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # optax state convention: the field shadows tuple.count
     preconditioner: Any
 
 
-def _matrix_state_class(spec: MatrixSpec) -> type:
+def _matrix_state_class(spec: MatrixSpec) -> type[Any]:
     """The state class of ``scale_by_<name>``: ``count`` plus one pytree like the params per state array when the
     state is elementwise (``spec.sharding == "elementwise"``: it shards like the params), else ``count`` and
     ``preconditioner`` (one state dict per matrix leaf, in the ``(batch, fan_in, fan_out)`` layout)."""
-    known = {"muon": ScaleByMuonState, "deva_sinf": ScaleByDeVASinfState}
+    known: dict[str, type[Any]] = {"muon": ScaleByMuonState, "deva_sinf": ScaleByDeVASinfState}
     if spec.name in known and known[spec.name]._fields[1:] == _matrix_state_fields(spec):
         return known[spec.name]
     cls = _STATE_CLASSES.get(spec.name)
     if cls is None or cls._fields[1:] != _matrix_state_fields(spec):
-        fields = [("count", jax.Array)] + [(n, Any) for n in _matrix_state_fields(spec)]
-        cls = NamedTuple(f"ScaleBy{spec.title}State", fields)  # type: ignore[misc]
-        cls.__module__ = __name__
-        cls.__doc__ = f"State of :func:`scale_by_{spec.name}`: ``count`` (int32) and {', '.join(_matrix_state_fields(spec))}."
-        _STATE_CLASSES[spec.name] = cls
+        fields = _matrix_state_fields(spec)
+        doc = f"State of :func:`scale_by_{spec.name}`: ``count`` (int32) and {', '.join(fields)}."
+        cls = _STATE_CLASSES[spec.name] = _make_state_class(spec.title, fields, doc)
     return cls
 
 
-def _matrix_state_fields(spec: MatrixSpec) -> tuple:
+def _matrix_state_fields(spec: MatrixSpec) -> tuple[str, ...]:
     return tuple(spec.state) if spec.sharding == "elementwise" else ("preconditioner",)
 
 
@@ -670,6 +687,11 @@ def _scale_by_matrix(
             sd = next(v for v in (st[n] for n in names) if v is not None).dtype
             hps = _hp_in(hpn, sd)
             g3 = _to_matrix(g.astype(sd), lay)
+            if g3.size == 0:
+                # A matrix with a zero-size side has nothing to update: a zero (empty) update and its state as it
+                # was, as the torch and NumPy adapters skip it (a phase's reductions have no identity there).
+                out = jnp.zeros(g.shape, g.dtype if leaf_dtype_out else sd)
+                return (out, *sts) if elementwise_state else (out, sts[0])
             scale = matrix_scale(spec, hp, lay.fans, layout="in_out")
 
             def run(phase: str) -> Callable:
@@ -711,7 +733,7 @@ def _same_types(new: dict, like: dict) -> dict:
 class DecayAfterState(NamedTuple):
     """State of the lr/decay stage of a matrix rule that decays after its step: ``count`` (int32) for schedules."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # optax state convention: the field shadows tuple.count
 
 
 def _lr_and_decay_after(spec: MatrixSpec, hp: Mapping[str, Any], learning_rate: ScalarOrSchedule, weight_decay: Any, mask: Any) -> optax.GradientTransformationExtraArgs:
@@ -731,6 +753,7 @@ def _lr_and_decay_after(spec: MatrixSpec, hp: Mapping[str, Any], learning_rate: 
             raise ValueError(f"{spec.name}: update() needs params (the decay is applied to the updated weights)")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         m = mask(params) if callable(mask) else mask
+        treedef: _TreeDef
         leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
         ps = treedef.flatten_up_to(params)
         ms = [True] * len(leaves) if m is None else treedef.flatten_up_to(m)
@@ -806,13 +829,13 @@ def _matrix_alias(
 
 
 def scale_by_muon(
-    momentum: Any = 0.95,
+    momentum: Union[float, jax.Array] = 0.95,
     nesterov: bool = True,
     ns_steps: Optional[int] = None,
     ns_coefficients: Any = "quintic",
     ns_dtype: Any = None,
     ns_prenorm: str = "frobenius",
-    ns_eps: Any = 1e-7,
+    ns_eps: Union[float, jax.Array] = 1e-7,
     shape_scale: str = "original",
     *,
     dimension_numbers: Any = None,
@@ -840,14 +863,14 @@ def scale_by_muon(
     """
     hp = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
               ns_prenorm=ns_prenorm, ns_eps=ns_eps, shape_scale=shape_scale)
-    return _scale_by_matrix(SPECS["muon"], _check_static(SPECS["muon"], hp), dimension_numbers, state_dtype)
+    return _scale_by_matrix(MUON, _check_static(MUON, hp), dimension_numbers, state_dtype)
 
 
 def scale_by_deva_sinf(
-    beta1: Any = 0.95,
-    beta2: Any = 0.95,
-    shampoo_beta: Any = -1.0,
-    eps: Any = 1e-8,
+    beta1: Union[float, jax.Array] = 0.95,
+    beta2: Union[float, jax.Array] = 0.95,
+    shampoo_beta: Union[float, jax.Array] = -1.0,
+    eps: Union[float, jax.Array] = 1e-8,
     precondition_frequency: Optional[int] = None,
     max_precond_dim: Optional[int] = None,
     correct_bias: bool = True,
@@ -883,19 +906,19 @@ def scale_by_deva_sinf(
     hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
               max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
               shape_scale=shape_scale, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype)
-    return _scale_by_matrix(SPECS["deva_sinf"], _check_static(SPECS["deva_sinf"], hp), dimension_numbers, state_dtype)
+    return _scale_by_matrix(DEVA_SINF, _check_static(DEVA_SINF, hp), dimension_numbers, state_dtype)
 
 
 def muon(
     learning_rate: ScalarOrSchedule = 1e-3,
-    weight_decay: Any = 0.1,
-    momentum: Any = 0.95,
+    weight_decay: Union[float, jax.Array] = 0.1,
+    momentum: Union[float, jax.Array] = 0.95,
     nesterov: bool = True,
     ns_steps: Optional[int] = None,
     ns_coefficients: Any = "quintic",
     ns_dtype: Any = None,
     ns_prenorm: str = "frobenius",
-    ns_eps: Any = 1e-7,
+    ns_eps: Union[float, jax.Array] = 1e-7,
     shape_scale: str = "original",
     *,
     dimension_numbers: Any = None,
@@ -928,17 +951,17 @@ def muon(
     """
     hp = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
               ns_prenorm=ns_prenorm, ns_eps=ns_eps, shape_scale=shape_scale)
-    return _matrix_alias(SPECS["muon"], learning_rate, weight_decay, hp, dimension_numbers=dimension_numbers, fallback=fallback,
+    return _matrix_alias(MUON, learning_rate, weight_decay, hp, dimension_numbers=dimension_numbers, fallback=fallback,
                          fallback_hyperparams=fallback_hyperparams, mask=mask, state_dtype=state_dtype)
 
 
 def deva_sinf(
     learning_rate: ScalarOrSchedule = 3e-3,
-    beta1: Any = 0.95,
-    beta2: Any = 0.95,
-    shampoo_beta: Any = -1.0,
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.01,
+    beta1: Union[float, jax.Array] = 0.95,
+    beta2: Union[float, jax.Array] = 0.95,
+    shampoo_beta: Union[float, jax.Array] = -1.0,
+    eps: Union[float, jax.Array] = 1e-8,
+    weight_decay: Union[float, jax.Array] = 0.01,
     precondition_frequency: Optional[int] = None,
     max_precond_dim: Optional[int] = None,
     correct_bias: bool = True,
@@ -975,7 +998,7 @@ def deva_sinf(
     hp = dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, eps=eps, precondition_frequency=precondition_frequency,
               max_precond_dim=max_precond_dim, correct_bias=correct_bias, nesterov=nesterov, normalize_grads=normalize_grads,
               shape_scale=shape_scale, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype)
-    return _matrix_alias(SPECS["deva_sinf"], learning_rate, weight_decay, hp, dimension_numbers=dimension_numbers, fallback=fallback,
+    return _matrix_alias(DEVA_SINF, learning_rate, weight_decay, hp, dimension_numbers=dimension_numbers, fallback=fallback,
                          fallback_hyperparams=fallback_hyperparams, mask=mask, state_dtype=state_dtype)
 
 
@@ -1076,13 +1099,17 @@ def _make_matrix_alias(spec: MatrixSpec) -> Callable:
     return alias
 
 
-def _state_class(spec: ElementwiseSpec | MatrixSpec) -> type:
+def _state_class(spec: ElementwiseSpec | MatrixSpec) -> type[Any]:
     """The state class of ``scale_by_<name>`` (made once per rule)."""
     if isinstance(spec, MatrixSpec):
         return _matrix_state_class(spec)
     cls = _STATE_CLASSES.get(spec.name)
     if cls is None or cls._fields[1:] != tuple(spec.state):
-        cls = _STATE_CLASSES[spec.name] = _make_state_class(spec)
+        doc = (
+            f"State of :func:`scale_by_{spec.name}`: ``count`` (int32 steps taken, saturating) and the "
+            f"{spec.title} buffers {', '.join(spec.state)} (pytrees like the params, state dtype)."
+        )
+        cls = _STATE_CLASSES[spec.name] = _make_state_class(spec.title, tuple(spec.state), doc)
     return cls
 
 
@@ -1132,7 +1159,7 @@ from ._optax_rules import (  # noqa: E402
 __all__ += ["ScaleByAdamState", "scale_by_adam", "adam", "ScaleByAdamWState", "scale_by_adamw", "adamw", "ScaleByAdaBeliefState", "scale_by_adabelief", "adabelief", "ScaleByLaPropState", "scale_by_laprop", "laprop", "ScaleByMVNGradState", "scale_by_mvngrad", "mvngrad", "ScaleBySGDState", "scale_by_sgd", "sgd", "ScaleByMSSDState", "scale_by_mssd", "mssd", "ScaleBySVAGState", "scale_by_svag", "svag", "ScaleByMSVAGState", "scale_by_msvag", "msvag", "ScaleByAdamStarState", "scale_by_adam_star", "adam_star", "ScaleByMSVAGMBState", "scale_by_msvag_mb", "msvag_mb", "ScaleByAdamStarMBState", "scale_by_adam_star_mb", "adam_star_mb", "ScaleByDeVALinfState", "scale_by_deva_linf", "deva_linf"]
 # --- end of generated code ---
 
-_STATE_CLASSES: dict[str, Any] = {}  # name -> ScaleBy<Title>State (built-in rules: the generated classes)
+_STATE_CLASSES: dict[str, type[Any]] = {}  # name -> ScaleBy<Title>State (built-in rules: the generated classes)
 _ALIASES: dict[str, Callable] = {"muon": muon, "deva_sinf": deva_sinf}
 _SCALE_BY: dict[str, Callable] = {"muon": scale_by_muon, "deva_sinf": scale_by_deva_sinf}
 _MADE: dict[tuple, tuple] = {}  # (kind, name) -> (spec, function), for rules added with xpoptim.core.register
@@ -1283,18 +1310,20 @@ def ravel_by_dtype(params: Any) -> tuple:
         ``(flat, unravel)``: ``flat`` maps a dtype name (``"float32"``) to a 1-D array; ``unravel(flat)``
         returns the pytree.
     """
+    treedef: _TreeDef
     leaves, treedef = jax.tree.flatten(params)
     groups: dict[str, list] = {}
     for i, x in enumerate(leaves):
         key = _dtype_key(x.dtype)
         groups.setdefault(key, []).append(i)
     offsets: dict[str, int] = {k: 0 for k in groups}
-    where = [None] * len(leaves)
+    at: dict[int, tuple[str, int, int, tuple[int, ...]]] = {}  # leaf -> (dtype key, offset, size, shape)
     for key, idx in groups.items():
         for i in idx:
             n = int(np.prod(leaves[i].shape))
-            where[i] = (key, offsets[key], n, tuple(leaves[i].shape))
+            at[i] = (key, offsets[key], n, tuple(leaves[i].shape))
             offsets[key] += n
+    where = [at[i] for i in range(len(leaves))]
     flat = {key: jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]) for key, idx in groups.items()}
 
     def unravel(flat: Mapping[str, Any]) -> Any:
@@ -1339,7 +1368,7 @@ def flatten_by_dtype(inner: optax.GradientTransformation) -> optax.GradientTrans
         ex = {}
         for k, v in extra_args.items():
             try:
-                same = jax.tree.structure(v) == jax.tree.structure(updates)
+                same = _structure(v) == _structure(updates)
             except Exception:
                 same = False
             if same:  # a per-leaf extra (grad_variance): flattened like the gradients, so dtypes must match
@@ -1356,14 +1385,14 @@ def flatten_by_dtype(inner: optax.GradientTransformation) -> optax.GradientTrans
 # ----------------------------------------------------------------------------------------------
 
 
-def export_state(state: Any, params: Any, optimizer: str, **kwargs: Any) -> Any:
+def export_state(state: Any, params: Any, optimizer: str, **kwargs: Any) -> PortableState:
     """The framework-neutral state of ``state``: :func:`xpoptim.portable.optax_state.export_optax`."""
     from xpoptim.portable.optax_state import export_optax  # noqa: PLC0415
 
     return export_optax(state, params, optimizer, **kwargs)
 
 
-def import_state(portable: Any, params: Any, tx: Any, **kwargs: Any) -> Any:
+def import_state(portable: PortableState, params: Any, tx: Any, **kwargs: Any) -> Any:
     """A state for ``tx`` holding ``portable``: :func:`xpoptim.portable.optax_state.import_optax`."""
     from xpoptim.portable.optax_state import import_optax  # noqa: PLC0415
 

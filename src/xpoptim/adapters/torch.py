@@ -65,6 +65,7 @@ from typing import Any
 
 import array_api_compat.torch as _txp
 import torch
+from torch.optim.optimizer import ParamsT
 
 from xpoptim.core import SPECS, get_spec
 from xpoptim.core.moments import minibatch_variance
@@ -121,7 +122,7 @@ _CLASSES: tuple[type[XPOptimizer], ...] = (
 OPTIMIZERS: dict[str, type[XPOptimizer]] = {cls.spec.name: cls for cls in _CLASSES}
 
 
-def create(name: str, params: Any, **hp: Any) -> XPOptimizer:
+def create(name: str, params: ParamsT, **hp: Any) -> XPOptimizer:
     """Create the torch optimizer of a registry name (``"adamw"``) or title (``"AdamW"``).
 
     Args:
@@ -199,14 +200,17 @@ def matrix_param_groups(
     for n, m in model.named_modules():
         if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or n in heads:
             to_fallback.update(id(p) for p in m.parameters(recurse=False))
-    mat, mat_names, other, other_names = [], [], [], []
+    mat: list[torch.Tensor] = []
+    other: list[torch.Tensor] = []
+    mat_names: list[str] = []
+    other_names: list[str] = []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_matrix = p.ndim >= 2 and id(p) not in to_fallback and not (exclude is not None and exclude(n, p))
         (mat if is_matrix else other).append(p)
         (mat_names if is_matrix else other_names).append(n)
-    groups = []
+    groups: list[dict[str, Any]] = []
     if mat:
         groups.append({"params": mat, "param_names": mat_names, "rule": spec.name, **dict(matrix_hyperparams or {})})
     if other:
@@ -257,12 +261,12 @@ def minibatch_grad_variance(
 
     detached = {n: p.detach() for n, p in params.items()}
     per_example = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(detached, inputs, targets)
-    out = {}
+    out: dict[torch.Tensor, torch.Tensor] = {}
     for n, p in params.items():
         pe = per_example[n]
         out[p] = minibatch_variance(_txp, pe, axis=0)
         if set_grad:
             p.grad = pe.mean(dim=0)
         if attach:
-            p.grad_variance = out[p]
+            setattr(p, "grad_variance", out[p])  # noqa: B010  (an attribute of the user's tensor, unknown to torch)
     return out

@@ -16,6 +16,7 @@ __all__ = [
     "ema_sum",
     "bias_correction",
     "centered_variance",
+    "VARIANCE_ULPS",
     "residual_variance_update",
     "minibatch_variance",
     "minibatch_variance_from_moments",
@@ -83,13 +84,43 @@ def bias_correction(beta: Any, t: Any) -> Any:
     return 1 - beta**t
 
 
+#: A variance estimate ``v - m^2`` at or below ``VARIANCE_ULPS`` units in the last place of ``v`` is round-off and
+#: counts as 0 (:func:`centered_variance`). 16 ulp(v) lies in ``(8 eps v, 16 eps v]``, at least twice the round-off
+#: bound ``4 eps v`` of the estimate where the exact variance is 0.
+VARIANCE_ULPS = 16
+
+
 def centered_variance(xp: Any, m: Any, v: Any) -> Any:
-    """Variance estimate ``max(v - m**2, 0)`` from first and second moments (docs/algorithms.md section 3.4, 3.9).
+    """Variance estimate ``max(v - m**2, 0)`` from first and second moments, 0 where it is round-off
+    (docs/algorithms.md section 3.4, 3.9).
 
     The clamp removes negative round-off, which would otherwise push the SVAG factor above 1. An infinite
     second moment (``g^2`` overflowed: float32 gradients above ``~1.8e19``) gives an infinite variance estimate,
     also where ``m^2`` overflowed too (``inf - inf`` would be NaN): the variance factors are then 0, the step of
     that element is 0, as ``torch.optim.Adam``'s is when its ``exp_avg_sq`` overflows.
+
+    **Rounding level.** ``d = v - m^2`` is set to 0 where adding ``d / (2 VARIANCE_ULPS)`` to ``v`` does not change
+    ``v`` in the working precision:
+
+        ``s = where(v + d / 32 > v, d, 0)``,  ``d = max(v - m^2, 0)``,
+
+    that is, ``d`` is kept where ``d > 16 ulp(v)`` and is 0 where ``d < 16 ulp(v)``; at exactly ``16 ulp(v)`` IEEE
+    round-half-to-even decides (``d`` is kept where the last significand bit of ``v`` is 1), the same on every
+    backend. (For subnormal ``v`` the division ``d / 32`` itself rounds; there the estimate carries no digits.)
+
+    Derivation. With unit round-off ``u = eps / 2`` and the bias-corrected estimates of one step,
+    ``m = fl(fl(c g) / c)`` and ``v = fl(fl(c fl(g g)) / c)`` (``c = 1 - mu``; at ``t = 1`` the exact variance is 0),
+    ``m^2`` carries ``(1 + d1)^2 (1 + d2)^2 (1 + d3)`` and ``v`` carries ``(1 + d4)(1 + d5)(1 + d6)`` with
+    ``|d_i| <= u``; the subtraction is exact (Sterbenz), so the computed ``d`` is at most ``(5 + 3) u v = 4 eps v``
+    of pure round-off. ``ulp(v)`` lies in ``(eps v / 2, eps v]``, so the threshold ``16 ulp(v)`` lies in
+    ``(8 eps v, 16 eps v]``: at least twice that bound. It matters at ``t = 1``, where the released rules weight the
+    estimate by ``1 / (1 - rho) = 1e4`` (the rho cap): float32 round-off of ``4 eps v`` became a relative variance of
+    ``4.8e-3`` and the first SVAG / M-SVAG step was up to 0.5 % short, by an amount that depended on the backend's
+    rounding. For ``t >= 2`` the weights are ``<= 2`` (``kappa(mu, 2) ~ 0.5``), so dropping a variance below
+    ``16 eps v`` moves a factor by ``<= 32 eps``. Where ``d`` lies above the threshold the result is ``d`` bit for bit
+    (the plain ``max(v - m^2, 0)``). One product, one sum, one comparison and a ``where``: elementwise and fusable
+    on every backend (the factor ``1/32`` is a power of two, so the product is exact and an FMA gives the same
+    comparison).
 
     Args:
         xp: array namespace.
@@ -97,9 +128,11 @@ def centered_variance(xp: Any, m: Any, v: Any) -> Any:
         v: (bias-corrected) second-moment estimate.
 
     Returns:
-        The clamped variance estimate.
+        The clamped variance estimate, 0 where it is below the rounding level of ``v``.
     """
-    return xp.where(v == math.inf, v, xp.maximum(v - m * m, 0 * v))
+    d = xp.maximum(v - m * m, 0 * v)
+    resolved = v + d * (0.5 / VARIANCE_ULPS) > v
+    return xp.where(v == math.inf, v, xp.where(resolved, d, 0 * d))
 
 
 def residual_variance_update(xp: Any, s: Any, g: Any, mean: Any, beta: Any, eps_s: Any) -> Any:

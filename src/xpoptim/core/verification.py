@@ -7,8 +7,9 @@ cells without any edit to the verifier:
 * ``hp``: hyperparameters the verifier runs the rule at (over the spec's defaults). Default: none, the spec's
   defaults.
 * ``variants``: extra rows, ``(label suffix, hyperparameters)``; the row is labelled ``name[suffix]``.
-* ``float64`` / ``float32``: the bound on a cell's error (the largest deviation from the float64 NumPy run,
-  relative to the distance that run travelled) and the reason it is what it is. Defaults:
+* ``float64`` / ``float32``: the bound on a cell's error (the largest deviation from the float64 NumPy run beyond
+  what storing the parameter in the dtype can cause, relative to the distance that run travelled;
+  ``xpoptim.matrix.trajectory_error``) and the reason it is what it is. Defaults:
   :data:`DEFAULT_FLOAT64` and :data:`DEFAULT_FLOAT32`.
 * ``problems``: the verifier problems the rule runs on (``None``: all of them).
 * ``trajectory_float32``: the bound of xpoptim's core trajectory tests in float32 (the core in float32 on every
@@ -57,8 +58,9 @@ DEFAULT_FLOAT64 = Bound(
 #: Default float32 bound: a smooth elementwise rule.
 DEFAULT_FLOAT32 = Bound(
     1e-4,
-    "float32, smooth elementwise rule: every step rounds the parameter (~6e-8 |p|, large against a 1e-2 step) and "
-    "the moments; set 3x below the error of a learning rate 0.1 % off (~1e-3).",
+    "float32, smooth elementwise rule: the parameter's own rounding (up to 3 eps/2 of its size per step) is the "
+    "representation floor, counted apart; beyond it the moments and the step round (a few eps of a ~lr step); set "
+    "3x below the error of a learning rate 0.1 % off (~1e-3).",
 )
 
 
@@ -106,20 +108,6 @@ def verification_of(spec: Any) -> Verification:
 
 
 # Bounds several rules share (each spec names the one that applies to it).
-
-#: float64, variance estimate ``v - m^2`` (SVAG, M-SVAG).
-CANCEL_FLOAT64 = Bound(
-    1e-11,
-    "float64, variance estimate v - m^2 (SVAG, M-SVAG): where the gradient noise is small against its mean the "
-    "subtraction cancels, amplifying rounding by v / (v - m^2) (~1e3 on the MLP's biases).",
-)
-
-#: float32, variance estimate ``v - m^2``.
-CANCEL_FLOAT32 = Bound(
-    3e-4,
-    "float32, variance estimate v - m^2: cancellation where the noise is small against the mean (the MLP biases) "
-    "amplifies float32 rounding ~1e3x; 3x below a 0.1 % lr error.",
-)
 
 #: float32, sign-based rules (M-SSD, DeVA_linf).
 SIGN_FLOAT32 = Bound(

@@ -18,9 +18,15 @@ The adapters' methods only delegate to the functions here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .array_state import flatten_state_dict, unflatten_state_dict
 from .io import FORMAT, from_arrays, load, save, to_arrays
 from .state import ParamState, PortableState
+
+if TYPE_CHECKING:  # what type checkers see; at run time the peer helpers load on first use (module __getattr__)
+    from .peers_optax import from_optax
+    from .peers_torch import from_torch_optim, to_torch_optim
 
 __all__ = [
     "FORMAT",
@@ -40,10 +46,11 @@ __all__ = [
 
 _LAZY = {"from_torch_optim": "peers_torch", "to_torch_optim": "peers_torch", "from_optax": "peers_optax"}
 
+if not TYPE_CHECKING:  # at run time only: type checkers see the imports above and report an unknown name as unknown
 
-def __getattr__(name: str):  # noqa: ANN202  (PEP 562: the peer helpers import torch / JAX only when used)
-    if name in _LAZY:
-        import importlib  # noqa: PLC0415
+    def __getattr__(name: str) -> Any:  # PEP 562: the peer helpers import torch / JAX only when used
+        if name in _LAZY:
+            import importlib  # noqa: PLC0415
 
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,7 @@ def _orientation(opt: Any, ndim: int) -> Orientation:
 
 def _entries(opt: Any, sd: Mapping[str, Any]) -> list[tuple[Any, Any, int]]:
     """``(key, array, group index)`` for every parameter, in the optimizer's order."""
-    out = []
+    out: list[tuple[Any, Any, int]] = []
     for gi, (g, sg) in enumerate(zip(opt.param_groups, sd["param_groups"])):
         out.extend((k, a, gi) for k, a in zip(sg["keys"], g["params"]))
     return out
@@ -107,7 +107,7 @@ def import_array(opt: Any, portable: PortableState) -> None:
         if isinstance(SPECS[rule], MatrixSpec):
             state[key] = dict(ps.state) if opt.layout == "out_in" else swap_sides(rule, dict(ps.state))
         else:
-            state[key] = {k: orient.from_portable(v) for k, v in ps.state.items()}
+            state[key] = {k: orient.from_portable(np.asarray(v)) for k, v in ps.state.items()}
     opt.load_state_dict({**sd, "step": steps.pop(), "state": state})
 
 
@@ -126,7 +126,7 @@ def flatten_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """
     keys = list(state_dict["state"])
     flat: dict[str, np.ndarray] = {}
-    nones = {}
+    nones: dict[str, list[str]] = {}
     for i, k in enumerate(keys):
         for n, v in state_dict["state"][k].items():
             if v is None:

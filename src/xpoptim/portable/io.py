@@ -95,7 +95,7 @@ def save(state: PortableState, path: Any) -> None:
     """
     arrays, meta = to_arrays(state)
     if _is_npz(path):
-        np.savez(path, **arrays, **{_META: np.array(meta)})
+        np.savez(path, allow_pickle=False, **arrays, **{_META: np.array(meta)})
         return
     from safetensors.numpy import save_file  # noqa: PLC0415  (an optional dependency: the torch/jax extras)
 

@@ -16,8 +16,8 @@ that is not an ``(in, out)`` kernel (an embedding table ``(vocab, features)``, a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeGuard, cast
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +82,25 @@ def _rule_of(node: Any) -> str | None:
     return None
 
 
-def _is_namedtuple(x: Any) -> bool:
+class _NamedTupleNode(Protocol):
+    """A NamedTuple node of a state pytree (optax's states, ``inject_hyperparams``' state)."""
+
+    _fields: tuple[str, ...]
+    count: Any  # the ``count`` field where ``_fields`` has one (else tuple's method)
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def _replace(self, **fields: Any) -> Any: ...
+
+
+def _is_namedtuple(x: object) -> TypeGuard[_NamedTupleNode]:
     return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _mapping_like(node: Mapping, items: dict) -> Any:
+    """A mapping of ``node``'s own class (``dict``, ``FrozenDict``, ...) holding ``items`` (the pytree mapping
+    classes are built from a dict; ``Mapping`` itself promises no constructor)."""
+    return cast("Callable[[dict], Any]", type(node))(items)
 
 
 def _rule_states(node: Any, found: list) -> None:
@@ -108,7 +125,7 @@ def _per_leaf(node: Any, treedef: Any) -> list[dict | None]:
         for i, v in enumerate(treedef.flatten_up_to(getattr(node, field))):
             if isinstance(v, optax.MaskedNode):
                 continue
-            entry = per[i] if per[i] is not None else {}
+            entry = per[i] or {}
             if isinstance(v, Mapping):
                 entry.update(v)
             else:
@@ -163,8 +180,9 @@ def export_optax(
         for i, entry in enumerate(_per_leaf(node, treedef)):
             if entry is None:
                 continue
-            if out[names[i]] is not None:
-                raise ValueError(f"export_state: leaf {names[i]!r} is served by two rule states ({out[names[i]].rule!r}, {rule!r})")
+            prev = out[names[i]]
+            if prev is not None:
+                raise ValueError(f"export_state: leaf {names[i]!r} is served by two rule states ({prev.rule!r}, {rule!r})")
             out[names[i]] = ParamState(rule, step, orients[i].portable_shape(leaves[i].shape), _to_portable(rule, entry, leaves[i], orients[i]))
     params_out = {n: ps for n, ps in out.items() if ps is not None}
     return PortableState(
@@ -178,11 +196,11 @@ def export_optax(
 
 def _to_portable(rule: str, entry: dict, leaf: Any, orient: Orientation) -> dict:
     if not isinstance(SPECS[rule], MatrixSpec):
-        return {k: orient.to_portable(_np(v)) for k, v in entry.items()}
+        return {k: orient.to_portable(np.array(v)) for k, v in entry.items()}
     roles = matrix_roles(rule)
     leaf_shaped = {k: v for k, v in entry.items() if roles[k] == "matrix" and v is not None and tuple(v.shape) == tuple(leaf.shape)}
     rest = {k: _np(v) for k, v in entry.items() if k not in leaf_shaped}
-    out = {k: matrix_from_leaf(_np(v), orient) for k, v in leaf_shaped.items()}
+    out = {k: matrix_from_leaf(np.array(v), orient) for k, v in leaf_shaped.items()}
     # The rest is the adapter's (fan_in, fan_out) matrix form: transpose it, swap the factor sides.
     out.update(swap_sides(rule, {k: rest.get(k) for k in roles if k not in leaf_shaped}) if rest else {})
     return out
@@ -239,7 +257,7 @@ def import_optax(portable: PortableState, params: Any, tx: Any, *, dimension_num
     for rule, node in found:
         per = _per_leaf(node, treedef)
         steps = set()
-        repl = [None] * len(leaves)
+        repl: list[dict[str, Any] | None] = [None] * len(leaves)
         for i, like in enumerate(per):
             if like is None:
                 continue
@@ -259,7 +277,7 @@ def import_optax(portable: PortableState, params: Any, tx: Any, *, dimension_num
             arrays = _from_portable(rule, ps.state, like, leaves[i], orients[i])
             for k, ref in like.items():
                 got = arrays.get(k)
-                if (ref is None) != (got is None) or (ref is not None and tuple(got.shape) != tuple(ref.shape)):
+                if (ref is None) != (got is None) or (ref is not None and got is not None and tuple(got.shape) != tuple(ref.shape)):
                     raise ValueError(
                         f"import_state: leaf {name!r} state {k!r} has shape {None if got is None else tuple(got.shape)}: "
                         f"expected {None if ref is None else tuple(ref.shape)}"
@@ -297,7 +315,7 @@ def _replace_rule_state(node: Any, treedef: Any, repl: list, step: int) -> Any:
 def _set_count(node: Any, step: int) -> Any:
     """Every ``count`` in a subtree without rule states (schedules, ``inject_hyperparams``' schedule states)."""
     if isinstance(node, Mapping):
-        return type(node)({k: _set_count(v, step) for k, v in node.items()})
+        return _mapping_like(node, {k: _set_count(v, step) for k, v in node.items()})
     if _is_namedtuple(node):
         new = type(node)(*[_set_count(v, step) for v in node])
         if "count" in node._fields and _rule_of(node) is None:
@@ -316,7 +334,7 @@ def _rebuild(node: Any, new_nodes: dict) -> tuple[Any, int | None]:
     if isinstance(node, Mapping):
         items = {k: _rebuild(v, new_nodes) for k, v in node.items()}
         steps = {s for _, s in items.values() if s is not None}
-        return type(node)({k: v for k, (v, _) in items.items()}), (steps.pop() if len(steps) == 1 else None)
+        return _mapping_like(node, {k: v for k, (v, _) in items.items()}), (steps.pop() if len(steps) == 1 else None)
     if isinstance(node, (tuple, list)):
         kids = [_rebuild(x, new_nodes) for x in node]
         steps = {s for _, s in kids if s is not None}

@@ -35,7 +35,7 @@ from .torch_state import param_names, tensor_to_numpy
 __all__ = ["from_torch_optim", "to_torch_optim", "TORCH_OPTIM"]
 
 #: The torch.optim classes with an xpoptim rule of the same conventions (checked per group).
-TORCH_OPTIM = {torch.optim.Adam: "adam", torch.optim.AdamW: "adamw", torch.optim.SGD: "sgd"}
+TORCH_OPTIM: dict[type[torch.optim.Optimizer], str] = {torch.optim.Adam: "adam", torch.optim.AdamW: "adamw", torch.optim.SGD: "sgd"}
 if hasattr(torch.optim, "Muon"):  # torch >= 2.9
     TORCH_OPTIM[torch.optim.Muon] = "muon"
 
@@ -115,7 +115,7 @@ def from_torch_optim(opt: torch.optim.Optimizer, names: Any = None) -> PortableS
                 st = {"momentum_buffer": None, "step": 0}
             if not st:
                 continue
-            arrays = {}
+            arrays: dict[str, np.ndarray | None] = {}
             for n in state_names:
                 v = st.get(n)
                 arrays[n] = np.zeros(tuple(p.shape), tensor_to_numpy(p).dtype) if v is None else tensor_to_numpy(v)

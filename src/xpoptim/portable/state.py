@@ -192,5 +192,7 @@ def matrix_roles(rule: str) -> dict[str, str]:
     matrix's shape, ``(2, 2)`` ones sit on its row side and ``(3, 3)`` ones on its column side.
     """
     spec = get_spec(rule)
+    if not isinstance(spec, MatrixSpec):
+        raise ValueError(f"matrix_roles: rule={rule!r} is invalid: expected a matrix rule, one of {[n for n, s in SPECS.items() if isinstance(s, MatrixSpec)]}")
     shapes = spec.state_shapes((2, 3), spec.validate())
     return {k: {(2, 3): "matrix", (2, 2): "left", (3, 3): "right"}[tuple(shapes[k])] for k in spec.state}

@@ -22,12 +22,20 @@ from .threads import COMPILED_TASK_SIZE, _call, _pool
 class BucketStepMixin:
     """The elementwise bucket step of :class:`xpoptim.adapters.array.Optimizer`."""
 
+    # What the optimizer sets up (``Optimizer.__init__``) and this mixin reads:
+    xp: Any
+    maximize: bool
+    fuse: bool
+    threads: int
+    chunk_size: int | None
+    _kind: str
+
     def _kernel(self, b: _Bucket, hp: dict) -> tuple:
         static = b.spec.static(hp)
         key = tuple(sorted((k, repr(v)) for k, v in static.items()))
         if key not in b.kernels:
             kernel = make_step_kernel(b.spec, self.xp, static, maximize=self.maximize)
-            fused = None
+            fused: list | bool | None = None  # the cupy.fuse kernel or the compiled loop; False: op by op
             if self._kind == "cupy":
                 fused = False
                 if not self.fuse:

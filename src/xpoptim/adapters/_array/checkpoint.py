@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xpoptim.core import STATE_VERSION, check_state_entry, state_layout
 
+from .layout import _Bucket, _Entry, _MatrixStack
 from .namespace import _device_context, _from_numpy, _is_array, _numpy_dtype, _reshape, _to_numpy
 from .params import _GROUP_EXTRA_KEYS
+
+if TYPE_CHECKING:
+    from xpoptim.core import ElementwiseSpec, MatrixSpec
 
 
 class CheckpointMixin:
     """``state_dict`` / ``load_state_dict`` of :class:`xpoptim.adapters.array.Optimizer`."""
+
+    # What the optimizer sets up (``Optimizer.__init__``) and this mixin reads:
+    spec: ElementwiseSpec | MatrixSpec
+    fallback_spec: ElementwiseSpec | None
+    param_groups: list[dict]
+    xp: Any
+    device: Any
+    _kind: str
+    _step: int
+    _entries: list[_Entry]
+    _buckets: list[_Bucket]
+    _stacks: list[_MatrixStack]
 
     def _entry_state(self) -> dict:
         xp = self.xp

@@ -185,7 +185,7 @@ class FunctionalOptimizer:
         if not isinstance(st, Mapping) or set(st) != set(keys):
             raise ValueError("state_dict['state'] keys do not match params")
         _, vals, _ = self._items(params, "params")
-        out = {}
+        out: dict[Any, dict[str, Any]] = {}
         for key, p in zip(keys, vals):
             cur = ref["state"][key]
             entry = st[key]

@@ -139,7 +139,7 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
         except TypeError as exc:
             raise TypeError(f"params mix array namespaces ({sorted(kinds)}): {exc}") from None
         self._kind = kinds.pop()
-        devices = []
+        devices: list[Any] = []
         for a in arrays:
             d = array_api_compat.device(a)
             if all(d != o for o in devices):
@@ -188,6 +188,8 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
         self._buckets: list[_Bucket] = []
         for (g, _), (role, dtype, sd, entries) in buckets.items():
             spec = self.fallback_spec if role == "fallback" else self.spec
+            if not isinstance(spec, ElementwiseSpec):  # a bucket holds the parameters of an elementwise rule
+                raise TypeError(f"{role} rule {getattr(spec, 'name', spec)!r} of a bucket is not elementwise")
             b = _Bucket(spec, g, role, dtype, sd, entries)
             with _device_context(self.device):
                 b.state = {n: xp.zeros((b.size,), dtype=sd, device=self.device) for n in spec.state}
@@ -195,6 +197,8 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
             self._buckets.append(b)
         self._stacks: list[_MatrixStack] = []
         for (g, mshape, _), (dtype, sd, entries) in stacks.items():
+            if not isinstance(self.spec, MatrixSpec):  # a stack holds the matrices of a matrix rule
+                raise TypeError(f"rule {self.spec.name!r} of a matrix stack is not a matrix rule")
             st = _MatrixStack(self.spec, g, mshape, dtype, sd, entries)
             hp = self.param_groups[g]
             with _device_context(self.device):
@@ -267,7 +271,7 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
             hp.update(hyperparams)
             self.spec.validate(**hp)
             new_fb = None
-            if fbh is not None:
+            if fbh is not None and self.fallback_spec is not None:  # (fbh without a fallback rule raised above)
                 new_fb = {**g["fallback_hyperparams"], **fbh}
                 self.fallback_spec.validate(**new_fb)
             staged.append((g, new_fb))
@@ -420,8 +424,10 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
                     ) from exc
                 pending.append((st, new_p, new_state))
             for b in self._buckets:
-                hp = hps[b.group][0] if b.role == "main" else hps[b.group][1]
-                self._run_bucket(b, g_list, x_lists, pos, hp, t)
+                bucket_hp = hps[b.group][0] if b.role == "main" else hps[b.group][1]
+                if bucket_hp is None:  # a fallback bucket exists only with a fallback rule
+                    raise TypeError(f"bucket of group {b.group} has role {b.role!r} without a fallback rule")
+                self._run_bucket(b, g_list, x_lists, pos, bucket_hp, t)
             for st, new_p, new_state in pending:
                 for i, e in enumerate(st.entries):
                     v = _reshape(xp, new_p[i, ...], e.shape)
@@ -456,7 +462,9 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
         self.spec = get_spec(d["spec"])
-        self.fallback_spec = None if d["fallback_spec"] is None else get_spec(d["fallback_spec"])
+        fallback = None if d["fallback_spec"] is None else get_spec(d["fallback_spec"])
+        self.fallback_spec = fallback if isinstance(fallback, ElementwiseSpec) else None
+        part: Any  # pickled with the spec's name in place of the spec (see _portable)
         for part in (*self._buckets, *self._stacks):
             part.spec = get_spec(part.spec)
         self.xp = array_api_compat.array_namespace(*[e.array for e in self._entries])
@@ -492,7 +500,7 @@ def _host_numbers(spec: Any, hp: dict) -> dict:
 def _portable(part: Any) -> Any:
     """A shallow copy of a bucket or matrix stack for pickling: the spec by name; for buckets no compiled kernels
     and no segments (their views and buffers belong to the original arrays)."""
-    c = type(part).__new__(type(part))
+    c = object.__new__(type(part))
     c.__dict__.update(part.__dict__)
     c.spec = part.spec.name
     if isinstance(part, _Bucket):

@@ -23,7 +23,7 @@ def _parse_groups(params: Any) -> tuple[list[dict], bool]:
     if isinstance(params, Mapping):
         if "params" in params:
             raise TypeError("params: a single parameter group must be given inside a list: [{'params': ..., 'lr': ...}]")
-        raw = [{"params": params}]
+        raw: list[dict[str, Any]] = [{"params": params}]
     elif isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
         raise TypeError(f"params must be a list or dict of arrays, got {type(params).__name__}")
     else:
