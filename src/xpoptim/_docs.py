@@ -6,7 +6,7 @@ this table between the ``<!-- conventions:begin -->`` and ``<!-- conventions:end
 
 from __future__ import annotations
 
-from xpoptim.core import SPECS, MatrixSpec
+from xpoptim.core import BUILTIN, SPECS, MatrixSpec
 
 
 def _fmt(value: object) -> str:
@@ -21,12 +21,13 @@ def _cell(text: str) -> str:
 
 
 def conventions_table() -> str:
-    """Markdown table: optimizer, defaults, conventions (eps, bias correction, weight decay), source."""
+    """Markdown table of the shipped optimizers (rules registered by a user's code are left out): optimizer,
+    defaults, conventions (eps, bias correction, weight decay), source."""
     lines = [
         "| optimizer | defaults | conventions (eps, bias correction, weight decay) | source |",
         "| --- | --- | --- | --- |",
     ]
-    for spec in SPECS.values():
+    for spec in (s for n, s in SPECS.items() if n in BUILTIN):
         defaults = ", ".join(f"{h.name}={_fmt(h.default)}" for h in spec.hyperparams)
         extra = f"; non-matrix params: {spec.fallback}" if isinstance(spec, MatrixSpec) else ""
         cells = (f"`{spec.title}`", defaults, f"{spec.conventions}{extra}", spec.source)
