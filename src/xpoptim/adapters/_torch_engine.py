@@ -541,7 +541,7 @@ class CheckedInC:
     parameters, state tensors and step counters, the ids of the state dicts' values, and the table of addresses the
     compiled loop reads (row ``i``: parameter ``i``, its gradient (written at each step), its state tensors)."""
 
-    __slots__ = ("guard", "h_params", "h_cols", "h_steps", "keys", "value_ids", "ptrs", "step_ptrs", "ones")
+    __slots__ = ("guard", "h_params", "h_cols", "h_steps", "keys", "value_ids", "ptrs", "ones")
 
     def __init__(self, g: _gd.Guard, fg: FastGroup, names: Sequence[str]) -> None:
         self.guard = g
@@ -551,7 +551,6 @@ class CheckedInC:
         self.keys = (*names, "step")
         self.value_ids = np.array([[id(t) for t in col] for col in (*fg.cols, fg.steps)], dtype=np.uintp).reshape(len(self.keys), len(fg.params))
         self.ptrs = np.ascontiguousarray(np.column_stack([fg.p_ptrs, fg.p_ptrs, *fg.col_ptrs]))
-        self.step_ptrs = np.ascontiguousarray(fg.step_ptrs.reshape(-1, 1))
         self.ones = np.ones(len(fg.params), dtype=np.int64)
 
 
@@ -648,12 +647,12 @@ def _checked_in_c(c: CheckedInC, fg: FastGroup, sts: list[dict], grads: Sequence
     g, dtype, numel = c.guard, fg.dtype, fg.numel
     if not g.values(sts, c.keys, c.value_ids):  # every state dict still holds the very tensors it held
         return False
-    if not g.same(c.h_params, numel, dtype, ptrs, 0) or not g.same(c.h_steps, c.ones, torch.float32, c.step_ptrs, 0):
+    if not g.same(c.h_params, numel, dtype, ptrs, 0) or not g.same(c.h_steps, c.ones, torch.float32, fg.step_ptrs, 0):
         return False
     if not all(g.same(h, numel, dtype, ptrs, 2 + k) for k, h in enumerate(c.h_cols)):
         return False
     try:
-        return g.fresh(list(grads), numel, dtype, ptrs, 1)
+        return g.fresh(grads, numel, dtype, ptrs, 1)
     except (RuntimeError, TypeError):  # a gradient torch cannot hand over: the full checks name it
         return False
 

@@ -170,17 +170,17 @@ class Guard:
         """Handles to ``tensors`` (held until the returned object is collected)."""
         return Handles(self, tensors)
 
-    def fresh(self, tensors: list[torch.Tensor], numel: np.ndarray, dtype: torch.dtype, out: np.ndarray, col: int) -> bool:
+    def fresh(self, tensors: Sequence[torch.Tensor], numel: np.ndarray, dtype: torch.dtype, out: np.ndarray, col: int) -> bool:
         """Whether every tensor is a contiguous CPU tensor of ``numel[i]`` elements of ``dtype``; their addresses
         are written to column ``col`` of ``out`` (uintp, C-contiguous, one row per tensor)."""
-        capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)
+        capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors if isinstance(tensors, list) else list(tensors))
         return bool(self._fresh(capsules, len(capsules), numel.ctypes.data, self.dtypes[dtype], self.cpu, out.ctypes.data, out.shape[1], col))
 
     def same(self, held: Handles, numel: np.ndarray, dtype: torch.dtype, expect: np.ndarray, col: int) -> bool:
         """Whether every held tensor is still a contiguous CPU tensor of ``numel[i]`` elements of ``dtype`` at the
-        address in column ``col`` of ``expect`` (uintp, C-contiguous, one row per tensor)."""
-        n = held.array.size
-        return bool(self._same(held.array.ctypes.data, n, numel.ctypes.data, self.dtypes[dtype], self.cpu, expect.ctypes.data, expect.shape[1], col))
+        address in column ``col`` of ``expect`` (uintp, C-contiguous, one row per tensor; 1-D: one column)."""
+        ld = expect.shape[1] if expect.ndim == 2 else 1
+        return bool(self._same(held.array.ctypes.data, held.array.size, numel.ctypes.data, self.dtypes[dtype], self.cpu, expect.ctypes.data, ld, col))
 
     def values(self, dicts: list[dict], keys: tuple[str, ...], expect_ids: np.ndarray) -> bool:
         """Whether ``dicts[i][keys[j]] is`` the object whose ``id`` is ``expect_ids[j, i]`` for every ``i``, ``j``
