@@ -210,36 +210,74 @@ def test_handles_are_released():
     assert [p._use_count() for p in ours] == base
 
 
-def test_checks_see_each_kind_of_change_directly():
-    """The C checks themselves, on one list: each change to one tensor is seen."""
+def _rows(g, held_ts, fresh, threads=1, steps=None):
+    """``Guard.rows`` over one held column (plus a column of step counters when given)."""
+    n = len(held_ts)
+    numel = np.array([t.numel() for t in held_ts], dtype=np.int64)
+    cols, nums, dts, exp = [held_ts], [numel], [torch.float32], [np.array([t.data_ptr() for t in held_ts], dtype=np.uintp)]
+    if steps is not None:
+        cols.append(steps)
+        nums.append(None)
+        dts.append(torch.float32)
+        exp.append(np.array([s.data_ptr() for s in steps], dtype=np.uintp))
+    held = g.held(cols, nums, dts, exp, step_col=1 if steps is not None else -1)
+    out = np.zeros((n, 2), dtype=np.uintp)
+    return held, numel, lambda: g.rows(held, fresh, numel, torch.float32, np.zeros(n, dtype=np.uintp), out, 1, threads), out
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_checks_see_each_kind_of_change_directly(threads):
+    """The C checks themselves: each change to one held tensor (first, middle or last row, so every thread's
+    share), each wrong fresh tensor and each differing step counter is seen."""
     if _can_build():
         pytest.skip(_can_build())
     g = gd.guard()
-    ts = [torch.randn(4, 3) for _ in range(3)]
-    h = g.handles(ts)
-    numel = np.full(3, 12, dtype=np.int64)
-    table = np.array([[t.data_ptr()] for t in ts], dtype=np.uintp)
-    assert g.same(h, numel, torch.float32, table, 0)
-    out = np.zeros((3, 2), dtype=np.uintp)
-    assert g.fresh(ts, numel, torch.float32, out, 1) and list(out[:, 1]) == [t.data_ptr() for t in ts]
-    for change in (
-        lambda t: t.set_(t.clone()),
-        lambda t: t.t_(),
-        lambda t: t.resize_(13),
-        lambda t: setattr(t, "data", t.data.double()),
-        lambda t: t.as_strided_((4, 3), (1, 4)),
-    ):
-        ts = [torch.randn(4, 3) for _ in range(3)]
-        h = g.handles(ts)
-        table = np.array([[t.data_ptr()] for t in ts], dtype=np.uintp)
-        change(ts[1])
-        assert not g.same(h, numel, torch.float32, table, 0)
-    assert not g.fresh([torch.randn(4, 3), torch.randn(3, 4).t()], numel[:2], torch.float32, out, 1)
-    assert not g.fresh([torch.randn(12, dtype=torch.float64)], numel[:1], torch.float32, out, 1)
+    n = 300  # above the row count from which the engine splits the checks over threads
+    ts = [torch.randn(4, 3) for _ in range(n)]
+    fresh = [torch.randn(4, 3) for _ in range(n)]
+    steps = [torch.tensor(5.0) for _ in range(n)]
+    _held, _numel, check, out = _rows(g, ts, fresh, threads, steps)
+    assert check() == 5.0
+    assert [int(a) for a in out[:, 1]] == [t.data_ptr() for t in fresh]
+    for row in (0, n // 2, n - 1):
+        for change in (
+            lambda t: t.set_(t.clone()),
+            lambda t: t.t_(),
+            lambda t: t.resize_(13),
+            lambda t: setattr(t, "data", t.data.double()),
+            lambda t: t.as_strided_((4, 3), (1, 4)),
+        ):
+            ts = [torch.randn(4, 3) for _ in range(n)]
+            _held, _numel, check, _out = _rows(g, ts, fresh, threads)
+            change(ts[row])
+            assert check() is None
+        for wrong in (torch.randn(3, 4).t(), torch.randn(12, dtype=torch.float64), torch.randn(13), torch.randn(4, 3)[:, :2]):
+            bad = list(fresh)
+            bad[row] = wrong
+            ts = [torch.randn(4, 3) for _ in range(n)]
+            assert _rows(g, ts, bad, threads)[2]() is None
+        odd = [torch.tensor(5.0) for _ in range(n)]
+        odd[row].fill_(6.0)
+        assert _rows(g, [torch.randn(4, 3) for _ in range(n)], fresh, threads, odd)[2]() is None
     d = [{"a": ts[0]}]
     ids = np.array([[id(ts[0])]], dtype=np.uintp)
     assert g.values(d, ("a",), ids)
     assert not g.values([{"a": ts[1]}], ("a",), ids) and not g.values([{}], ("a",), ids)
+
+
+def test_checks_release_the_fresh_tensors():
+    """The handles the checks take on the fresh tensors are released, on every thread's share."""
+    if _can_build():
+        pytest.skip(_can_build())
+    g = gd.guard()
+    ts = [torch.randn(5) for _ in range(300)]
+    fresh = [torch.randn(5) for _ in range(300)]
+    base = [f._use_count() for f in fresh]
+    for threads in (1, 2):
+        assert _rows(g, ts, fresh, threads)[2]() == 0.0
+        bad = fresh[:-1] + [torch.randn(6)]
+        assert _rows(g, ts, bad, threads)[2]() is None
+    assert [f._use_count() for f in fresh] == base
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from xpt_support import spec_hp
 from xpoptim.adapters import _cfuse
 from xpoptim.adapters import _torch_ckernel as ck
 from xpoptim.adapters import _torch_engine as eng
+from xpoptim.adapters import _torch_omp as omp
 from xpoptim.adapters import torch as xt
 from xpoptim.core import ELEMENTWISE, SPECS
 
@@ -90,8 +91,12 @@ def test_compiled_loop_and_foreach_path_equal_op_by_op_bit_for_bit(name, dtype, 
 
 
 @needs_cc
-def test_threaded_spans_equal_one_thread(monkeypatch):
-    """Large steps are cut into one element range per thread (a tensor on a cut is split in two): same bits."""
+@pytest.mark.parametrize("threads_of", ["torch's OpenMP pool", "the adapter's thread pool"])
+def test_threaded_spans_equal_one_thread(monkeypatch, threads_of):
+    """Large steps are cut into one element range per thread (a tensor on a cut is split in two): same bits, on
+    torch's OpenMP threads (where ``_torch_omp`` builds) and on the adapter's own pool."""
+    if threads_of == "the adapter's thread pool":
+        monkeypatch.setattr(omp, "ENABLED", False)
     out = []
     for min_per_thread, threads in ((1 << 30, 1), (7, 2), (3, 3)):
         monkeypatch.setattr(ck, "MIN_ELEMENTS_PER_THREAD", min_per_thread)

@@ -391,6 +391,11 @@ class CKernel:
         self._packed(sizes.size, sizes.ctypes.data, pointers.ctypes.data, *(a.ctypes.data for a in flat), host)
 
 
+    @property
+    def spans_address(self) -> int:
+        """The address of the compiled span loop (``xpoptim_step_ptrs``), for C code that calls it directly."""
+        return int(ctypes.cast(self._ptrs, ctypes.c_void_p).value or 0)
+
     def spans(self, sizes: np.ndarray, pointers: np.ndarray, host: Any) -> None:
         """Run the loop over spans whose every array is given by address (nothing gathered, nothing packed).
 

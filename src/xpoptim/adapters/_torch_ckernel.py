@@ -22,6 +22,7 @@ from xpoptim.core import HOST, make_step_kernel, step_scalars
 from xpoptim.core.spec import ElementwiseSpec
 
 from . import _cfuse
+from . import _torch_omp as _omp
 
 __all__ = ["c_kernel", "run_spans", "pointers", "MIN_ELEMENTS_PER_THREAD", "ENABLED"]
 
@@ -114,13 +115,19 @@ def _split(sizes: np.ndarray, ptrs: np.ndarray, itemsize: int, parts: int) -> li
     return jobs
 
 
-def run_spans(kernel: _cfuse.CKernel, host: Any, sizes: np.ndarray, ptrs: np.ndarray, itemsize: int) -> None:
+def run_spans(kernel: _cfuse.CKernel, host: Any, sizes: np.ndarray, ptrs: np.ndarray, itemsize: int, ends: np.ndarray | None = None) -> None:
     """Run ``kernel`` over the spans (``sizes`` int64, ``ptrs`` from :func:`pointers`), on up to
-    ``torch.get_num_threads()`` threads, each a contiguous range of elements."""
-    total = int(sizes.sum()) if sizes.size else 0
+    ``torch.get_num_threads()`` threads, each a contiguous range of elements: torch's own OpenMP threads where
+    :mod:`._torch_omp` builds, else a thread pool of this module. ``ends`` (the cumulative sum of ``sizes``) may be
+    given when it is at hand."""
+    total = int(ends[-1]) if ends is not None and ends.size else int(sizes.sum()) if sizes.size else 0
     threads = min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD)
     if threads <= 1:
         kernel.spans(sizes, ptrs, host)
+        return
+    omp = _omp.runner()
+    if omp is not None:
+        omp.spans(kernel, host, sizes, np.cumsum(sizes) if ends is None else ends, ptrs, itemsize, threads)
         return
     jobs = _split(sizes, ptrs, itemsize, threads)
     futures = [_pool(threads - 1).submit(kernel.spans, s, p, host) for s, p in jobs[1:]]

@@ -505,6 +505,9 @@ def sharded_matrix_state_init(spec: MatrixSpec, p: Any, hp: dict, state_dtype: t
 
 _GETSTEP = operator.itemgetter("step")
 
+#: The steady-state checks are split over torch's threads from this many tensors on.
+CHECK_ROWS_PER_THREAD = 256
+
 
 class FastGroup:
     """What a group's last step established about its plain CPU parameters and their state: the tensor objects,
@@ -518,7 +521,7 @@ class FastGroup:
     (torch itself refuses ``p.grad = x`` of another shape; only ``.data`` gets past that check).
     """
 
-    __slots__ = ("spec_key", "params", "state", "state_changes", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "dtype", "kernel", "checked")
+    __slots__ = ("spec_key", "params", "state", "state_changes", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "ends", "dtype", "kernel", "checked")
     spec_key: tuple[str, tuple, bool]
     params: list[torch.Tensor]
     state: Mapping
@@ -531,6 +534,7 @@ class FastGroup:
     col_ptrs: list[np.ndarray]
     step_ptrs: np.ndarray
     numel: np.ndarray
+    ends: np.ndarray
     dtype: torch.dtype
     kernel: _ck._cfuse.CKernel
     checked: CheckedInC | None
@@ -538,20 +542,25 @@ class FastGroup:
 
 class CheckedInC:
     """What :func:`fast_plan` needs to check a :class:`FastGroup` in C (:mod:`._torch_guard`): handles to the
-    parameters, state tensors and step counters, the ids of the state dicts' values, and the table of addresses the
-    compiled loop reads (row ``i``: parameter ``i``, its gradient (written at each step), its state tensors)."""
+    parameters, state tensors and step counters with their element counts, dtypes and addresses, the ids of the
+    state dicts' values, and the table of addresses the compiled loop reads (row ``i``: parameter ``i``, its
+    gradient (written at each step), its state tensors)."""
 
-    __slots__ = ("guard", "h_params", "h_cols", "h_steps", "keys", "value_ids", "ptrs", "ones")
+    __slots__ = ("guard", "held", "keys", "value_ids", "ptrs", "scratch")
 
     def __init__(self, g: _gd.Guard, fg: FastGroup, names: Sequence[str]) -> None:
         self.guard = g
-        self.h_params = g.handles(fg.params)
-        self.h_cols = [g.handles(col) for col in fg.cols]
-        self.h_steps = g.handles(fg.steps)
+        self.held = g.held(
+            [fg.params, *fg.cols, fg.steps],
+            [fg.numel] * (1 + len(fg.cols)) + [None],
+            [fg.dtype] * (1 + len(fg.cols)) + [torch.float32],
+            [fg.p_ptrs, *fg.col_ptrs, fg.step_ptrs],
+            step_col=1 + len(fg.cols),
+        )
         self.keys = (*names, "step")
         self.value_ids = np.array([[id(t) for t in col] for col in (*fg.cols, fg.steps)], dtype=np.uintp).reshape(len(self.keys), len(fg.params))
         self.ptrs = np.ascontiguousarray(np.column_stack([fg.p_ptrs, fg.p_ptrs, *fg.col_ptrs]))
-        self.ones = np.ones(len(fg.params), dtype=np.int64)
+        self.scratch = np.zeros(len(fg.params), dtype=np.uintp)
 
 
 def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], state: Mapping) -> FastGroup | None:
@@ -584,6 +593,7 @@ def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence
     fg.col_ptrs = [_ptrs(c) for c in cols]
     fg.step_ptrs = _ptrs(steps)
     fg.numel = np.fromiter(map(_numel, params), dtype=np.int64, count=len(params))
+    fg.ends = np.cumsum(fg.numel)
     fg.dtype, fg.kernel = dtype, ck
     g = _gd.guard()
     fg.checked = CheckedInC(g, fg, names) if g is not None else None
@@ -617,49 +627,46 @@ def fast_plan(
         if not all(map(_is, map(state.get, params), sts)):
             return None
     c = fg.checked
-    ptrs: np.ndarray | None
-    if c is not None:
-        ptrs = c.ptrs if _checked_in_c(c, fg, sts, grads, c.ptrs) else None
-    else:
-        ptrs = _checked_in_python(fg, sts, params, grads)
-    if ptrs is None:
+    checked = _checked_in_c(c, fg, sts, grads) if c is not None else _checked_in_python(fg, sts, params, grads)
+    if checked is None:
         return None
+    ptrs, t_prev = checked
     ck = fg.kernel
-    ts = ck.read_steps(fg.step_ptrs)
-    if n and not (ts == ts[0]).all():
-        return None
-    t = int(ts[0]) + 1 if n else 1
+    t = int(t_prev) + 1
     host = ck.host_scalars(tuple(step_scalars(spec, hp, t, HOST)))
     if host is None:
         return None
-    sizes = fg.numel
+    sizes, ends = fg.numel, fg.ends
 
     def run() -> None:
-        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size())
+        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size(), ends)
         ck.write_steps(fg.step_ptrs, float(t))
         torch.autograd.graph.increment_version(fg.params)
 
     return run
 
 
-def _checked_in_c(c: CheckedInC, fg: FastGroup, sts: list[dict], grads: Sequence[torch.Tensor], ptrs: np.ndarray) -> bool:
-    """:func:`fast_plan`'s checks through :mod:`._torch_guard`; the gradients' addresses go to column 1 of ``ptrs``."""
-    g, dtype, numel = c.guard, fg.dtype, fg.numel
+def _threads(n: int) -> int:
+    """Threads for checking ``n`` tensors: torch's, when there are enough tensors to pay for the hand-off."""
+    return torch.get_num_threads() if n >= CHECK_ROWS_PER_THREAD else 1
+
+
+def _checked_in_c(c: CheckedInC, fg: FastGroup, sts: list[dict], grads: Sequence[torch.Tensor]) -> tuple[np.ndarray, float] | None:
+    """:func:`fast_plan`'s checks through :mod:`._torch_guard`: the address table the compiled loop reads (the
+    gradients' addresses written into its column 1) and the step count, or ``None``."""
+    g = c.guard
     if not g.values(sts, c.keys, c.value_ids):  # every state dict still holds the very tensors it held
-        return False
-    if not g.same(c.h_params, numel, dtype, ptrs, 0) or not g.same(c.h_steps, c.ones, torch.float32, fg.step_ptrs, 0):
-        return False
-    if not all(g.same(h, numel, dtype, ptrs, 2 + k) for k, h in enumerate(c.h_cols)):
-        return False
+        return None
     try:
-        return g.fresh(grads, numel, dtype, ptrs, 1)
+        t = g.rows(c.held, grads if isinstance(grads, list) else list(grads), fg.numel, fg.dtype, c.scratch, c.ptrs, 1, _threads(len(grads)))
     except (RuntimeError, TypeError):  # a gradient torch cannot hand over: the full checks name it
-        return False
+        return None
+    return None if t is None else (c.ptrs, t)
 
 
-def _checked_in_python(fg: FastGroup, sts: list[dict], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> np.ndarray | None:
+def _checked_in_python(fg: FastGroup, sts: list[dict], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> tuple[np.ndarray, float] | None:
     """:func:`fast_plan`'s checks tensor by tensor (where :mod:`._torch_guard` cannot be built): the address table
-    the compiled loop reads, or ``None``."""
+    the compiled loop reads and the step count, or ``None``."""
     n = len(params)
     cols = [list(map(getter, sts)) for getter in fg.getters]
     steps = list(map(_GETSTEP, sts))
@@ -679,4 +686,7 @@ def _checked_in_python(fg: FastGroup, sts: list[dict], params: Sequence[torch.Te
         g_ptrs = _ptrs(grads)
     except RuntimeError:  # a sparse gradient has no strides or address: the full checks refuse it by name
         return None
-    return np.column_stack([fg.p_ptrs, g_ptrs, *fg.col_ptrs])
+    ts = fg.kernel.read_steps(fg.step_ptrs)
+    if n and not (ts == ts[0]).all():
+        return None
+    return np.column_stack([fg.p_ptrs, g_ptrs, *fg.col_ptrs]), float(ts[0]) if n else 0.0

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from . import _cfuse
+from . import _torch_omp as _omp
 
-__all__ = ["Guard", "Handles", "guard", "ENABLED"]
+__all__ = ["Guard", "Handles", "Held", "guard", "ENABLED"]
 
 #: Check in C when the library builds (``False``: always check in Python).
 ENABLED = True
@@ -81,29 +82,49 @@ void xpoptim_guard_delete(const uintptr_t* handles, int64_t n) {
         if (handles[i]) aoti_torch_delete_tensor_object((AtenTensorHandle)handles[i]);
 }
 
-/* Fresh tensors (capsules, each deleted here): 1 when every one is plain; addresses into out[i * ld + col]. */
-int xpoptim_guard_fresh(PyObject* capsules, int64_t n, const int64_t* numel, int32_t dtype, int32_t dev,
-                        uintptr_t* out, int64_t ld, int64_t col) {
-    int good = 1;
-    for (int64_t i = 0; i < n; i++) {
-        AtenTensorHandle h = unwrap(PyList_GET_ITEM(capsules, i));
-        void* ptr = NULL;
-        if (good && !plain(h, numel[i], dtype, dev, &ptr)) good = 0;
-        out[i * ld + col] = (uintptr_t)ptr;
-        if (h) aoti_torch_delete_tensor_object(h);
-    }
-    return good;
-}
-
-/* Held tensors: 1 when every one is plain and still at expect[i * ld + col]. */
-int xpoptim_guard_same(const uintptr_t* handles, int64_t n, const int64_t* numel, int32_t dtype, int32_t dev,
-                       const uintptr_t* expect, int64_t ld, int64_t col) {
-    for (int64_t i = 0; i < n; i++) {
+/* Row i of k held columns is good when, for every column c, handles[c][i] is a plain tensor of numel[c][i] elements
+   (numel[c] NULL: one element) of dtypes[c], still at expect[c][i]. */
+static int held_row(int64_t i, int64_t k, const uintptr_t* const* handles, const int64_t* const* numel,
+                    const int32_t* dtypes, int32_t dev, const uintptr_t* const* expect) {
+    for (int64_t c = 0; c < k; c++) {
         void* ptr;
-        if (!plain((AtenTensorHandle)handles[i], numel[i], dtype, dev, &ptr) || (uintptr_t)ptr != expect[i * ld + col])
+        if (!plain((AtenTensorHandle)handles[c][i], numel[c] ? numel[c][i] : 1, dtypes[c], dev, &ptr)
+            || (uintptr_t)ptr != expect[c][i])
             return 0;
     }
     return 1;
+}
+
+/* One step's checks of n rows: 1 when every row of the held columns is good (held_row), every fresh tensor (a list
+   of n capsules, each deleted here) is plain with fresh_numel[i] elements of fresh_dtype (its address into
+   out[i * ld + col]) and, when step_col >= 0, the float32 scalars of that held column all hold one value (into
+   *step). Rows are split over `threads` threads: they only read tensor metadata; the fresh tensors' handles are
+   unwrapped and released on this thread, which holds the GIL. */
+int xpoptim_guard_rows(int64_t n, int64_t k, const uintptr_t* const* handles, const int64_t* const* numel,
+                       const int32_t* dtypes, const uintptr_t* const* expect, int32_t dev, PyObject* fresh,
+                       const int64_t* fresh_numel, int32_t fresh_dtype, uintptr_t* scratch, uintptr_t* out,
+                       int64_t ld, int64_t col, int64_t step_col, float* step, int threads) {
+    for (int64_t i = 0; i < n; i++) scratch[i] = (uintptr_t)unwrap(PyList_GET_ITEM(fresh, i));
+    if (n == 0) return 1;
+    void* ptr = NULL;
+    int good = held_row(0, k, handles, numel, dtypes, dev, expect)
+               && plain((AtenTensorHandle)scratch[0], fresh_numel[0], fresh_dtype, dev, &ptr);
+    out[col] = (uintptr_t)ptr;
+    const float t0 = (good && step_col >= 0) ? *(const float*)expect[step_col][0] : 0.0f;
+    #pragma omp parallel for schedule(static) reduction(&:good) num_threads(threads) if(threads > 1)
+    for (int64_t i = 1; i < n; i++) {
+        void* p = NULL;
+        int ok = held_row(i, k, handles, numel, dtypes, dev, expect)
+                 && plain((AtenTensorHandle)scratch[i], fresh_numel[i], fresh_dtype, dev, &p);
+        if (ok && step_col >= 0 && *(const float*)expect[step_col][i] != t0) ok = 0;
+        out[i * ld + col] = (uintptr_t)p;
+        good &= ok;
+    }
+    /* Released on this thread: dropping a reference may drop one on the tensor's Python object (the GIL's). */
+    for (int64_t i = 0; i < n; i++)
+        if (scratch[i]) aoti_torch_delete_tensor_object((AtenTensorHandle)scratch[i]);
+    *step = t0;
+    return good;
 }
 
 /* Dicts (a list of n dicts) and keys (a tuple of k strings): 1 when dicts[i][keys[j]] is the object whose address
@@ -149,6 +170,32 @@ def _release(delete: Any, array: np.ndarray) -> None:
     delete(array.ctypes.data, array.size)
 
 
+class Held:
+    """Handles to ``k`` columns of ``n`` tensors each (a step's parameters, each state tensor, the step counters),
+    with what every one of them must still be: its element count, dtype and address.
+
+    Attributes:
+        n: rows (tensors per column).
+        columns: the :class:`Handles` of each column.
+        step_col: the column of float32 step counters whose values are read (``-1``: none).
+    """
+
+    __slots__ = ("n", "columns", "step_col", "_keep", "_handles", "_numel", "_dtypes", "_expect", "_step")
+
+    def __init__(self, g: Guard, columns: Sequence[Sequence[torch.Tensor]], numel: Sequence[np.ndarray | None], dtypes: Sequence[torch.dtype], expect: Sequence[np.ndarray], step_col: int = -1) -> None:
+        self.n = len(columns[0]) if columns else 0
+        self.columns = [g.handles(col) for col in columns]
+        self.step_col = step_col
+        # Every array the C call reads through an address is kept alive here.
+        self._keep = [np.ascontiguousarray(x, dtype=np.int64) if x is not None else None for x in numel] + [np.ascontiguousarray(e, dtype=np.uintp) for e in expect]
+        nums, exps = self._keep[: len(numel)], self._keep[len(numel) :]
+        self._handles = np.array([h.array.ctypes.data for h in self.columns], dtype=np.uintp)
+        self._numel = np.array([0 if x is None else x.ctypes.data for x in nums], dtype=np.uintp)
+        self._dtypes = np.array([g.dtypes[d] for d in dtypes], dtype=np.int32)
+        self._expect = np.array([e.ctypes.data for e in exps], dtype=np.uintp)
+        self._step = np.zeros(1, dtype=np.float32)
+
+
 class Guard:
     """The compiled checks (see the module's docstring)."""
 
@@ -157,10 +204,9 @@ class Guard:
         self._unwrap.argtypes, self._unwrap.restype = [ctypes.py_object, _I64, _P], None
         self._delete = lib.xpoptim_guard_delete
         self._delete.argtypes, self._delete.restype = [_P, _I64], None
-        self._fresh = lib.xpoptim_guard_fresh
-        self._fresh.argtypes, self._fresh.restype = [ctypes.py_object, _I64, _P, _I32, _I32, _P, _I64, _I64], ctypes.c_int
-        self._same = lib.xpoptim_guard_same
-        self._same.argtypes, self._same.restype = [_P, _I64, _P, _I32, _I32, _P, _I64, _I64], ctypes.c_int
+        self._rows = lib.xpoptim_guard_rows
+        self._rows.argtypes = [_I64, _I64, _P, _P, _P, _P, _I32, ctypes.py_object, _P, _I32, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int]
+        self._rows.restype = ctypes.c_int
         self._values = lib.xpoptim_guard_values
         self._values.argtypes, self._values.restype = [ctypes.py_object, ctypes.py_object, _I64, _P], ctypes.c_int
         self.cpu = int(lib.aoti_torch_device_type_cpu())
@@ -170,17 +216,32 @@ class Guard:
         """Handles to ``tensors`` (held until the returned object is collected)."""
         return Handles(self, tensors)
 
-    def fresh(self, tensors: Sequence[torch.Tensor], numel: np.ndarray, dtype: torch.dtype, out: np.ndarray, col: int) -> bool:
-        """Whether every tensor is a contiguous CPU tensor of ``numel[i]`` elements of ``dtype``; their addresses
-        are written to column ``col`` of ``out`` (uintp, C-contiguous, one row per tensor)."""
-        capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors if isinstance(tensors, list) else list(tensors))
-        return bool(self._fresh(capsules, len(capsules), numel.ctypes.data, self.dtypes[dtype], self.cpu, out.ctypes.data, out.shape[1], col))
+    def held(self, columns: Sequence[Sequence[torch.Tensor]], numel: Sequence[np.ndarray | None], dtypes: Sequence[torch.dtype], expect: Sequence[np.ndarray], step_col: int = -1) -> Held:
+        """A :class:`Held` for ``columns`` (``numel[c]``: int64 element counts, ``None`` for one element each;
+        ``expect[c]``: uintp addresses; ``step_col``: a column of float32 step counters, or ``-1``)."""
+        return Held(self, columns, numel, dtypes, expect, step_col)
 
-    def same(self, held: Handles, numel: np.ndarray, dtype: torch.dtype, expect: np.ndarray, col: int) -> bool:
-        """Whether every held tensor is still a contiguous CPU tensor of ``numel[i]`` elements of ``dtype`` at the
-        address in column ``col`` of ``expect`` (uintp, C-contiguous, one row per tensor; 1-D: one column)."""
-        ld = expect.shape[1] if expect.ndim == 2 else 1
-        return bool(self._same(held.array.ctypes.data, held.array.size, numel.ctypes.data, self.dtypes[dtype], self.cpu, expect.ctypes.data, ld, col))
+    def rows(self, held: Held, fresh: list[torch.Tensor], fresh_numel: np.ndarray, fresh_dtype: torch.dtype, scratch: np.ndarray, out: np.ndarray, col: int, threads: int = 1) -> float | None:
+        """One step's checks, split over ``threads`` of torch's OpenMP threads where the library has them.
+
+        Every held tensor must still be a contiguous CPU tensor of its element count and dtype at its address, and
+        every ``fresh`` tensor (the step's gradients, ``held.n`` of them) a contiguous CPU tensor of
+        ``fresh_numel[i]`` elements of ``fresh_dtype``; the fresh tensors' addresses go to column ``col`` of ``out``
+        (uintp, C-contiguous, one row per tensor). ``scratch``: uintp, ``held.n`` entries.
+
+        Returns:
+            ``None`` when any check fails, else the one value of the step counters (``held.step_col``; 0.0 when
+            there is none), ``None`` as well when they differ.
+        """
+        capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(fresh)
+        if len(capsules) != held.n:
+            raise ValueError(f"{len(capsules)} fresh tensors for {held.n} rows")
+        ok = self._rows(
+            held.n, len(held.columns), held._handles.ctypes.data, held._numel.ctypes.data, held._dtypes.ctypes.data, held._expect.ctypes.data,
+            self.cpu, capsules, fresh_numel.ctypes.data, self.dtypes[fresh_dtype], scratch.ctypes.data, out.ctypes.data, out.shape[1], col,
+            held.step_col, held._step.ctypes.data, threads,
+        )  # fmt: skip
+        return float(held._step[0]) if ok else None
 
     def values(self, dicts: list[dict], keys: tuple[str, ...], expect_ids: np.ndarray) -> bool:
         """Whether ``dicts[i][keys[j]] is`` the object whose ``id`` is ``expect_ids[j, i]`` for every ``i``, ``j``
@@ -196,7 +257,7 @@ def _build() -> Guard | None:
     if not include or not os.path.exists(os.path.join(include, "Python.h")) or not os.path.isdir(torch_lib):
         return None
     source = _SOURCE % {"torch": torch.__version__}
-    link = (f"-I{include}", f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}")
+    link = (f"-I{include}", f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}", *(_omp.openmp_link() or ()))
     try:
         return Guard(_cfuse.build_library(source, link, ctypes.PyDLL))
     except (_cfuse.TraceError, AttributeError):
