@@ -3,12 +3,15 @@ thread, whatever the cut; the runtime is the one torch uses (one ``libgomp`` in 
 
 from __future__ import annotations
 
+import multiprocessing as mp
+
 import numpy as np
 import pytest
 import torch
 
 from xpoptim.adapters import _torch_ckernel as ck
 from xpoptim.adapters import _torch_omp as omp
+from xpoptim.adapters import torch as xt
 from xpoptim.core import HOST, SPECS, step_scalars
 
 
@@ -65,5 +68,61 @@ def test_the_runtime_is_torchs():
         for n in (1, 3, 2):
             torch.set_num_threads(n)
             assert r.max_threads() == n
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _step_in_child(conn):
+    torch.set_num_threads(2)
+    try:
+        _, got = _steps(seed=1)
+        conn.send(got)
+    finally:
+        conn.close()
+
+
+def _steps(seed):
+    """Two AdamW steps over 300 tensors of 1,000 elements (large enough to split over two threads)."""
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(1000, generator=g)) for _ in range(300)]
+    opt = xt.AdamW(ps, lr=0.01, compile=False)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(1000, generator=g)
+        opt.step()
+    return ps, [p.detach().numpy().tobytes() for p in ps]
+
+
+@pytest.mark.parametrize("threads_of", ["torch's OpenMP pool", "the adapter's thread pool"])
+def test_a_forked_child_steps_after_the_parent_used_the_pool(monkeypatch, threads_of):
+    """A process forked after a split step steps too, with the same bits, instead of waiting forever for threads
+    that were not copied: after torch's OpenMP pool was used (GNU OpenMP cannot start a region in such a child) it
+    steps on the adapter's own threads, and a pool of the adapter's is started anew."""
+    if threads_of == "torch's OpenMP pool":
+        _runner()
+    else:
+        monkeypatch.setattr(omp, "ENABLED", False)
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("this platform cannot fork processes")
+    monkeypatch.setattr(omp, "_USED", [])  # this process's record, as if nothing had been split before
+    monkeypatch.setattr(ck, "_POOL", [])
+    monkeypatch.setattr(ck, "MIN_ELEMENTS_PER_THREAD", 1 << 10)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _steps(seed=0)  # the parent uses the pool
+        assert bool(omp._USED) == (threads_of == "torch's OpenMP pool")
+        assert bool(ck._POOL) == (threads_of == "the adapter's thread pool")
+        ctx = mp.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_step_in_child, args=(child,))
+        proc.start()
+        ready = parent.poll(120)
+        got = parent.recv() if ready else None
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+        assert ready, "the forked child did not finish its steps"
+        assert got == _steps(seed=1)[1]
     finally:
         torch.set_num_threads(prev)

@@ -390,7 +390,6 @@ class CKernel:
         """
         self._packed(sizes.size, sizes.ctypes.data, pointers.ctypes.data, *(a.ctypes.data for a in flat), host)
 
-
     @property
     def spans_address(self) -> int:
         """The address of the compiled span loop (``xpoptim_step_ptrs``), for C code that calls it directly."""

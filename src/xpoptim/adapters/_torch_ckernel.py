@@ -10,6 +10,7 @@ counters (one float32 scalar tensor per parameter, as in torch.optim) are read a
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,14 @@ def pointers(columns: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
     for k, col in enumerate(columns):
         out[:, k] = np.fromiter(map(_data_ptr, col), dtype=np.uintp, count=m)
     return out
+
+
+def _forget_pool() -> None:
+    _POOL.clear()  # a forked child has none of the parent's threads: it starts its own pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _pool(n: int) -> ThreadPoolExecutor:

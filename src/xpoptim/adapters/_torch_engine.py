@@ -39,6 +39,7 @@ from xpoptim.core.spec import ElementwiseSpec, MatrixSpec
 from . import _torch_ckernel as _ck
 from . import _torch_foreach as _fe
 from . import _torch_guard as _gd
+from . import _torch_omp as _omp
 from ._traceable import TraceableNamespace
 
 if TYPE_CHECKING:
@@ -647,8 +648,9 @@ def fast_plan(
 
 
 def _threads(n: int) -> int:
-    """Threads for checking ``n`` tensors: torch's, when there are enough tensors to pay for the hand-off."""
-    return torch.get_num_threads() if n >= CHECK_ROWS_PER_THREAD else 1
+    """Threads for checking ``n`` tensors: torch's OpenMP threads when there are enough tensors to pay for the
+    hand-off and the split loop may use them too (:func:`._torch_omp.runner`), else one."""
+    return torch.get_num_threads() if n >= CHECK_ROWS_PER_THREAD and _omp.runner() is not None else 1
 
 
 def _checked_in_c(c: CheckedInC, fg: FastGroup, sts: list[dict], grads: Sequence[torch.Tensor]) -> tuple[np.ndarray, float] | None:

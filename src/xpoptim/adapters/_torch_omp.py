@@ -168,11 +168,31 @@ def _build() -> Runner | None:
 
 
 def runner() -> Runner | None:
-    """The compiled driver, or ``None`` (switched off, or it cannot be built here): split over a Python thread
-    pool then."""
-    if not ENABLED:
+    """The compiled driver, or ``None`` (switched off, it cannot be built here, or this process was forked from one
+    that used it): split over a Python thread pool then.
+
+    Callers run OpenMP regions with what this returns, so a process that got a runner has started the pool. GNU
+    OpenMP cannot start a parallel region in a process forked after that (the child waits forever for threads that
+    were not copied, as torch's own kernels do in such a child); a child forked after a step that used the pool
+    therefore gets ``None``."""
+    if not ENABLED or _FORKED_AFTER_USE:
         return None
     with _LOCK:
         if not _RUNNER:
             _RUNNER.append(_build())
+        if _RUNNER[0] is not None:
+            _USED.append(True)
         return _RUNNER[0]
+
+
+_USED: list = []
+_FORKED_AFTER_USE: list = []
+
+
+def _after_fork_in_child() -> None:
+    if _USED:
+        _FORKED_AFTER_USE.append(True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
