@@ -104,6 +104,8 @@ int xpoptim_omp_max_threads(void) { return omp_get_max_threads(); }
 
 _LOCK = threading.Lock()
 _RUNNER: list = []
+_USED: list = []  # [True] once a runner was handed out in this process (its OpenMP threads may exist)
+_FORKED_AFTER_USE: list = []  # [True] in a child forked after that
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -180,13 +182,9 @@ def runner() -> Runner | None:
     with _LOCK:
         if not _RUNNER:
             _RUNNER.append(_build())
-        if _RUNNER[0] is not None:
+        if _RUNNER[0] is not None and not _USED:
             _USED.append(True)
         return _RUNNER[0]
-
-
-_USED: list = []
-_FORKED_AFTER_USE: list = []
 
 
 def _after_fork_in_child() -> None:
