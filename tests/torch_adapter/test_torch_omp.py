@@ -4,6 +4,7 @@ thread, whatever the cut; the runtime is the one torch uses (one ``libgomp`` in 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -60,9 +61,13 @@ def test_split_steps_give_the_bits_of_one_thread(seed, threads):
 
 
 def test_the_runtime_is_torchs():
-    """One OpenMP runtime in the process, whose thread count follows ``torch.set_num_threads``."""
+    """The regions run on the ``libgomp`` torch loaded, whose thread count follows ``torch.set_num_threads``."""
     r = _runner()
-    assert omp.one_runtime()
+    assert omp.same_runtime(r)
+    assert "libgomp" in os.path.basename(r.runtime)
+    torch_dir = os.path.realpath(os.path.dirname(torch.__file__))
+    if any(p.startswith(torch_dir) for p in omp._mapped_libgomp()):  # torch ships its runtime: ours is that file
+        assert os.path.realpath(r.runtime).startswith(torch_dir)
     prev = torch.get_num_threads()
     try:
         for n in (1, 3, 2):

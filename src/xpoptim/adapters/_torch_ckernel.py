@@ -4,7 +4,8 @@ Private module of the torch adapter. The loop is :mod:`xpoptim.adapters._cfuse`'
 symbolic arrays and printed as IEEE-exact C, the same library the NumPy adapter uses); this module hands it the
 ``data_ptr()`` of every parameter, gradient (where backward left it), extra input and state tensor, so nothing is
 gathered, packed or re-pointed. Large steps are split into one contiguous range of elements per thread
-(``torch.get_num_threads()``); ``ctypes`` releases the GIL, so the threads run the loop in parallel. The step
+(``torch.get_num_threads()``): on torch's own OpenMP threads (:mod:`._torch_omp`), else on a thread pool of this
+module (``ctypes`` releases the GIL, so its threads run the loop in parallel). The step
 counters (one float32 scalar tensor per parameter, as in torch.optim) are read and set through their addresses too.
 """
 

@@ -1,14 +1,16 @@
-"""Checks of thousands of torch tensors in one C call each, through torch's stable C ABI.
+"""Checks of thousands of torch tensors in one C call per step, through torch's stable C ABI.
 
 Private module of the torch adapter. Before the compiled loop writes anything through raw addresses, the
 steady-state step of a group (:class:`._torch_engine.FastGroup`) must know that every parameter, state tensor and
 step counter is still where it was and laid out as it was, and that every fresh gradient is a contiguous CPU tensor
 with its parameter's element count and dtype. Asked from Python, that is five calls per tensor through torch's
 bindings (about 50 ns each, plus a cache miss on the tensor's metadata): on thousands of small tensors, more time than
-the update itself. Here each list is checked in one C call that asks torch's stable C ABI (the ``aoti_torch_get_*``
-functions of ``torch/csrc/inductor/aoti_torch/c/shim.h``, exported by ``libtorch_cpu``) about handles to the
-tensors: owned ``at::Tensor`` references to the tensors' implementations, so ``p.data = x``, ``set_``, ``resize_``,
-``as_strided_`` or a storage resize on a parameter are seen through its handle.
+the update itself. Here one C call (:meth:`Guard.rows`) asks torch's stable C ABI (the ``aoti_torch_get_*``
+functions of ``torch/csrc/inductor/aoti_torch/c/shim.h``, exported by ``libtorch_cpu``) about handles to every
+tensor of the step: owned ``at::Tensor`` references to the tensors' implementations, so ``p.data = x``, ``set_``,
+``resize_``, ``as_strided_`` or a storage resize on a parameter are seen through its handle. The rows are split over
+torch's OpenMP threads (:mod:`._torch_omp`) when the library is built with OpenMP; the state dicts' values are
+compared by identity in a second call (:meth:`Guard.values`), under the GIL.
 
 Handles come from ``torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors`` (the binding AOTInductor's Python runner
 uses). The library is compiled once per machine (cached like the step kernels, :func:`._cfuse.build_library`),
@@ -187,8 +189,9 @@ class Held:
         self.columns = [g.handles(col) for col in columns]
         self.step_col = step_col
         # Every array the C call reads through an address is kept alive here.
-        self._keep = [np.ascontiguousarray(x, dtype=np.int64) if x is not None else None for x in numel] + [np.ascontiguousarray(e, dtype=np.uintp) for e in expect]
-        nums, exps = self._keep[: len(numel)], self._keep[len(numel) :]
+        nums = [np.ascontiguousarray(x, dtype=np.int64) if x is not None else None for x in numel]
+        exps = [np.ascontiguousarray(e, dtype=np.uintp) for e in expect]
+        self._keep = (nums, exps)
         self._handles = np.array([h.array.ctypes.data for h in self.columns], dtype=np.uintp)
         self._numel = np.array([0 if x is None else x.ctypes.data for x in nums], dtype=np.uintp)
         self._dtypes = np.array([g.dtypes[d] for d in dtypes], dtype=np.int32)

@@ -18,7 +18,6 @@ element is computed by the same loop either way), slower.
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import threading
 from typing import Any
@@ -35,6 +34,8 @@ ENABLED = True
 
 _SOURCE = r"""
 /* xpoptim: run a compiled step loop over spans on torch's OpenMP threads (torch %(torch)s). */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <stdint.h>
 #include <omp.h>
 
@@ -100,6 +101,13 @@ int xpoptim_omp_spans(void* fn, int64_t m, const int64_t* sizes, const int64_t* 
 }
 
 int xpoptim_omp_max_threads(void) { return omp_get_max_threads(); }
+
+/* The file of the OpenMP runtime this library's regions run on. */
+const char* xpoptim_omp_runtime(void) {
+    Dl_info info;
+    if (dladdr((void*)&omp_get_max_threads, &info) && info.dli_fname) return info.dli_fname;
+    return "";
+}
 """
 
 _LOCK = threading.Lock()
@@ -118,6 +126,10 @@ class Runner:
         self._spans.restype = ctypes.c_int
         self.max_threads = lib.xpoptim_omp_max_threads
         self.max_threads.argtypes, self.max_threads.restype = [], ctypes.c_int
+        runtime = lib.xpoptim_omp_runtime
+        runtime.argtypes, runtime.restype = [], ctypes.c_char_p
+        #: The file of the OpenMP runtime the regions run on.
+        self.runtime = os.fsdecode(runtime() or b"")
 
     def spans(self, kernel: _cfuse.CKernel, host: Any, sizes: np.ndarray, ends: np.ndarray, ptrs: np.ndarray, itemsize: int, threads: int) -> int:
         """Run ``kernel``'s span loop over every element of the spans, split into ``threads`` equal runs on torch's
@@ -125,37 +137,44 @@ class Runner:
         return int(self._spans(kernel.spans_address, sizes.size, sizes.ctypes.data, ends.ctypes.data, ptrs.ctypes.data, ptrs.shape[1], itemsize, host, threads))
 
 
-def _torch_libgomp() -> str | None:
-    """The OpenMP runtime torch loaded (``libgomp`` in ``torch/lib`` or mapped into this process), else ``None``."""
-    if "OpenMP" not in torch.__config__.parallel_info():
-        return None
+def _mapped_libgomp() -> list[str]:
+    """The ``libgomp`` files mapped into this process (resolved paths; empty where that cannot be read)."""
     try:
         with open("/proc/self/maps") as f:
-            mapped = {line.split()[-1] for line in f if "libgomp" in line}
+            return sorted({os.path.realpath(line.split()[-1]) for line in f if "libgomp" in line.rsplit("/", 1)[-1]})
     except OSError:
-        mapped = set()
-    shipped = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*"))
-    candidates = sorted(mapped) or shipped
-    return candidates[0] if len(candidates) == 1 else None
+        return []
+
+
+def _torch_libgomp() -> str | None:
+    """The ``libgomp`` torch runs its CPU kernels on: the one shipped in ``torch/lib`` (mapped), or the one
+    mapped ``libgomp`` of a torch built against the system's; ``None`` when torch does not use OpenMP, or when it
+    cannot be told which of several runtimes is torch's."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    torch_dir = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
+    mapped = _mapped_libgomp()
+    shipped = [p for p in mapped if p.startswith(torch_dir)]
+    if shipped:
+        return shipped[0] if len(shipped) == 1 else None
+    return mapped[0] if len(mapped) == 1 else None
 
 
 def openmp_link() -> tuple[str, ...] | None:
     """Compiler arguments that build a library whose OpenMP regions run on torch's OpenMP runtime (``-fopenmp``,
-    linked where torch's ``libgomp`` lies), or ``None`` when torch does not use a ``libgomp`` found here."""
+    linked where torch's ``libgomp`` lies), or ``None`` when torch's ``libgomp`` is not found here."""
     gomp = _torch_libgomp()
     if gomp is None:
         return None
     directory = os.path.dirname(gomp)
-    return ("-fopenmp", f"-L{directory}", f"-Wl,-rpath,{directory}")
+    return ("-fopenmp", f"-L{directory}", f"-Wl,-rpath,{directory}", "-ldl")
 
 
-def one_runtime() -> bool:
-    """Whether at most one OpenMP runtime is loaded in this process (where that can be read)."""
-    try:
-        with open("/proc/self/maps") as f:
-            return len({line.split()[-1] for line in f if "libgomp" in line}) <= 1
-    except OSError:
-        return True
+def same_runtime(r: Runner) -> bool:
+    """Whether the runner's OpenMP regions run on torch's runtime (other runtimes may be loaded beside it, such as
+    scikit-learn's own ``libgomp``: they do not matter as long as this library is bound to torch's)."""
+    torch_gomp = _torch_libgomp()
+    return bool(r.runtime) and torch_gomp is not None and os.path.realpath(r.runtime) == torch_gomp
 
 
 def _build() -> Runner | None:
@@ -166,7 +185,7 @@ def _build() -> Runner | None:
         r = Runner(_cfuse.build_library(_SOURCE % {"torch": torch.__version__}, link))
     except (_cfuse.TraceError, AttributeError):
         return None
-    return r if one_runtime() else None  # a second runtime's threads would compete with torch's
+    return r if same_runtime(r) else None  # another runtime's threads would compete with torch's
 
 
 def runner() -> Runner | None:

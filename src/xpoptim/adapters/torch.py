@@ -26,7 +26,8 @@ Conventions (the torch ones):
 * **Speed.** Elementwise rules run as one multi-tensor kernel per group:
   - CPU, float32/float64, contiguous tensors: the core kernel compiled into one C loop (``_cfuse``: traced on
     symbolic arrays, printed as IEEE-exact C, built once by the system C compiler and cached on disk) that updates
-    every parameter and state tensor through its ``data_ptr()``, split over ``torch.get_num_threads()`` threads;
+    every parameter and state tensor through its ``data_ptr()``, split over ``torch.get_num_threads()`` of
+    torch's own OpenMP threads;
   - elsewhere (CUDA, bf16/fp16 parameters with float32 state, channels_last or strided tensors, no C compiler,
     rules calling ``erf``): the same kernel over lists of tensors through ``torch._foreach_*`` ops (one launch per
     operation for all tensors on CUDA), or tensor by tensor where an operation has no list form;
