@@ -220,9 +220,9 @@ def _rows(g, held_ts, fresh, threads=1, steps=None):
         nums.append(None)
         dts.append(torch.float32)
         exp.append(np.array([s.data_ptr() for s in steps], dtype=np.uintp))
-    held = g.held(cols, nums, dts, exp, step_col=1 if steps is not None else -1)
     out = np.zeros((n, 2), dtype=np.uintp)
-    return held, numel, lambda: g.rows(held, fresh, numel, torch.float32, np.zeros(n, dtype=np.uintp), out, 1, threads), out
+    held = g.held(cols, nums, dts, exp, numel, torch.float32, out, 1, step_col=1 if steps is not None else -1)
+    return held, numel, lambda: g.rows(held, fresh, threads), out
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -547,21 +547,24 @@ class CheckedInC:
     state dicts' values, and the table of addresses the compiled loop reads (row ``i``: parameter ``i``, its
     gradient (written at each step), its state tensors)."""
 
-    __slots__ = ("guard", "held", "keys", "value_ids", "ptrs", "scratch")
+    __slots__ = ("guard", "held", "keys", "value_ids", "ptrs")
 
     def __init__(self, g: _gd.Guard, fg: FastGroup, names: Sequence[str]) -> None:
         self.guard = g
+        self.ptrs = np.ascontiguousarray(np.column_stack([fg.p_ptrs, fg.p_ptrs, *fg.col_ptrs]))
         self.held = g.held(
             [fg.params, *fg.cols, fg.steps],
             [fg.numel] * (1 + len(fg.cols)) + [None],
             [fg.dtype] * (1 + len(fg.cols)) + [torch.float32],
             [fg.p_ptrs, *fg.col_ptrs, fg.step_ptrs],
+            fg.numel,
+            fg.dtype,
+            self.ptrs,
+            1,
             step_col=1 + len(fg.cols),
         )
         self.keys = (*names, "step")
         self.value_ids = np.array([[id(t) for t in col] for col in (*fg.cols, fg.steps)], dtype=np.uintp).reshape(len(self.keys), len(fg.params))
-        self.ptrs = np.ascontiguousarray(np.column_stack([fg.p_ptrs, fg.p_ptrs, *fg.col_ptrs]))
-        self.scratch = np.zeros(len(fg.params), dtype=np.uintp)
 
 
 def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], state: Mapping) -> FastGroup | None:
@@ -660,7 +663,7 @@ def _checked_in_c(c: CheckedInC, fg: FastGroup, sts: list[dict], grads: Sequence
     if not g.values(sts, c.keys, c.value_ids):  # every state dict still holds the very tensors it held
         return None
     try:
-        t = g.rows(c.held, grads if isinstance(grads, list) else list(grads), fg.numel, fg.dtype, c.scratch, c.ptrs, 1, _threads(len(grads)))
+        t = g.rows(c.held, grads if isinstance(grads, list) else list(grads), _threads(len(grads)))
     except (RuntimeError, TypeError):  # a gradient torch cannot hand over: the full checks name it
         return None
     return None if t is None else (c.ptrs, t)

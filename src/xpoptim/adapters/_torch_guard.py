@@ -102,8 +102,8 @@ static int held_row(int64_t i, int64_t k, const uintptr_t* const* handles, const
    out[i * ld + col]) and, when step_col >= 0, the float32 scalars of that held column all hold one value (into
    *step). Rows are split over `threads` threads: they only read tensor metadata; the fresh tensors' handles are
    unwrapped and released on this thread, which holds the GIL. */
-int xpoptim_guard_rows(int64_t n, int64_t k, const uintptr_t* const* handles, const int64_t* const* numel,
-                       const int32_t* dtypes, const uintptr_t* const* expect, int32_t dev, PyObject* fresh,
+int xpoptim_guard_rows(int64_t n, int64_t k, PyObject* fresh, const uintptr_t* const* handles,
+                       const int64_t* const* numel, const int32_t* dtypes, const uintptr_t* const* expect, int32_t dev,
                        const int64_t* fresh_numel, int32_t fresh_dtype, uintptr_t* scratch, uintptr_t* out,
                        int64_t ld, int64_t col, int64_t step_col, float* step, int threads) {
     for (int64_t i = 0; i < n; i++) scratch[i] = (uintptr_t)unwrap(PyList_GET_ITEM(fresh, i));
@@ -174,7 +174,9 @@ def _release(delete: Any, array: np.ndarray) -> None:
 
 class Held:
     """Handles to ``k`` columns of ``n`` tensors each (a step's parameters, each state tensor, the step counters),
-    with what every one of them must still be: its element count, dtype and address.
+    with what every one of them must still be (element count, dtype, address), what the step's fresh tensors must be
+    (element counts, dtype) and where their addresses go: everything :meth:`Guard.rows` passes to C but the fresh
+    tensors, resolved once to the integers the call takes.
 
     Attributes:
         n: rows (tensors per column).
@@ -182,21 +184,42 @@ class Held:
         step_col: the column of float32 step counters whose values are read (``-1``: none).
     """
 
-    __slots__ = ("n", "columns", "step_col", "_keep", "_handles", "_numel", "_dtypes", "_expect", "_step")
+    __slots__ = ("n", "columns", "step_col", "_keep", "_args", "_step")
 
-    def __init__(self, g: Guard, columns: Sequence[Sequence[torch.Tensor]], numel: Sequence[np.ndarray | None], dtypes: Sequence[torch.dtype], expect: Sequence[np.ndarray], step_col: int = -1) -> None:
+    def __init__(
+        self,
+        g: Guard,
+        columns: Sequence[Sequence[torch.Tensor]],
+        numel: Sequence[np.ndarray | None],
+        dtypes: Sequence[torch.dtype],
+        expect: Sequence[np.ndarray],
+        fresh_numel: np.ndarray,
+        fresh_dtype: torch.dtype,
+        out: np.ndarray,
+        col: int,
+        step_col: int = -1,
+    ) -> None:
         self.n = len(columns[0]) if columns else 0
         self.columns = [g.handles(col) for col in columns]
         self.step_col = step_col
-        # Every array the C call reads through an address is kept alive here.
         nums = [np.ascontiguousarray(x, dtype=np.int64) if x is not None else None for x in numel]
         exps = [np.ascontiguousarray(e, dtype=np.uintp) for e in expect]
-        self._keep = (nums, exps)
-        self._handles = np.array([h.array.ctypes.data for h in self.columns], dtype=np.uintp)
-        self._numel = np.array([0 if x is None else x.ctypes.data for x in nums], dtype=np.uintp)
-        self._dtypes = np.array([g.dtypes[d] for d in dtypes], dtype=np.int32)
-        self._expect = np.array([e.ctypes.data for e in exps], dtype=np.uintp)
+        handles = np.array([h.array.ctypes.data for h in self.columns], dtype=np.uintp)
+        num_ptrs = np.array([0 if x is None else x.ctypes.data for x in nums], dtype=np.uintp)
+        dts = np.array([g.dtypes[d] for d in dtypes], dtype=np.int32)
+        exp_ptrs = np.array([e.ctypes.data for e in exps], dtype=np.uintp)
+        fresh_n = np.ascontiguousarray(fresh_numel, dtype=np.int64)
+        scratch = np.zeros(self.n, dtype=np.uintp)
         self._step = np.zeros(1, dtype=np.float32)
+        if out.dtype != np.uintp or not out.flags.c_contiguous or out.ndim != 2 or out.shape[0] != self.n:
+            raise ValueError(f"out must be a C-contiguous uintp array of {self.n} rows")
+        # Every array the C call reads or writes through an address is kept alive here.
+        self._keep = (nums, exps, handles, num_ptrs, dts, exp_ptrs, fresh_n, scratch, out)
+        self._args = (
+            handles.ctypes.data, num_ptrs.ctypes.data, dts.ctypes.data, exp_ptrs.ctypes.data, g.cpu,
+            fresh_n.ctypes.data, g.dtypes[fresh_dtype], scratch.ctypes.data, out.ctypes.data, out.shape[1], col,
+            step_col, self._step.ctypes.data,
+        )  # fmt: skip
 
 
 class Guard:
@@ -208,7 +231,7 @@ class Guard:
         self._delete = lib.xpoptim_guard_delete
         self._delete.argtypes, self._delete.restype = [_P, _I64], None
         self._rows = lib.xpoptim_guard_rows
-        self._rows.argtypes = [_I64, _I64, _P, _P, _P, _P, _I32, ctypes.py_object, _P, _I32, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int]
+        self._rows.argtypes = [_I64, _I64, ctypes.py_object, _P, _P, _P, _P, _I32, _P, _I32, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int]
         self._rows.restype = ctypes.c_int
         self._values = lib.xpoptim_guard_values
         self._values.argtypes, self._values.restype = [ctypes.py_object, ctypes.py_object, _I64, _P], ctypes.c_int
@@ -219,18 +242,30 @@ class Guard:
         """Handles to ``tensors`` (held until the returned object is collected)."""
         return Handles(self, tensors)
 
-    def held(self, columns: Sequence[Sequence[torch.Tensor]], numel: Sequence[np.ndarray | None], dtypes: Sequence[torch.dtype], expect: Sequence[np.ndarray], step_col: int = -1) -> Held:
+    def held(
+        self,
+        columns: Sequence[Sequence[torch.Tensor]],
+        numel: Sequence[np.ndarray | None],
+        dtypes: Sequence[torch.dtype],
+        expect: Sequence[np.ndarray],
+        fresh_numel: np.ndarray,
+        fresh_dtype: torch.dtype,
+        out: np.ndarray,
+        col: int,
+        step_col: int = -1,
+    ) -> Held:
         """A :class:`Held` for ``columns`` (``numel[c]``: int64 element counts, ``None`` for one element each;
-        ``expect[c]``: uintp addresses; ``step_col``: a column of float32 step counters, or ``-1``)."""
-        return Held(self, columns, numel, dtypes, expect, step_col)
+        ``expect[c]``: uintp addresses), fresh tensors of ``fresh_numel[i]`` elements of ``fresh_dtype`` whose
+        addresses go to column ``col`` of ``out`` (uintp, C-contiguous, one row per tensor; the :class:`Held`
+        keeps it alive), and ``step_col``: a column of float32 step counters, or ``-1``."""
+        return Held(self, columns, numel, dtypes, expect, fresh_numel, fresh_dtype, out, col, step_col)
 
-    def rows(self, held: Held, fresh: list[torch.Tensor], fresh_numel: np.ndarray, fresh_dtype: torch.dtype, scratch: np.ndarray, out: np.ndarray, col: int, threads: int = 1) -> float | None:
+    def rows(self, held: Held, fresh: list[torch.Tensor], threads: int = 1) -> float | None:
         """One step's checks, split over ``threads`` of torch's OpenMP threads where the library has them.
 
         Every held tensor must still be a contiguous CPU tensor of its element count and dtype at its address, and
-        every ``fresh`` tensor (the step's gradients, ``held.n`` of them) a contiguous CPU tensor of
-        ``fresh_numel[i]`` elements of ``fresh_dtype``; the fresh tensors' addresses go to column ``col`` of ``out``
-        (uintp, C-contiguous, one row per tensor). ``scratch``: uintp, ``held.n`` entries.
+        every ``fresh`` tensor (the step's gradients, ``held.n`` of them) a contiguous CPU tensor of the element
+        count and dtype ``held`` names; the fresh tensors' addresses go to ``held``'s output column.
 
         Returns:
             ``None`` when any check fails, else the one value of the step counters (``held.step_col``; 0.0 when
@@ -239,11 +274,7 @@ class Guard:
         capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(fresh)
         if len(capsules) != held.n:
             raise ValueError(f"{len(capsules)} fresh tensors for {held.n} rows")
-        ok = self._rows(
-            held.n, len(held.columns), held._handles.ctypes.data, held._numel.ctypes.data, held._dtypes.ctypes.data, held._expect.ctypes.data,
-            self.cpu, capsules, fresh_numel.ctypes.data, self.dtypes[fresh_dtype], scratch.ctypes.data, out.ctypes.data, out.shape[1], col,
-            held.step_col, held._step.ctypes.data, threads,
-        )  # fmt: skip
+        ok = self._rows(held.n, len(held.columns), capsules, *held._args, threads)
         return float(held._step[0]) if ok else None
 
     def values(self, dicts: list[dict], keys: tuple[str, ...], expect_ids: np.ndarray) -> bool:
