@@ -3,16 +3,16 @@
 Private module of the torch adapter. A CPU step that is split over threads (:func:`._torch_ckernel.run_spans`)
 should run on the threads torch's own kernels run on. torch's Linux wheels parallelise with OpenMP (``libgomp``,
 shipped in ``torch/lib``); after a torch kernel the pool's threads spin for a while waiting for more work, so a
-second pool of ours (a ``ThreadPoolExecutor``) finds its core taken and the split step ran slower than one thread
-(AdamW over 2,000 tensors of 1,000 elements, 2 threads, right after a torch op: 2.6 ms against 2.0 ms on one thread;
-the same loop in torch's pool: 1.3 ms). Here one small C function, compiled once per machine with ``-fopenmp`` and
+second pool of ours (a ``ThreadPoolExecutor``) finds its core taken, and right after backward a step split over it
+could take longer than one thread. Here one small C function, compiled once per machine with ``-fopenmp`` and
 linked to the ``libgomp`` torch loaded, runs the loop in an OpenMP parallel region: the loaded runtime is the one
 torch's ``at::parallel_for`` uses, so the threads, their count (``torch.set_num_threads``) and their waiting policy
-are torch's.
+are torch's. The effect is measured in ``benchmarks/results/<machine>/torch_paths.md`` (``python -m
+benchmarks.torch_section``).
 
-Where that cannot be built (no compiler with OpenMP, a torch that does not use OpenMP, another platform),
-:func:`runner` returns ``None`` and the step is split over a ``ThreadPoolExecutor`` as before: same bits (each
-element is computed by the same loop either way), slower.
+Where that cannot be built (no compiler with OpenMP, a torch that does not use OpenMP, another platform) or the
+library would be bound to another OpenMP runtime than torch's, :func:`runner` returns ``None`` and the step is split
+over a ``ThreadPoolExecutor`` as before: same bits (each element is computed by the same loop either way), slower.
 """
 
 from __future__ import annotations
