@@ -362,3 +362,16 @@ def test_state_mapping_behaves_as_torch_optims():
             assert torch.equal(oa.state[p]["exp_avg"], other.state[q]["exp_avg"])
     oa.load_state_dict(oa.state_dict())
     assert type(oa.state) is type(other.state)
+
+
+def test_checks_build_without_openmp(monkeypatch):
+    """A compiler that cannot build OpenMP code still gets the C checks (their rows on one thread)."""
+    if _can_build():
+        pytest.skip(_can_build())
+    from xpoptim.adapters import _torch_omp
+
+    monkeypatch.setattr(_torch_omp, "openmp_link", lambda: ("-fopenmp", "-lxpoptim-no-such-openmp-runtime"))
+    g = gd._build()
+    assert g is not None
+    ts = [torch.randn(3) for _ in range(300)]
+    assert _rows(g, ts, [torch.randn(3) for _ in range(300)], threads=2)[2]() == 0.0

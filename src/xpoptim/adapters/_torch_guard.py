@@ -291,11 +291,15 @@ def _build() -> Guard | None:
     if not include or not os.path.exists(os.path.join(include, "Python.h")) or not os.path.isdir(torch_lib):
         return None
     source = _SOURCE % {"torch": torch.__version__}
-    link = (f"-I{include}", f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}", *(_omp.openmp_link() or ()))
-    try:
-        return Guard(_cfuse.build_library(source, link, ctypes.PyDLL))
-    except (_cfuse.TraceError, AttributeError):
-        return None
+    link = (f"-I{include}", f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}")
+    openmp = _omp.openmp_link()
+    # With OpenMP where it builds (the rows split over torch's threads), else without it (the rows on one thread).
+    for extra in ((openmp, ()) if openmp else ((),)):
+        try:
+            return Guard(_cfuse.build_library(source, (*link, *extra), ctypes.PyDLL))
+        except (_cfuse.TraceError, AttributeError):
+            continue
+    return None
 
 
 def guard() -> Guard | None:
