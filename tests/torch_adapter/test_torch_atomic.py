@@ -82,6 +82,36 @@ def test_one_element_tensor_and_numpy_scalar_hyperparameters_are_numbers():
         assert all(torch.equal(x, y) for x, y in zip(runs[0], other))
 
 
+@pytest.mark.parametrize(
+    ("make", "key", "good", "bad", "match"),
+    [
+        (lambda ps: xt.AdamW(ps, lr=1e-2), "lr", 1e-2, -1e-2, r"lr=-0.01 is invalid"),
+        (lambda ps: xt.AdamW(ps, lr=1e-2), "betas", (0.9, 0.999), (0.9, 1.0), r"beta2=1.0 is invalid"),
+        (lambda ps: xt.Muon([p for p in ps if p.ndim == 2], lr=1e-2), "ns_steps", 5, 5.0, r"ns_steps=5.0 is invalid"),
+        (lambda ps: xt.Muon([p for p in ps if p.ndim == 2], lr=1e-2), "ns_steps", 5, True, r"ns_steps=True is invalid"),
+    ],
+    ids=["lr-negative", "beta2-one", "ns_steps-float", "ns_steps-bool"],
+)
+def test_values_validated_before_are_still_checked_at_every_step(make, key, good, bad, match):
+    """The step re-validates a group's hyperparameters at every step (it remembers the values that passed): a value
+    set between steps is refused by name and changes nothing, even one equal to a value that passed (5.0 and True
+    compare equal to 5, and are refused where an integer is required); the good value steps again afterwards."""
+    params = [p for p in _mlp_params()]
+    opt = make(params)
+    stepped = [p for g in opt.param_groups for p in g["params"]]
+    for k in range(2):
+        _grads(stepped, k)
+        opt.step()
+    opt.param_groups[0][key] = bad
+    before = byte_snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert byte_snapshot(opt) == before
+    opt.param_groups[0][key] = good
+    opt.step()
+    assert byte_snapshot(opt) != before
+
+
 def test_lr_none_is_refused():
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match=r"lr=None is invalid"):

@@ -105,7 +105,27 @@ def hp_from_group(spec: Spec, group: Mapping[str, Any], where: str) -> dict:
                 raise ValueError(f"{where}: a param group lacks the hyperparameter {h.name!r}")
             val = group[h.name]
         hp[h.name] = val if h.static else number(val, h.name, where)
-    return spec.validate(**hp)
+    # A group whose values (and their types: 2 and 2.0 validate differently) passed before passes again: the
+    # validation is a function of them alone. Schedulers change lr at every step, so the cache is kept small.
+    key: tuple | None = (id(spec), *((k, type(v), v) for k, v in hp.items()))
+    try:
+        hit = _VALIDATED.get(key) if key is not None else None
+    except TypeError:  # an unhashable static value: validated every time
+        key, hit = None, None
+    if hit is not None and hit[0] is spec:
+        return dict(hit[1])
+    out = spec.validate(**hp)
+    if key is not None:
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED[key] = (spec, dict(out))
+    return out
+
+
+#: Validated hyperparameters by (spec, values and their types); the spec is kept in the entry, so its id cannot be
+#: reused by another spec while the entry lives.
+_VALIDATED: dict[tuple, tuple[Spec, dict]] = {}
+_VALIDATED_MAX = 256
 
 
 def check_options(group: Mapping[str, Any], where: str) -> None:
