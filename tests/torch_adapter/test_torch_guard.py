@@ -221,7 +221,7 @@ def _rows(g, held_ts, fresh, threads=1, steps=None):
         dts.append(torch.float32)
         exp.append(np.array([s.data_ptr() for s in steps], dtype=np.uintp))
     out = np.zeros((n, 2), dtype=np.uintp)
-    held = g.held(cols, nums, dts, exp, numel, torch.float32, out, 1, step_col=1 if steps is not None else -1)
+    held = gd.Held(g, cols, nums, dts, exp, numel, torch.float32, out, 1, step_col=1 if steps is not None else -1)
     return held, numel, lambda: g.rows(held, fresh, threads), out
 
 

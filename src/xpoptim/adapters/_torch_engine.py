@@ -552,7 +552,8 @@ class CheckedInC:
     def __init__(self, g: _gd.Guard, fg: FastGroup, names: Sequence[str]) -> None:
         self.guard = g
         self.ptrs = np.ascontiguousarray(np.column_stack([fg.p_ptrs, fg.p_ptrs, *fg.col_ptrs]))
-        self.held = g.held(
+        self.held = _gd.Held(
+            g,
             [fg.params, *fg.cols, fg.steps],
             [fg.numel] * (1 + len(fg.cols)) + [None],
             [fg.dtype] * (1 + len(fg.cols)) + [torch.float32],

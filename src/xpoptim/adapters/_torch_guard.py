@@ -178,6 +178,18 @@ class Held:
     (element counts, dtype) and where their addresses go: everything :meth:`Guard.rows` passes to C but the fresh
     tensors, resolved once to the integers the call takes.
 
+    Args:
+        g: the compiled checks.
+        columns: ``k`` lists of ``n`` tensors, held (as handles) while this object lives.
+        numel: per column, int64 element counts (``None``: one element each).
+        dtypes: per column, the dtype.
+        expect: per column, uintp addresses.
+        fresh_numel: int64 element counts of the fresh tensors.
+        fresh_dtype: their dtype.
+        out: uintp, C-contiguous, one row per tensor: their addresses go to column ``col`` (kept alive here).
+        col: that column.
+        step_col: a column of float32 step counters, or ``-1``.
+
     Attributes:
         n: rows (tensors per column).
         columns: the :class:`Handles` of each column.
@@ -241,24 +253,6 @@ class Guard:
     def handles(self, tensors: Sequence[torch.Tensor]) -> Handles:
         """Handles to ``tensors`` (held until the returned object is collected)."""
         return Handles(self, tensors)
-
-    def held(
-        self,
-        columns: Sequence[Sequence[torch.Tensor]],
-        numel: Sequence[np.ndarray | None],
-        dtypes: Sequence[torch.dtype],
-        expect: Sequence[np.ndarray],
-        fresh_numel: np.ndarray,
-        fresh_dtype: torch.dtype,
-        out: np.ndarray,
-        col: int,
-        step_col: int = -1,
-    ) -> Held:
-        """A :class:`Held` for ``columns`` (``numel[c]``: int64 element counts, ``None`` for one element each;
-        ``expect[c]``: uintp addresses), fresh tensors of ``fresh_numel[i]`` elements of ``fresh_dtype`` whose
-        addresses go to column ``col`` of ``out`` (uintp, C-contiguous, one row per tensor; the :class:`Held`
-        keeps it alive), and ``step_col``: a column of float32 step counters, or ``-1``."""
-        return Held(self, columns, numel, dtypes, expect, fresh_numel, fresh_dtype, out, col, step_col)
 
     def rows(self, held: Held, fresh: list[torch.Tensor], threads: int = 1) -> float | None:
         """One step's checks, split over ``threads`` of torch's OpenMP threads where the library has them.
