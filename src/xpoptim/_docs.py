@@ -6,7 +6,7 @@ this table between the ``<!-- conventions:begin -->`` and ``<!-- conventions:end
 
 from __future__ import annotations
 
-from xpoptim.core import BUILTIN, SPECS, MatrixSpec
+from xpoptim.core import MatrixSpec, builtin_specs
 
 
 def _fmt(value: object) -> str:
@@ -27,7 +27,7 @@ def conventions_table() -> str:
         "| optimizer | defaults | conventions (eps, bias correction, weight decay) | source |",
         "| --- | --- | --- | --- |",
     ]
-    for spec in (s for n, s in SPECS.items() if n in BUILTIN):
+    for spec in builtin_specs():
         defaults = ", ".join(f"{h.name}={_fmt(h.default)}" for h in spec.hyperparams)
         extra = f"; non-matrix params: {spec.fallback}" if isinstance(spec, MatrixSpec) else ""
         cells = (f"`{spec.title}`", defaults, f"{spec.conventions}{extra}", spec.source)

@@ -23,7 +23,7 @@ from xpt_support import (
 )
 
 from xpoptim.adapters import torch as xt
-from xpoptim.core import BUILTIN, SPECS, STATE_VERSION
+from xpoptim.core import SPECS, STATE_VERSION, builtin_specs
 
 
 def _opt(name, params, **over):
@@ -44,7 +44,8 @@ def _clone(params):
 
 def test_one_class_per_spec():
     """Each shipped rule has its generated class (a registered one is served by create)."""
-    for name, spec in ((n, s) for n, s in SPECS.items() if n in BUILTIN):
+    for spec in builtin_specs():
+        name = spec.name
         cls = getattr(xt, spec.title)
         assert issubclass(cls, torch.optim.Optimizer) and cls.spec is spec
         assert xt.OPTIMIZERS[name] is cls

@@ -148,6 +148,12 @@ def unregister(name: str) -> None:
 BUILTIN = frozenset(SPECS)
 
 
+def builtin_specs() -> list[ElementwiseSpec | MatrixSpec]:
+    """The specs of the optimizers that ship with xpoptim, in registry order (rules added with :func:`register`
+    are left out): what generated code, generated tables and the per-class tests cover."""
+    return [s for s in SPECS.values() if s.name in BUILTIN]
+
+
 def get_spec(name: str) -> ElementwiseSpec | MatrixSpec:
     """Look up an optimizer spec by registry name (``"adamw"``) or title (``"AdamW"``)."""
     if not isinstance(name, str):
@@ -171,6 +177,7 @@ __all__ = [
     "register",
     "unregister",
     "BUILTIN",
+    "builtin_specs",
     "RuleBinding",
     "bind_rule",
     "lr_hyper",
