@@ -345,6 +345,8 @@ class CKernel:
 
     # The loops over arrays given by address (set by :func:`compile_kernel` from the same library):
     _ptrs: Any
+    #: The address of the compiled span loop (``xpoptim_step_ptrs``), for C code that calls it directly.
+    spans_address: int
     _read_steps: Any
     _write_steps: Any
 
@@ -389,11 +391,6 @@ class CKernel:
             host: from :meth:`host_scalars`.
         """
         self._packed(sizes.size, sizes.ctypes.data, pointers.ctypes.data, *(a.ctypes.data for a in flat), host)
-
-    @property
-    def spans_address(self) -> int:
-        """The address of the compiled span loop (``xpoptim_step_ptrs``), for C code that calls it directly."""
-        return int(ctypes.cast(self._ptrs, ctypes.c_void_p).value or 0)
 
     def spans(self, sizes: np.ndarray, pointers: np.ndarray, host: Any) -> None:
         """Run the loop over spans whose every array is given by address (nothing gathered, nothing packed).
@@ -751,4 +748,5 @@ def compile_kernel(make_kernel: Callable[[Any], Callable], dtype: Any, n_arrays:
     write_steps.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_double]
     ck = CKernel(fn, packed, dtype, source, n_arrays, host_program, n_scalars, loop_reads)
     ck._ptrs, ck._read_steps, ck._write_steps = ptrs, read_steps, write_steps
+    ck.spans_address = int(ctypes.cast(ptrs, ctypes.c_void_p).value or 0)
     return ck
