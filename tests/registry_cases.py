@@ -107,7 +107,9 @@ def reference(name: str) -> Callable[..., np.ndarray] | None:
 
     ``hp`` holds the test's settings (over the rule's defaults); the result is the trajectory
     ``theta_0 .. theta_T`` of shape ``(T + 1, *theta0.shape)``. ``grad_fn(theta, t)`` gives the gradient of step ``t``
-    (for a rule with extras, the per-example gradients on axis 0). ``None`` when the rule has none.
+    (for a rule with extras, the per-example gradients on axis 0). ``None`` when the rule has none. The keywords
+    ``sign_mode``, ``seed`` and ``rule_dtype`` are options of the built-in DeVA_Sinf reference; a user's reference
+    does not receive them.
     """
     if name in REFERENCES:
         return lambda theta0, grad_fn, steps, hp, **kw: run_reference(name, theta0, grad_fn, steps, hp, **kw)
@@ -117,7 +119,8 @@ def reference(name: str) -> Callable[..., np.ndarray] | None:
         return None
 
     def run(theta0: np.ndarray, grad_fn: Callable, steps: int, hp: Mapping[str, Any], **kw: Any) -> np.ndarray:
-        kw.pop("sign_mode", None), kw.pop("seed", None)  # options of the built-in DeVA_Sinf reference only
+        for option in ("sign_mode", "seed", "rule_dtype"):  # options of the built-in DeVA_Sinf reference only
+            kw.pop(option, None)
         return np.asarray(user(np.array(theta0, dtype=np.float64), grad_fn, steps, spec.validate(**dict(hp)), **kw))
 
     return run

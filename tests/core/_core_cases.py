@@ -173,7 +173,11 @@ def run_core(case: Case, backend, dtype: str, steps: int = STEPS, problem: Probl
 
 
 def run_ref(case: Case, steps: int = STEPS, **kw) -> np.ndarray:
-    """The case's float64 reference trajectory (``registry_cases.reference``; skips a rule that has none)."""
+    """The case's float64 reference trajectory (``registry_cases.reference``; skips a rule that has none).
+
+    A float32 run compares with ``run_ref(case, rule_dtype="float32")``: the float32 rule computed in float64
+    (DeVA_Sinf's cluster tolerance is float32's, see ``references.optimizers.run_reference``).
+    """
     reference = registry_cases.reference(case.name)
     if reference is None:
         pytest.skip(registry_cases.NO_REFERENCE)

@@ -531,6 +531,7 @@ def run_reference(
     layout: str = "out_in",
     sign_mode: str = "raw",
     seed: int = 0,
+    rule_dtype: str = "float64",
 ) -> np.ndarray:
     """Run the reference of ``name`` for ``steps`` steps; return the trajectory ``(steps + 1, *shape)``.
 
@@ -544,6 +545,9 @@ def run_reference(
         layout: ``"out_in"`` / ``"in_out"`` for Muon's shape scale.
         sign_mode: DeVA_Sinf eigenvector sign handling (see ``_DevaSinfMatrix``).
         seed: for ``sign_mode="random"``.
+        rule_dtype: the precision of the run the reference is compared with, where the rule's definition depends
+            on it: DeVA_Sinf clusters eigenvalues at ``tau = sqrt(n eps)`` of that precision (a float32 run's
+            reference computes the float32 rule in float64). The other rules ignore it.
     """
     unknown = set(hp or {}) - set(DEFAULTS[name])
     assert not unknown, f"reference {name} has no hyperparameter(s) {unknown}"
@@ -576,7 +580,8 @@ def run_reference(
         return np.stack(traj)
     if name == "deva_sinf":
         rng = np.random.default_rng(seed)
-        mats = {i: _DevaSinfMatrix(theta.shape[-2:], hp, sign_mode, rng) for i in idx}
+        tau_eps = float(np.finfo(np.dtype(rule_dtype)).eps)
+        mats = {i: _DevaSinfMatrix(theta.shape[-2:], hp, sign_mode, rng, tau_eps) for i in idx}
         for t in range(1, steps + 1):
             g = np.asarray(grad_fn(theta.copy(), t), dtype=F64)
             g = -g if maximize else g
