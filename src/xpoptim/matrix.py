@@ -455,9 +455,15 @@ class Report:
         return [c for c in self.cells if c["status"] in ("FAIL", "ERROR")]
 
     @property
+    def not_run(self) -> int:
+        """Cells of the selection left unchecked because the run reached its time limit (``run(time_limit=...)``)."""
+        return int(self.meta.get("not_run", {}).get("cells", 0))
+
+    @property
     def ok(self) -> bool:
-        """Every cell passes, and there is at least one (a run that checked nothing does not pass)."""
-        return bool(self.cells) and not self.failed
+        """Every cell passes, there is at least one (a run that checked nothing does not pass), and none of the
+        selection was left unchecked at a time limit."""
+        return bool(self.cells) and not self.failed and not self.not_run
 
     @property
     def compared(self) -> dict:
@@ -485,6 +491,7 @@ class Report:
                 "cells": len(self.cells),
                 "passed": sum(c["status"] == "pass" for c in self.cells),
                 "failed": len(self.failed),
+                "not_run": self.not_run,
                 "ok": self.ok,
             },
         }
@@ -545,6 +552,7 @@ def run(
     progress: bool = False,
     configs: Sequence[Config] | None = None,
     torch_compile: bool = False,
+    time_limit: float | None = None,
 ) -> Report:
     """Run the equivalence matrix and return its report.
 
@@ -562,15 +570,23 @@ def run(
         progress: show a progress bar on stderr.
         configs: explicit configurations (instead of ``optimizers``), e.g. your own hyperparameters.
         torch_compile: also run the torch adapter with ``compile=True`` (slow: one compile per rule).
+        time_limit: seconds after which no further cell starts (``None``: no limit). The cells checked so far
+            are reported; the rest are counted in ``Report.not_run`` and listed by configuration in the report,
+            and the run does not pass (:attr:`Report.ok`).
 
     Returns:
         The :class:`Report`.
 
     Raises:
-        ValueError: for an unknown optimizer, backend, dtype or problem, or ``steps < 1``.
+        ValueError: for an unknown optimizer, backend, dtype or problem, ``steps < 1`` or a ``time_limit`` that
+            is not a positive number of seconds.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
+    if time_limit is not None and (
+        isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0 or math.isinf(time_limit)
+    ):
+        raise ValueError(f"time_limit={time_limit!r} is invalid: expected a finite number of seconds > 0, or None for no limit")
     dtypes = tuple(dtypes)
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
@@ -589,7 +605,9 @@ def run(
     unavailable.update(skipped)
     numpy_backend = _backends.discover(["numpy"])[0][0]
     t0 = time.perf_counter()
+    stop_at = math.inf if time_limit is None else t0 + time_limit
     cells: list[dict] = []
+    not_run: list[str] = []  # configurations with at least one cell left unchecked at the time limit
     with _backends.pinned_numerics():
         cands, missing = _candidates(found, override or {}, adapters, torch_compile)
         unavailable.update(missing)
@@ -597,6 +615,9 @@ def run(
         bar = _progress(total, progress)
         try:
             for config in configs:
+                if time.perf_counter() >= stop_at:
+                    not_run.append(config.label)
+                    continue
                 ref_spec = get_spec(config.optimizer)
                 wanted = verification_of(ref_spec).problems
                 cprobs = [p for p in probs if wanted is None or p.name in wanted]
@@ -605,12 +626,19 @@ def run(
                     for dtype in dtypes:
                         if dtype not in cand.dtypes:
                             continue
+                        if time.perf_counter() >= stop_at:
+                            if config.label not in not_run:
+                                not_run.append(config.label)
+                            continue
                         bar.set_postfix_str(f"{config.label} {cand.path}/{cand.backend} {dtype}")
                         cells.append(_cell(config, cand, dtype, cprobs, refs, steps))
                         bar.update(1)
         finally:
             bar.close()
     meta = _meta(steps, probs, [b.name for b in found], dtypes, time.perf_counter() - t0)
+    meta["time_limit"] = time_limit
+    if not_run:
+        meta["not_run"] = {"cells": total - len(cells), "configs": not_run}
     return Report(cells, meta, unavailable)
 
 
@@ -866,6 +894,13 @@ def _compile_cache() -> str:
     return _cfuse._cache_dir()
 
 
+def _not_run_text(report: Report) -> str:
+    """``"; N cells not run (time limit T s)"`` for a run stopped at its time limit, else ``""``."""
+    if not report.not_run:
+        return ""
+    return f"; {report.not_run} cells not run (time limit {report.meta['time_limit']:g} s)"
+
+
 def format_markdown(report: Report) -> str:
     """The Markdown report: environment, the matrix, failures, the tolerance policy, what was not run."""
     m = report.meta
@@ -873,7 +908,7 @@ def format_markdown(report: Report) -> str:
     out = [
         "# xpoptim equivalence matrix",
         "",
-        f"- result: **{'PASS' if report.ok else 'FAIL'}**, {s['passed']} of {s['cells']} cells pass",
+        f"- result: **{'PASS' if report.ok else 'FAIL'}**, {s['passed']} of {s['cells']} cells pass" + _not_run_text(report),
         f"- date: {m['date']}; machine: {m['machine']}; {m['seconds']} s",
         f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
         f"- steps: {m['steps']}; dtypes: {', '.join(m['dtypes'])}; backends: {', '.join(m['backends'])}",
@@ -899,6 +934,10 @@ def format_markdown(report: Report) -> str:
         out += [""] + [f"- `{v.split(':')[0]}`:{v.split(':', 1)[1]}" for v in variants]
     out += ["", "## Per optimizer", "", "```", format_summary(report), "```"]
     out += _per_problem_lines(report)
+    if report.not_run:
+        out += ["", "## Not run (time limit)", "", f"The run stopped starting cells after {m['time_limit']:g} s; "
+                f"{report.not_run} cells of these configurations were not checked:", ""]
+        out += [f"- `{label}`" for label in m["not_run"]["configs"]]
     if report.unavailable:
         out += ["", "## Not available here", ""]
         out += [f"- `{k}`: {v}" for k, v in sorted(report.unavailable.items())]
@@ -937,6 +976,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", dest="demo", action="store_true", default=False, help="also run the torch-vs-JAX training demo afterwards (writes its loss-curve PNG when matplotlib is installed: demo_loss.png into --out, or xpoptim-demo.png in the current folder)")
     p.add_argument("--no-demo", dest="demo", action="store_false", help="do not run the demo (the default; kept so older command lines work)")
     p.add_argument("--version", action="version", version=f"xpoptim {__version__}")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="start no cell after this many seconds; the report then covers the cells checked so far, lists the configurations left unchecked, and the run fails")
     p.add_argument("--measure", action="store_true", help="also print the largest error per (optimizer, dtype) next to its bound")
     p.add_argument(
         "--perturb",
@@ -996,6 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             override=override,
             progress=not args.no_progress,
             torch_compile=args.torch_compile,
+            time_limit=args.time_limit,
         )
     except ValueError as exc:
         print(f"xpoptim.matrix: error: {exc}", file=sys.stderr)
@@ -1016,9 +1057,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         md, js = write_report(report, args.out)
         print(f"wrote {md} and {js}")
     s = report.to_json()["summary"]
-    if not report.cells:
+    if not report.cells and not report.not_run:
         print("no cell was checked (no usable backend, adapter or problem in this selection): nothing is verified", file=sys.stderr)
-    print(f"{s['passed']}/{s['cells']} cells pass in {report.meta['seconds']} s" + ("" if report.ok else f"; {s['failed']} FAIL"))
+    if report.not_run:
+        print(f"stopped at the time limit: not checked: {', '.join(report.meta['not_run']['configs'])}", file=sys.stderr)
+    print(f"{s['passed']}/{s['cells']} cells pass in {report.meta['seconds']} s" + (f"; {s['failed']} FAIL" if s["failed"] else "") + _not_run_text(report))
     for c in report.failed:
         print(f"FAIL {c['config']} {c['path']}/{c['backend']} {c['dtype']}: error {_fmt_err(c['error'])} > {c['tolerance']:.0e} {c['where']} {c.get('message', '')}")
     if args.demo:

@@ -34,7 +34,8 @@ def test_small_run_writes_wellformed_reports(tmp_path):
         assert CELL_KEYS <= set(c), c
         assert c["status"] == "pass", c
         assert 0 <= c["error"] <= c["tolerance"]
-    assert data["summary"] == {"cells": len(cells), "passed": len(cells), "failed": 0, "ok": True}
+    assert data["summary"] == {"cells": len(cells), "passed": len(cells), "failed": 0, "not_run": 0, "ok": True}
+    assert data["meta"]["time_limit"] is None and "not_run" not in data["meta"]
     assert data["meta"]["steps"] == 4 and set(data["meta"]["problems"]) == {"quadratic", "mlp", "matrix"}
     assert {(t["optimizer"], t["dtype"]) for t in data["tolerances"]} == {(o, d) for o in ("adam", "muon") for d in ("float64", "float32")}
     assert all(t["reason"] for t in data["tolerances"])
@@ -195,6 +196,46 @@ def test_bad_arguments_are_refused_with_clear_messages():
         M.run(["adam"], backends="numpy", problems=["nope"])
     with pytest.raises(ValueError, match="'cuda9' is unknown"):
         M.run(["adam"], backends="numpy,cuda9")
+
+
+class _Clock:
+    """A clock that advances one second at every reading: the time limit is reached after a known number of them."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_time_limit_reports_the_cells_it_did_not_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(M, "time", _Clock())
+    report = M.run(["sgd", "adam"], backends="numpy", steps=2, adapters=False, variants=False, problems=["quadratic"], time_limit=2.5)
+    # sgd's float64 cell starts at t = 2 (before the limit); its float32 cell and everything of adam come after it
+    assert [(c["config"], c["dtype"]) for c in report.cells] == [("sgd", "float64")]
+    assert report.cells[0]["status"] == "pass"
+    assert report.not_run == 3 and report.meta["not_run"] == {"cells": 3, "configs": ["sgd", "adam"]}
+    assert not report.ok and not report.failed
+    assert report.to_json()["summary"]["not_run"] == 3
+    md = M.format_markdown(report)
+    assert "**FAIL**, 1 of 1 cells pass; 3 cells not run (time limit 2.5 s)" in md
+    assert "## Not run (time limit)" in md and "- `sgd`" in md and "- `adam`" in md
+
+
+def test_cli_time_limit_fails_and_says_what_was_not_checked(capsys):
+    rc = M.main(["--optimizers", "sgd", "--backends", "numpy", "--steps", "2", "--no-progress", "--no-adapters", "--no-variants", "--time-limit", "1e-9"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert "stopped at the time limit: not checked: sgd\n" in out.err
+    assert "no cell was checked" not in out.err  # the selection was not empty: the time ran out
+    assert "0/0 cells pass" in out.out and "2 cells not run (time limit 1e-09 s)" in out.out
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "10"])
+def test_time_limit_must_be_a_positive_number_of_seconds(bad):
+    with pytest.raises(ValueError, match=r"time_limit=.* is invalid: expected a finite number of seconds > 0"):
+        M.run(["sgd"], backends="numpy", steps=2, time_limit=bad)
 
 
 def test_adapters_are_checked_when_installed():
