@@ -12,11 +12,11 @@ from xpt_support import NAMES, make_params, run_torch, spec_hp
 
 from xpoptim.adapters import _torch_classes
 from xpoptim.adapters import torch as xt
-from xpoptim.core import BUILTIN, SPECS
+from xpoptim.core import SPECS, builtin_specs
 from xpoptim.core.spec import MatrixSpec
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n in BUILTIN])
+@pytest.mark.parametrize("name", [s.name for s in builtin_specs() if s.name in NAMES])
 def test_class_signature_matches_the_spec(name):
     """The generated, checked-in classes of the shipped rules (a registered rule is reached through create)."""
     spec = SPECS[name]
