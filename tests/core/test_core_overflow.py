@@ -52,8 +52,7 @@ def _f64_forms(m: np.ndarray, s: np.ndarray) -> dict:
         eta2 = s / (m * m)
         gamma = np.where(m == 0, 0.0, 1.0 / (1.0 + eta2))
         adam = np.where(m == 0, 0.0, 1.0 / np.sqrt(1.0 + eta2))
-        from scipy.special import erf
-
+        erf = np.vectorize(math.erf, otypes=[np.float64])  # the C library's float64 erf (no SciPy needed)
         erf_f = np.where(m == 0, 0.0, np.where(s == 0, 1.0, erf(np.abs(m) / np.sqrt(2.0 * s))))
     return {"svag_factor": gamma, "svag_direction": gamma * m, "adam_factor": adam,
             "adam_star_direction": adam * np.sign(m), "erf_factor": erf_f}
