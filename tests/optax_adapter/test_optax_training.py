@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from sklearn.datasets import load_digits
 
 from xpoptim.adapters import optax as xo
 from xpoptim.core import SPECS
@@ -20,6 +19,8 @@ import registry_cases
 
 STEPS = 60
 BATCH = 64
+
+load_digits = pytest.importorskip("sklearn.datasets", reason="the digits training tests need scikit-learn (installed by the test extra)").load_digits
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 import registry_cases
 from xpt_support import MATRIX, MB, NAMES
 
 from xpoptim.adapters import torch as xt
+
+load_digits = pytest.importorskip("sklearn.datasets", reason="the digits training tests need scikit-learn (installed by the test extra)").load_digits
+
 
 @pytest.fixture(scope="module")
 def digits():
