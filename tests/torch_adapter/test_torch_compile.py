@@ -99,6 +99,26 @@ def test_compiled_training_step_calling_opt_step():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_the_step_kept_out_of_compiled_graphs_is_wrapped_once():
+    """With dynamo loaded (torch.compile used anywhere in the process, or a torch.optim method called), the step
+    runs through ``torch._dynamo.disable``; its wrapper is made once, not at every step (making it cost ~10 us,
+    a quarter of a small model's step)."""
+    import torch._dynamo
+
+    from xpoptim.adapters import _torch_optimizer as topt
+
+    fn = xt.XPOptimizer._xp_step
+    wrapped = topt._outside_graphs(fn)
+    assert wrapped is not fn and getattr(wrapped, "_torchdynamo_disable", False)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = xt.AdamW([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert topt._outside_graphs(fn) is wrapped
+    assert torch.all(p < 1)
+
+
 def test_compiled_step_serves_tensors_of_many_ranks_and_sizes_without_recompiling_per_shape():
     """One process, one rule, tensors of ranks 0 to 5 and many sizes (more distinct shapes than torch.compile's
     recompile limit of 8): the compiled step works on 1-D views of contiguous tensors, so it serves all of them, and

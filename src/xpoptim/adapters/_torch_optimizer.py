@@ -77,12 +77,23 @@ def _base(name: str) -> Callable:
     return getattr(fn, "__wrapped__", fn)
 
 
+#: ``fn -> dynamo.disable(fn)``, made once per function (building the wrapper costs more than the step of a small
+#: model).
+_OUTSIDE_GRAPHS: dict[Callable, Callable] = {}
+
+
 def _outside_graphs(fn: Callable) -> Callable:
     """``fn`` excluded from ``torch.compile`` graphs when dynamo is loaded (a compiled training step that calls
     ``opt.step()`` runs the step eagerly, as torch.optim's does); when dynamo was never imported nothing can be
-    tracing, and it is not imported here (importing it costs seconds)."""
+    tracing, and it is not imported here (importing it costs seconds). ``fn`` is a plain function (not a bound
+    method, which is a new object at every attribute access): its wrapper is made once and kept."""
     dynamo = sys.modules.get("torch._dynamo")
-    return fn if dynamo is None else dynamo.disable(fn, recursive=True)
+    if dynamo is None:
+        return fn
+    wrapped = _OUTSIDE_GRAPHS.get(fn)
+    if wrapped is None:
+        wrapped = _OUTSIDE_GRAPHS[fn] = dynamo.disable(fn, recursive=True)
+    return wrapped
 
 
 class XPOptimizer(Optimizer):
@@ -349,7 +360,7 @@ class XPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        _outside_graphs(self._xp_step)(grad_variance)
+        _outside_graphs(type(self)._xp_step)(self, grad_variance)
         return loss
 
     def _xp_step(self, grad_variance: Mapping[torch.Tensor, torch.Tensor] | None) -> None:
