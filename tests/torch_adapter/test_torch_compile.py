@@ -101,8 +101,8 @@ def test_compiled_training_step_calling_opt_step():
 
 def test_the_step_kept_out_of_compiled_graphs_is_wrapped_once():
     """With dynamo loaded (torch.compile used anywhere in the process, or a torch.optim method called), the step
-    runs through ``torch._dynamo.disable``; its wrapper is made once, not at every step (making it cost ~10 us,
-    a quarter of a small model's step)."""
+    runs through ``torch._dynamo.disable``; its wrapper is made once, not at every step (making it is a fixed cost
+    per step, felt on small models)."""
     import torch._dynamo
 
     from xpoptim.adapters import _torch_optimizer as topt
