@@ -209,7 +209,7 @@ class _Clock:
         return self.now
 
 
-def test_time_limit_reports_the_cells_it_did_not_check(monkeypatch, tmp_path):
+def test_time_limit_reports_the_cells_it_did_not_check(monkeypatch):
     monkeypatch.setattr(M, "time", _Clock())
     report = M.run(["sgd", "adam"], backends="numpy", steps=2, adapters=False, variants=False, problems=["quadratic"], time_limit=2.5)
     # sgd's float64 cell starts at t = 2 (before the limit); its float32 cell and everything of adam come after it
