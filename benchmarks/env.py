@@ -66,6 +66,10 @@ def machine_slug(device: str) -> str:
 
 
 def _version(pkg: str) -> str | None:
+    if pkg == "xpoptim":  # the code measured: the package imported, not the first metadata found on the path
+        import xpoptim
+
+        return xpoptim.__version__
     try:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import xpoptim
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("torch", reason="the benchmark suite needs torch (its peers are torch.optim optimizers)")
@@ -35,6 +37,7 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
         assert payload["section"] == section
         env = payload["environment"]
         assert env["machine"] and env["cpu"] and env["versions"]["numpy"]
+        assert env["versions"]["xpoptim"] == xpoptim.__version__  # the code measured, whatever metadata is on the path
         assert (tmp_path / f"{section}.md").read_text().startswith("## ")
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# xpoptim benchmarks")
