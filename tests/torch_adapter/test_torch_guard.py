@@ -193,8 +193,8 @@ def test_bad_gradient_data_is_refused_without_changes(where):
 def test_handles_are_released():
     """The C checks hold references to the parameters' and state tensors' implementations while the group's fast
     path lives, and none to the gradients after a step; dropping the optimizer releases every one."""
-    if _can_build():
-        pytest.skip(_can_build())
+    if (reason := _can_build()):
+        pytest.skip(reason)
     ours, _, oa, _ = _pair()
     base = [p._use_count() for p in ours]
     for k in range(3):
@@ -229,8 +229,8 @@ def _rows(g, held_ts, fresh, threads=1, steps=None):
 def test_checks_see_each_kind_of_change_directly(threads):
     """The C checks themselves: each change to one held tensor (first, middle or last row, so every thread's
     share), each wrong fresh tensor and each differing step counter is seen."""
-    if _can_build():
-        pytest.skip(_can_build())
+    if (reason := _can_build()):
+        pytest.skip(reason)
     g = gd.guard()
     n = 300  # above the row count from which the engine splits the checks over threads
     ts = [torch.randn(4, 3) for _ in range(n)]
@@ -267,8 +267,8 @@ def test_checks_see_each_kind_of_change_directly(threads):
 
 def test_checks_release_the_fresh_tensors():
     """The handles the checks take on the fresh tensors are released, on every thread's share."""
-    if _can_build():
-        pytest.skip(_can_build())
+    if (reason := _can_build()):
+        pytest.skip(reason)
     g = gd.guard()
     ts = [torch.randn(5) for _ in range(300)]
     fresh = [torch.randn(5) for _ in range(300)]
@@ -366,8 +366,8 @@ def test_state_mapping_behaves_as_torch_optims():
 
 def test_checks_build_without_openmp(monkeypatch):
     """A compiler that cannot build OpenMP code still gets the C checks (their rows on one thread)."""
-    if _can_build():
-        pytest.skip(_can_build())
+    if (reason := _can_build()):
+        pytest.skip(reason)
     from xpoptim.adapters import _torch_omp
 
     monkeypatch.setattr(_torch_omp, "openmp_link", lambda: ("-fopenmp", "-lxpoptim-no-such-openmp-runtime"))
