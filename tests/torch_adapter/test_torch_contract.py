@@ -92,6 +92,20 @@ def test_betas_and_beta1_beta2_are_the_same():
         xt.SGD([p], betas=(0.8, 0.9))
 
 
+def test_betas_folding_is_asked_per_spec_object():
+    """Whether a rule keeps torch's ``betas`` pair is remembered per spec object; asked again, every shipped rule
+    gets the same answer, the one its hyperparameter names give."""
+    from xpoptim.adapters._torch_hparams import group_keys, uses_betas
+
+    for _ in range(2):
+        for spec in builtin_specs():
+            names = {h.name for h in spec.hyperparams}
+            expected = "beta1" in names and "beta2" in names
+            assert uses_betas(spec) is expected, spec.name
+            assert ("betas" in group_keys(spec)) is expected, spec.name
+    assert uses_betas(SPECS["adam"]) and not uses_betas(SPECS["sgd"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_hyperparameters(name):
     spec = SPECS[name]

@@ -402,7 +402,12 @@ class CKernel:
                 :attr:`dtype`.
             host: from :meth:`host_scalars`.
         """
-        self._ptrs(sizes.size, sizes.ctypes.data, pointers.ctypes.data, host)
+        self.spans_at(sizes.size, sizes.ctypes.data, pointers.ctypes.data, host)
+
+    def spans_at(self, m: int, sizes: int, pointers: int, host: Any) -> None:
+        """:meth:`spans` over arrays given by their addresses (``sizes.ctypes.data`` and ``pointers.ctypes.data``,
+        read once by a caller that keeps the arrays): ``m`` spans."""
+        self._ptrs(m, sizes, pointers, host)
 
     def read_steps(self, pointers: np.ndarray) -> np.ndarray:
         """The float32 values at ``pointers`` (uintp addresses of float32 scalars), as a NumPy array."""
@@ -412,7 +417,11 @@ class CKernel:
 
     def write_steps(self, pointers: np.ndarray, value: float) -> None:
         """Set the float32 scalars at ``pointers`` (uintp addresses) to ``value``."""
-        self._write_steps(pointers.size, pointers.ctypes.data, float(value))
+        self.write_steps_at(pointers.size, pointers.ctypes.data, value)
+
+    def write_steps_at(self, n: int, pointers: int, value: float) -> None:
+        """:meth:`write_steps` with the pointer array given by its address (``pointers.ctypes.data``): ``n`` scalars."""
+        self._write_steps(n, pointers, float(value))
 
 
 def _emit(graph: _Graph, n_arrays: int, n_host_in: int, outputs: list, dtype: np.dtype) -> tuple[str, list, list]:

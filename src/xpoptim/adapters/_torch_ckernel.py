@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from xpoptim.core.spec import ElementwiseSpec
 from . import _cfuse
 from . import _torch_omp as _omp
 
-__all__ = ["c_kernel", "run_spans", "pointers", "MIN_ELEMENTS_PER_THREAD", "ENABLED"]
+__all__ = ["c_kernel", "run_spans", "SpanAddresses", "span_addresses", "pointers", "MIN_ELEMENTS_PER_THREAD", "ENABLED"]
 
 #: Use the compiled loop when a C compiler works (``False``: every CPU step runs op by op in torch).
 ENABLED = True
@@ -125,15 +125,33 @@ def _split(sizes: np.ndarray, ptrs: np.ndarray, itemsize: int, parts: int) -> li
     return jobs
 
 
-def run_spans(kernel: _cfuse.CKernel, host: Any, sizes: np.ndarray, ptrs: np.ndarray, itemsize: int, ends: np.ndarray | None = None) -> None:
+class SpanAddresses(NamedTuple):
+    """The addresses of a ``sizes`` and a ``ptrs`` array of :func:`run_spans` (``.ctypes.data``), read once by a
+    caller that keeps both arrays (reading them costs about a microsecond each, at every step otherwise)."""
+
+    sizes: int
+    ptrs: int
+
+
+def span_addresses(sizes: np.ndarray, ptrs: np.ndarray) -> SpanAddresses:
+    return SpanAddresses(sizes.ctypes.data, ptrs.ctypes.data)
+
+
+def run_spans(
+    kernel: _cfuse.CKernel, host: Any, sizes: np.ndarray, ptrs: np.ndarray, itemsize: int, ends: np.ndarray | None = None, at: SpanAddresses | None = None
+) -> None:
     """Run ``kernel`` over the spans (``sizes`` int64, ``ptrs`` from :func:`pointers`), on up to
     ``torch.get_num_threads()`` threads, each a contiguous range of elements: torch's own OpenMP threads where
     :mod:`._torch_omp` builds, else a thread pool of this module. ``ends`` (the cumulative sum of ``sizes``) may be
-    given when it is at hand."""
+    given when it is at hand, and ``at`` (:func:`span_addresses` of ``sizes`` and ``ptrs``) when the caller keeps
+    the arrays."""
     total = int(ends[-1]) if ends is not None and ends.size else int(sizes.sum()) if sizes.size else 0
     threads = min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD)
     if threads <= 1:
-        kernel.spans(sizes, ptrs, host)
+        if at is not None:
+            kernel.spans_at(sizes.size, at.sizes, at.ptrs, host)
+        else:
+            kernel.spans(sizes, ptrs, host)
         return
     omp = _omp.runner()
     if omp is not None:

@@ -522,7 +522,7 @@ class FastGroup:
     (torch itself refuses ``p.grad = x`` of another shape; only ``.data`` gets past that check).
     """
 
-    __slots__ = ("spec_key", "params", "state", "state_changes", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "numel", "ends", "dtype", "kernel", "checked")
+    __slots__ = ("spec_key", "params", "state", "state_changes", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "step_ptrs_at", "numel", "ends", "dtype", "kernel", "checked")
     spec_key: tuple[str, tuple, bool]
     params: list[torch.Tensor]
     state: Mapping
@@ -534,6 +534,7 @@ class FastGroup:
     p_ptrs: np.ndarray
     col_ptrs: list[np.ndarray]
     step_ptrs: np.ndarray
+    step_ptrs_at: int
     numel: np.ndarray
     ends: np.ndarray
     dtype: torch.dtype
@@ -545,13 +546,15 @@ class CheckedInC:
     """What :func:`fast_plan` needs to check a :class:`FastGroup` in C (:mod:`._torch_guard`): handles to the
     parameters, state tensors and step counters with their element counts, dtypes and addresses, the ids of the
     state dicts' values, and the table of addresses the compiled loop reads (row ``i``: parameter ``i``, its
-    gradient (written at each step), its state tensors)."""
+    gradient (written at each step), its state tensors), with the addresses of the arrays passed to C at every step
+    read once."""
 
-    __slots__ = ("guard", "held", "keys", "value_ids", "ptrs")
+    __slots__ = ("guard", "held", "keys", "value_ids", "value_ids_at", "ptrs", "at")
 
     def __init__(self, g: _gd.Guard, fg: FastGroup, names: Sequence[str]) -> None:
         self.guard = g
         self.ptrs = np.ascontiguousarray(np.column_stack([fg.p_ptrs, fg.p_ptrs, *fg.col_ptrs]))
+        self.at = _ck.span_addresses(fg.numel, self.ptrs)
         self.held = _gd.Held(
             g,
             [fg.params, *fg.cols, fg.steps],
@@ -566,6 +569,7 @@ class CheckedInC:
         )
         self.keys = (*names, "step")
         self.value_ids = np.array([[id(t) for t in col] for col in (*fg.cols, fg.steps)], dtype=np.uintp).reshape(len(self.keys), len(fg.params))
+        self.value_ids_at = self.value_ids.ctypes.data
 
 
 def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence[torch.Tensor], state: Mapping) -> FastGroup | None:
@@ -597,6 +601,7 @@ def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence
     fg.p_ptrs = _ptrs(params)
     fg.col_ptrs = [_ptrs(c) for c in cols]
     fg.step_ptrs = _ptrs(steps)
+    fg.step_ptrs_at = fg.step_ptrs.ctypes.data
     fg.numel = np.fromiter(map(_numel, params), dtype=np.int64, count=len(params))
     fg.ends = np.cumsum(fg.numel)
     fg.dtype, fg.kernel = dtype, ck
@@ -642,10 +647,11 @@ def fast_plan(
     if host is None:
         return None
     sizes, ends = fg.numel, fg.ends
+    at = c.at if c is not None else None  # the C checks write the gradients' addresses into the table they keep
 
     def run() -> None:
-        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size(), ends)
-        ck.write_steps(fg.step_ptrs, float(t))
+        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size(), ends, at)
+        ck.write_steps_at(n, fg.step_ptrs_at, float(t))
         torch.autograd.graph.increment_version(fg.params)
 
     return run
@@ -661,7 +667,7 @@ def _checked_in_c(c: CheckedInC, fg: FastGroup, sts: list[dict], grads: Sequence
     """:func:`fast_plan`'s checks through :mod:`._torch_guard`: the address table the compiled loop reads (the
     gradients' addresses written into its column 1) and the step count, or ``None``."""
     g = c.guard
-    if not g.values(sts, c.keys, c.value_ids):  # every state dict still holds the very tensors it held
+    if not g.values_at(sts, c.keys, c.value_ids_at):  # every state dict still holds the very tensors it held
         return None
     try:
         t = g.rows(c.held, grads if isinstance(grads, list) else list(grads), _threads(len(grads)))

@@ -274,7 +274,12 @@ class Guard:
     def values(self, dicts: list[dict], keys: tuple[str, ...], expect_ids: np.ndarray) -> bool:
         """Whether ``dicts[i][keys[j]] is`` the object whose ``id`` is ``expect_ids[j, i]`` for every ``i``, ``j``
         (the caller holds those objects, so their ids cannot be reused)."""
-        return bool(self._values(dicts, keys, len(dicts), expect_ids.ctypes.data))
+        return self.values_at(dicts, keys, expect_ids.ctypes.data)
+
+    def values_at(self, dicts: list[dict], keys: tuple[str, ...], expect_ids: int) -> bool:
+        """:meth:`values` with the uintp array of ids given by its address (``.ctypes.data``, read once by a caller
+        that keeps the array)."""
+        return bool(self._values(dicts, keys, len(dicts), expect_ids))
 
 
 def _build() -> Guard | None:

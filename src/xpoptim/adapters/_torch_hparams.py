@@ -27,8 +27,21 @@ Spec = ElementwiseSpec | MatrixSpec
 
 
 def uses_betas(spec: Spec) -> bool:
+    """Whether the spec has ``beta1`` and ``beta2`` (kept as torch's ``betas`` pair in param groups)."""
+    hit = _BETAS.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
     names = {h.name for h in spec.hyperparams}
-    return "beta1" in names and "beta2" in names
+    out = "beta1" in names and "beta2" in names
+    if len(_BETAS) >= _VALIDATED_MAX:
+        _BETAS.clear()
+    _BETAS[id(spec)] = (spec, out)
+    return out
+
+
+#: :func:`uses_betas` by spec (asked for every hyperparameter at every step); the spec is kept in the entry, so its
+#: id cannot be reused by another spec while the entry lives.
+_BETAS: dict[int, tuple[Spec, bool]] = {}
 
 
 def group_keys(spec: Spec) -> tuple[str, ...]:
@@ -94,8 +107,9 @@ def number(value: Any, name: str, where: str) -> Any:
 def hp_from_group(spec: Spec, group: Mapping[str, Any], where: str) -> dict:
     """Validated spec hyperparameters from a param group (Python numbers for the numeric ones)."""
     hp = {}
+    betas = uses_betas(spec)
     for h in spec.hyperparams:
-        if uses_betas(spec) and h.name in ("beta1", "beta2"):
+        if betas and h.name in ("beta1", "beta2"):
             b = group.get("betas")
             if not isinstance(b, tuple) or len(b) != 2:
                 raise ValueError(f"{where}: betas={b!r} is invalid: expected a pair (beta1, beta2)")
