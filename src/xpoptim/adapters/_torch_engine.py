@@ -650,9 +650,11 @@ def fast_plan(
     at = c.at if c is not None else None  # the C checks write the gradients' addresses into the table they keep
 
     def run() -> None:
-        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size(), ends, at)
-        ck.write_steps_at(n, fg.step_ptrs_at, float(t))
+        # The counters first, while the checks have just read their metadata (the loop then moves every state
+        # tensor through the caches); after the version bump nothing here can fail.
         torch.autograd.graph.increment_version(fg.params)
+        ck.write_steps_at(n, fg.step_ptrs_at, float(t))
+        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size(), ends, at)
 
     return run
 
