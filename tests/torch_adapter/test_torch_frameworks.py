@@ -36,9 +36,14 @@ def _ours(params, **kw):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _hf_run(out: str, opt_cls, resume: str | None = None) -> torch.nn.Module:
+def _transformers():
     transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed (the test extra installs it)")
     pytest.importorskip("accelerate", reason="Hugging Face's Trainer needs accelerate (the test extra installs it)")
+    return transformers
+
+
+def _hf_run(out: str, opt_cls, resume: str | None = None) -> torch.nn.Module:
+    transformers = _transformers()
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
@@ -74,8 +79,8 @@ def _hf_run(out: str, opt_cls, resume: str | None = None) -> torch.nn.Module:
 def test_hugging_face_trainer_checkpoints_and_resumes_bit_for_bit(tmp_path):
     """The Trainer writes ``model.safetensors`` and ``optimizer.pt`` at each checkpoint; resuming from step 2 ends
     on the uninterrupted run's bits; the run follows the Trainer driving torch.optim.AdamW."""
-    from safetensors.torch import load_file
-
+    _transformers()
+    load_file = pytest.importorskip("safetensors.torch", reason="safetensors is not installed (the torch extra installs it)").load_file
     full = _hf_run(str(tmp_path / "full"), _ours)
     ckpt = tmp_path / "full" / "checkpoint-2"
     assert {"model.safetensors", "optimizer.pt"} <= set(os.listdir(ckpt))
