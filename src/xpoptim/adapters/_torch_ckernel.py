@@ -134,6 +134,7 @@ class SpanAddresses(NamedTuple):
 
 
 def span_addresses(sizes: np.ndarray, ptrs: np.ndarray) -> SpanAddresses:
+    """The :class:`SpanAddresses` of ``sizes`` and ``ptrs``, valid while both arrays live unchanged in shape."""
     return SpanAddresses(sizes.ctypes.data, ptrs.ctypes.data)
 
 
