@@ -8,7 +8,8 @@ a function giving the constructor arguments to try (``optim_inputs_func``), the 
 
 * inputs: the defaults, a non-default ``lr``, a 1-element tensor ``lr``, ``weight_decay=0.1`` (rules that have
   it), ``maximize=True``, and every non-default value of each boolean and choice hyperparameter;
-* error inputs: torch's own ``get_error_inputs_for_all_optims`` (what every torch optimizer must refuse), one
+* error inputs: torch's own ``get_error_inputs_for_all_optims`` (what every torch optimizer must refuse; a
+  parameter listed twice in a group, which torch.optim warns about, is refused with a ``ValueError``), one
   out-of-range value of every numeric hyperparameter (the message must name the argument and the value), a
   complex parameter (construction) and a sparse gradient (step);
 * flags: no ``foreach``/``fused``/``differentiable`` implementations (each rule runs as one multi-tensor kernel;
@@ -143,11 +144,19 @@ def inputs_func(spec: Any) -> Callable[..., list[OptimizerInput]]:
     return func
 
 
+def _ours_refuse_duplicates(e: ErrorOptimizerInput) -> ErrorOptimizerInput:
+    """torch's input with a parameter listed twice in one group expects torch.optim's warning; xpoptim refuses it
+    with a ``ValueError`` naming the positions (its step updates every parameter's memory in place, once)."""
+    if e.error_type is UserWarning and "duplicate parameters" in e.error_regex:
+        return ErrorOptimizerInput(e.optimizer_error_input, error_on=e.error_on, error_type=ValueError, error_regex=r"params\[1\] .* is params\[0\] again")
+    return e
+
+
 def error_inputs_func(spec: Any) -> Callable[..., list[ErrorOptimizerInput]]:
     """``optim_error_inputs_func(device, dtype)`` of a spec."""
 
     def func(device: Any, dtype: Any) -> list[ErrorOptimizerInput]:
-        out = list(get_error_inputs_for_all_optims(device, dtype))
+        out = [_ours_refuse_duplicates(e) for e in get_error_inputs_for_all_optims(device, dtype)]
         param = Parameter(torch.randn(2, 2, device=device, dtype=dtype))
         for h in spec.hyperparams:
             bad = _OUT_OF_RANGE.get(h.kind)

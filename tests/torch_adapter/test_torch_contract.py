@@ -453,6 +453,34 @@ def test_kept_and_fresh_grads_follow_torch_adamw():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_duplicate_parameters_in_a_group_are_refused_without_changes():
+    """torch.optim warns about a parameter listed twice in a group (and steps it twice); ours refuses it by position,
+    at construction and in ``add_param_group``, as tensors or ``(name, tensor)`` pairs, leaving the optimizer as it
+    was."""
+    import warnings
+
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        torch.optim.AdamW([p, p])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before torch's warning
+        with pytest.raises(ValueError, match=r"params\[1\] \(shape \(3,\)\) is params\[0\] again"):
+            xt.AdamW([p, p])
+        with pytest.raises(ValueError, match=r"params\[2\] \(shape \(3,\)\) is params\[0\] again"):
+            xt.AdamW([("w", p), ("b", q), ("w2", p)])
+        opt = xt.AdamW([q], lr=0.1)
+        q.grad = torch.ones(2)
+        opt.step()
+        before, groups = snapshot(opt), copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+        with pytest.raises(ValueError, match=r"params\[1\] \(shape \(3,\)\) is params\[0\] again"):
+            opt.add_param_group({"params": (t for t in (p, p))})
+        assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [q]
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+        assert_same_snapshot(snapshot(opt), before)
+        opt.add_param_group({"params": p})  # once is fine
+        assert len(opt.param_groups) == 2
+
+
 def test_failed_step_leaves_params_and_state_unchanged():
     """A bad grad in the second group is found before the first group is touched."""
     a, b = torch.ones(3, requires_grad=True), torch.ones(4, requires_grad=True)

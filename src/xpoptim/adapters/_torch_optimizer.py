@@ -96,6 +96,23 @@ def _outside_graphs(fn: Callable) -> Callable:
     return wrapped
 
 
+def _refuse_duplicates(params: list, where: str) -> None:
+    """A parameter may appear once in a param group. torch.optim warns and steps such a parameter once per
+    occurrence (announcing an error for the future); one multi-tensor step that updates every parameter's memory in
+    place would update it twice from the same state, split over threads at the same time. Entries may be tensors or
+    ``(name, tensor)`` pairs."""
+    first: dict[int, int] = {}
+    for i, item in enumerate(params):
+        p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+        j = first.setdefault(id(p), i)
+        if j != i:
+            shape = tuple(p.shape) if isinstance(p, torch.Tensor) else None
+            raise ValueError(
+                f"{where}: params[{i}] (shape {shape}) is params[{j}] again: a parameter may appear once in a param "
+                "group (torch.optim warns that duplicates will become an error)"
+            )
+
+
 class XPOptimizer(Optimizer):
     """Any xpoptim rule as a :class:`torch.optim.Optimizer`.
 
@@ -274,6 +291,12 @@ class XPOptimizer(Optimizer):
         extra = sorted(set(group) - allowed - set(self.defaults))
         if extra:
             raise TypeError(f"{where}: unknown key(s) {extra} in a param group for rule {rule!r}")
+        params = group.get("params")
+        if isinstance(params, torch.Tensor):
+            group["params"] = [params]
+        elif params is not None and not isinstance(params, set):  # a set is refused by torch's add_param_group
+            group["params"] = list(params)
+            _refuse_duplicates(group["params"], where)
         n_before = len(self.param_groups)
         _base("add_param_group")(self, group)
         self.param_groups[-1].pop("fallback", None)
