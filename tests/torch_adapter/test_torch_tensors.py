@@ -104,6 +104,50 @@ def test_tied_parameters_stay_tied_and_follow_torch_adamw():
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parameters_with_overlapping_memory_follow_torch_adamw_on_any_number_of_threads(threads):
+    """Two parameters viewing overlapping halves of one storage, each large enough for the step to be split over
+    threads: the shared elements are updated by the first parameter's step, then by the second's, as torch.optim's
+    for-loop does (split over two threads, both would update them at the same time)."""
+    n = 1 << 17
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = []
+        for make in (lambda ps: xt.AdamW(ps, lr=0.1, compile=False), lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=False)):
+            base = torch.linspace(-1, 1, 3 * n // 2)
+            p0, p1 = torch.nn.Parameter(base[:n]), torch.nn.Parameter(base[n // 2 :])
+            opt = make([p0, p1])
+            g = torch.Generator().manual_seed(0)
+            for _ in range(3):  # the first step through the full checks, then the steady-state path
+                p0.grad, p1.grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+                opt.step()
+            runs.append(base.clone())
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-6, atol=1e-7)
+
+
+def test_written_overlap_reads_byte_ranges():
+    """The ranges are ``[address, address + count * itemsize)`` over the written columns: touching is not
+    overlapping, an empty range never overlaps, a read-only column is not looked at."""
+    import numpy as np
+
+    from xpoptim.adapters._torch_ckernel import written_overlap
+
+    def table(*rows):
+        return np.array(rows, dtype=np.uintp)
+
+    sizes = np.array([4, 4], dtype=np.int64)
+    assert not written_overlap(table([1000, 0], [1016, 0]), [0], sizes, 4)  # touching
+    assert written_overlap(table([1000, 0], [1012, 0]), [0], sizes, 4)  # one element shared
+    assert written_overlap(table([1000, 0], [1000, 0]), [0], sizes, 4)  # the same memory
+    assert not written_overlap(table([1000, 5000], [1016, 5000]), [0], sizes, 4)  # column 1 read only
+    assert written_overlap(table([1000, 5000], [1016, 5000]), [0, 1], sizes, 4)
+    assert written_overlap(table([1000, 2000], [3000, 1990]), [0, 1], sizes, 4)  # a state inside another row's
+    assert not written_overlap(table([1000, 0], [1004, 0]), [0], np.array([0, 4], dtype=np.int64), 4)  # empty
+    assert not written_overlap(table([1000, 0]), [0], sizes[:1], 4)
+
 def test_views_taken_before_the_first_step_track_the_weights():
     model = _model()
     held = model[0].weight.detach()

@@ -26,7 +26,7 @@ from xpoptim.core.spec import ElementwiseSpec
 from . import _cfuse
 from . import _torch_omp as _omp
 
-__all__ = ["c_kernel", "run_spans", "SpanAddresses", "span_addresses", "pointers", "MIN_ELEMENTS_PER_THREAD", "ENABLED"]
+__all__ = ["c_kernel", "run_spans", "SpanAddresses", "span_addresses", "written_overlap", "pointers", "MIN_ELEMENTS_PER_THREAD", "ENABLED"]
 
 #: Use the compiled loop when a C compiler works (``False``: every CPU step runs op by op in torch).
 ENABLED = True
@@ -138,16 +138,43 @@ def span_addresses(sizes: np.ndarray, ptrs: np.ndarray) -> SpanAddresses:
     return SpanAddresses(sizes.ctypes.data, ptrs.ctypes.data)
 
 
+def written_overlap(ptrs: np.ndarray, columns: Sequence[int], sizes: np.ndarray, itemsize: int) -> bool:
+    """Whether the memory written by the spans overlaps: any two of the ranges ``[ptrs[j, c], ptrs[j, c] + sizes[j] *
+    itemsize)``, over the spans ``j`` and the written columns ``c`` (the parameter and state columns), share a byte.
+
+    Parameters that are views of one storage with overlapping elements (``Parameter(base[:n])`` and
+    ``Parameter(base[k:])``) are stepped one after the other by torch.optim's for-loop, the later one reading what the
+    earlier one wrote; the loop then runs on one thread, in the same order (split over threads, two threads would
+    update the shared elements at the same time)."""
+    if not columns or sizes.size < 2:
+        return False
+    nbytes = np.tile(sizes.astype(np.uint64) * np.uint64(itemsize), len(columns))
+    starts = np.concatenate([ptrs[:, c].astype(np.uint64) for c in columns])
+    keep = nbytes > 0
+    starts, ends = starts[keep], starts[keep] + nbytes[keep]
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    return bool(np.any(starts[1:] < np.maximum.accumulate(ends)[:-1]))
+
+
 def run_spans(
-    kernel: _cfuse.CKernel, host: Any, sizes: np.ndarray, ptrs: np.ndarray, itemsize: int, ends: np.ndarray | None = None, at: SpanAddresses | None = None
+    kernel: _cfuse.CKernel,
+    host: Any,
+    sizes: np.ndarray,
+    ptrs: np.ndarray,
+    itemsize: int,
+    ends: np.ndarray | None = None,
+    at: SpanAddresses | None = None,
+    serial: bool = False,
 ) -> None:
     """Run ``kernel`` over the spans (``sizes`` int64, ``ptrs`` from :func:`pointers`), on up to
     ``torch.get_num_threads()`` threads, each a contiguous range of elements: torch's own OpenMP threads where
-    :mod:`._torch_omp` builds, else a thread pool of this module. ``ends`` (the cumulative sum of ``sizes``) may be
-    given when it is at hand, and ``at`` (:func:`span_addresses` of ``sizes`` and ``ptrs``) when the caller keeps
-    the arrays."""
+    :mod:`._torch_omp` builds, else a thread pool of this module; on one thread, span after span, when ``serial``
+    (the written memory overlaps: :func:`written_overlap`). ``ends`` (the cumulative sum of ``sizes``) may be given
+    when it is at hand, and ``at`` (:func:`span_addresses` of ``sizes`` and ``ptrs``) when the caller keeps the
+    arrays."""
     total = int(ends[-1]) if ends is not None and ends.size else int(sizes.sum()) if sizes.size else 0
-    threads = min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD)
+    threads = 1 if serial else min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD)
     if threads <= 1:
         if at is not None:
             kernel.spans_at(sizes.size, at.sizes, at.ptrs, host)

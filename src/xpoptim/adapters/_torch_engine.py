@@ -259,9 +259,11 @@ def _step_at(spec, hp, static, maximize, compile_opt, ck, t, params, grads, extr
     if ck is not None:
         host = ck.host_scalars(tuple(scalars))
         arrays = [params, grads, *extras, *states]
+        written = [0, *range(2 + len(extras), len(arrays))]  # the parameters and the state
         if host is not None and all(all(map(_contig, a)) for a in arrays) and all(map(_IS_CPU, grads)):
             sizes = np.fromiter(map(_numel, params), dtype=np.int64, count=len(params))
-            _ck.run_spans(ck, host, sizes, _ck.pointers(arrays), params[0].element_size())
+            table, itemsize = _ck.pointers(arrays), params[0].element_size()
+            _ck.run_spans(ck, host, sizes, table, itemsize, serial=_ck.written_overlap(table, written, sizes, itemsize))
             torch.autograd.graph.increment_version(list(params))
             return
         if host is not None:  # some tensors are permuted or strided: the compiled loop takes the contiguous ones
@@ -270,7 +272,8 @@ def _step_at(spec, hp, static, maximize, compile_opt, ck, t, params, grads, extr
                 rest = [i for i in range(len(params)) if i not in set(ok)]
                 pick = [[a[i] for i in ok] for a in arrays]
                 sizes = np.fromiter((params[i].numel() for i in ok), dtype=np.int64, count=len(ok))
-                _ck.run_spans(ck, host, sizes, _ck.pointers(pick), params[0].element_size())
+                table, itemsize = _ck.pointers(pick), params[0].element_size()
+                _ck.run_spans(ck, host, sizes, table, itemsize, serial=_ck.written_overlap(table, written, sizes, itemsize))
                 torch.autograd.graph.increment_version(pick[0])
                 if not rest:
                     return
@@ -522,7 +525,7 @@ class FastGroup:
     (torch itself refuses ``p.grad = x`` of another shape; only ``.data`` gets past that check).
     """
 
-    __slots__ = ("spec_key", "params", "state", "state_changes", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "step_ptrs_at", "numel", "ends", "dtype", "kernel", "checked")
+    __slots__ = ("spec_key", "params", "state", "state_changes", "sts", "cols", "steps", "getters", "p_ptrs", "col_ptrs", "step_ptrs", "step_ptrs_at", "numel", "ends", "serial", "dtype", "kernel", "checked")
     spec_key: tuple[str, tuple, bool]
     params: list[torch.Tensor]
     state: Mapping
@@ -537,6 +540,7 @@ class FastGroup:
     step_ptrs_at: int
     numel: np.ndarray
     ends: np.ndarray
+    serial: bool
     dtype: torch.dtype
     kernel: _ck._cfuse.CKernel
     checked: CheckedInC | None
@@ -604,6 +608,9 @@ def fast_group(spec: ElementwiseSpec, hp: dict, maximize: bool, params: Sequence
     fg.step_ptrs_at = fg.step_ptrs.ctypes.data
     fg.numel = np.fromiter(map(_numel, params), dtype=np.int64, count=len(params))
     fg.ends = np.cumsum(fg.numel)
+    # Parameters or state that share memory are stepped on one thread, in order (see _torch_ckernel.written_overlap).
+    written = np.column_stack([fg.p_ptrs, *fg.col_ptrs])
+    fg.serial = _ck.written_overlap(written, range(written.shape[1]), fg.numel, params[0].element_size())
     fg.dtype, fg.kernel = dtype, ck
     g = _gd.guard()
     fg.checked = CheckedInC(g, fg, names) if g is not None else None
@@ -654,7 +661,7 @@ def fast_plan(
         # tensor through the caches); after the version bump nothing here can fail.
         torch.autograd.graph.increment_version(fg.params)
         ck.write_steps_at(n, fg.step_ptrs_at, float(t))
-        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size(), ends, at)
+        _ck.run_spans(ck, host, sizes, ptrs, params[0].element_size(), ends, at, fg.serial)
 
     return run
 
