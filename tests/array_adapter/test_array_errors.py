@@ -147,6 +147,41 @@ def test_bad_params() -> None:
         A.Adam([np.ones(3), [1.0, 2.0]])
 
 
+def test_parameters_sharing_elements_are_refused() -> None:
+    """Views with common elements are refused by name (the step would update them in place through several
+    paths and threads); views that only interleave, or touch, have elements of their own and are accepted."""
+    base = np.zeros(12, np.float32)
+    with pytest.raises(ValueError, match="parameters 'a' and 'b' share memory"):
+        N.AdamW({"a": base[:8], "b": base[4:]})
+    with pytest.raises(ValueError, match="parameters 'big' and 'tail' share memory"):
+        N.AdamW({"big": base, "other": np.zeros(2, np.float32), "tail": base[10:]})  # not neighbours by address
+    with pytest.raises(ValueError, match="share memory"):
+        N.AdamW({"w": base.reshape(3, 4).T, "row": base[4:8]})  # a transposed view and a slice of its memory
+    N.AdamW({"a": base[:4], "b": base[4:8]})
+    N.AdamW({"even": base[::2], "odd": base[1::2]})
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_interleaved_views_step_like_separate_arrays(threads: int, fuse: bool) -> None:
+    """``x[::2]`` and ``x[1::2]`` as two parameters end on the bits of two separate arrays, compiled or op by op,
+    on one thread or two (each large enough to be split)."""
+    n = 1 << 17
+
+    def run(interleaved: bool) -> np.ndarray:
+        base = np.linspace(-1, 1, 2 * n).astype(np.float32)
+        params = {"a": base[::2], "b": base[1::2]} if interleaved else {"a": base[::2].copy(), "b": base[1::2].copy()}
+        opt = N.AdamW(params, lr=0.1, threads=threads, fuse=fuse)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            opt.step({"a": rng.standard_normal(n).astype(np.float32), "b": rng.standard_normal(n).astype(np.float32)})
+        out = np.empty(2 * n, np.float32)
+        out[::2], out[1::2] = params["a"], params["b"]
+        return out
+
+    np.testing.assert_array_equal(run(True), run(False))
+
+
 def test_mixed_namespaces_are_refused() -> None:
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="mix array namespaces"):

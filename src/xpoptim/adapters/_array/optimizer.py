@@ -20,6 +20,24 @@ from .params import _matrix_rules, _GROUP_EXTRA_KEYS, _LAYOUTS, _parse_groups, _
 from .threads import DEFAULT_CHUNK_SIZE, DEFAULT_THREADED_CHUNK_SIZE, _auto_threads
 
 
+
+def _byte_range(a: Any) -> tuple[int, int] | None:
+    """``[low, high)``: the bytes an array's elements can touch (its address plus the extreme offsets its strides
+    reach), from ``__array_interface__`` or ``__cuda_array_interface__``; ``None`` where neither is given."""
+    iface = getattr(a, "__cuda_array_interface__", None) if not hasattr(a, "__array_interface__") else a.__array_interface__
+    if not isinstance(iface, dict) or "data" not in iface:
+        return None
+    shape = tuple(iface["shape"])
+    itemsize = int(np.dtype(iface["typestr"]).itemsize)
+    if any(n == 0 for n in shape):
+        return (0, 0)
+    strides = iface.get("strides") or tuple(int(np.prod(shape[i + 1 :], dtype=np.int64)) * itemsize for i in range(len(shape)))
+    low = high = int(iface["data"][0])
+    for n, st in zip(shape, strides):
+        reach = (n - 1) * st
+        low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+    return (low, high + itemsize)
+
 class Optimizer(BucketStepMixin, CheckpointMixin):
     """Stateful optimizer over plain arrays; ``step(grads)`` updates the arrays in place.
 
@@ -151,6 +169,7 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
             if not _is_real_floating(self.xp, e.array.dtype):
                 raise ValueError(f"parameter {e.key!r} has dtype {e.array.dtype}: expected a real floating dtype")
         self._check_writable()
+        self._check_disjoint()
 
         if threads is None:
             threads = _auto_threads() if self._kind == "numpy" else 1
@@ -313,6 +332,25 @@ class Optimizer(BucketStepMixin, CheckpointMixin):
         return [f"{b.spec.title} {_numpy_dtype(b.dtype) if self._kind == 'numpy' else b.dtype}: {b.fuse_note}" for b in self._buckets if b.fused is False]
 
     # -- checks -------------------------------------------------------------------------------
+
+    def _check_disjoint(self) -> None:
+        """Parameters must not share memory: a bucket's arrays are updated in place, some through views and some
+        through gathered copies written back, and split over threads, so parameters viewing common elements would
+        get updates that depend on the path and the thread count. The arrays' byte ranges come from NumPy's
+        ``__array_interface__`` or CuPy's ``__cuda_array_interface__``; where two ranges overlap, NumPy arrays are
+        asked exactly (``numpy.shares_memory``: interleaved views such as ``x[::2]`` and ``x[1::2]`` are
+        disjoint), other arrays are taken to share memory."""
+        spans = sorted(((r[0], r[1], e) for e in self._entries if (r := _byte_range(e.array)) is not None and r[1] > r[0]), key=lambda t: t[0])
+        active: list[tuple[int, int, _Entry]] = []
+        for lo, hi, e in spans:
+            active = [t for t in active if t[1] > lo]
+            for _, _, other in active:
+                if self._kind != "numpy" or np.shares_memory(other.array, e.array):
+                    raise ValueError(
+                        f"parameters {other.key!r} and {e.key!r} share memory: each parameter must be an array with "
+                        "elements of its own (the step updates arrays in place; pass copies, numpy.array(x))"
+                    )
+            active.append((lo, hi, e))
 
     def _check_writable(self) -> None:
         for e in self._entries:
