@@ -31,6 +31,20 @@ def _ours(params, **kw):
     return xt.AdamW(params, compile=False, **kw)
 
 
+def _check_saved_state(opt_state: dict) -> None:
+    """Our state dict at the step-2 checkpoint: named tensors, two steps taken by every parameter."""
+    assert sorted(opt_state["state"][0]) == ["exp_avg", "exp_avg_sq", "state_version", "step"]
+    assert all(int(st["step"].item()) == 2 for st in opt_state["state"].values())
+
+
+def _check_runs(full: torch.nn.Module, resumed: torch.nn.Module, ref: torch.nn.Module) -> None:
+    """The resumed run ends on the uninterrupted run's bits, which follow the torch.optim.AdamW run."""
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, **TORCH_ADAMW)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Hugging Face Trainer
 # ------------------------------------------------------------------------------------------------------------------
@@ -86,16 +100,9 @@ def test_hugging_face_trainer_checkpoints_and_resumes_bit_for_bit(tmp_path):
     assert {"model.safetensors", "optimizer.pt"} <= set(os.listdir(ckpt))
     saved = load_file(str(ckpt / "model.safetensors"))
     assert sorted(saved) == ["l1.bias", "l1.weight", "l2.bias", "l2.weight"]
-    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert sorted(opt_state["state"][0]) == ["exp_avg", "exp_avg_sq", "state_version", "step"]
-    assert all(int(st["step"].item()) == 2 for st in opt_state["state"].values())
-
+    _check_saved_state(torch.load(ckpt / "optimizer.pt", weights_only=True))
     resumed = _hf_run(str(tmp_path / "resumed"), _ours, resume=str(ckpt))
-    for a, b in zip(full.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    ref = _hf_run(str(tmp_path / "torch"), torch.optim.AdamW)
-    for a, b in zip(full.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, **TORCH_ADAMW)
+    _check_runs(full, resumed, _hf_run(str(tmp_path / "torch"), torch.optim.AdamW))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -149,12 +156,6 @@ def test_lightning_checkpoints_and_resumes_bit_for_bit(tmp_path):
     ckpt = tmp_path / "full" / "step=2.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     (opt_state,) = saved["optimizer_states"]
-    assert sorted(opt_state["state"][0]) == ["exp_avg", "exp_avg_sq", "state_version", "step"]
-    assert all(int(st["step"].item()) == 2 for st in opt_state["state"].values())
-
+    _check_saved_state(opt_state)
     resumed = _lightning_run(str(tmp_path / "resumed"), _ours, ckpt=str(ckpt))
-    for a, b in zip(full.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    ref = _lightning_run(str(tmp_path / "torch"), torch.optim.AdamW)
-    for a, b in zip(full.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, **TORCH_ADAMW)
+    _check_runs(full, resumed, _lightning_run(str(tmp_path / "torch"), torch.optim.AdamW))
