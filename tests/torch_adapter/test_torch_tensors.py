@@ -148,6 +148,7 @@ def test_written_overlap_reads_byte_ranges():
     assert not written_overlap(table([1000, 0], [1004, 0]), [0], np.array([0, 4], dtype=np.int64), 4)  # empty
     assert not written_overlap(table([1000, 0]), [0], sizes[:1], 4)
 
+
 def test_views_taken_before_the_first_step_track_the_weights():
     model = _model()
     held = model[0].weight.detach()

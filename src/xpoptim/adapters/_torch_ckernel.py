@@ -166,15 +166,19 @@ def run_spans(
     ends: np.ndarray | None = None,
     at: SpanAddresses | None = None,
     serial: bool = False,
+    written: Sequence[int] = (),
 ) -> None:
     """Run ``kernel`` over the spans (``sizes`` int64, ``ptrs`` from :func:`pointers`), on up to
     ``torch.get_num_threads()`` threads, each a contiguous range of elements: torch's own OpenMP threads where
-    :mod:`._torch_omp` builds, else a thread pool of this module; on one thread, span after span, when ``serial``
-    (the written memory overlaps: :func:`written_overlap`). ``ends`` (the cumulative sum of ``sizes``) may be given
-    when it is at hand, and ``at`` (:func:`span_addresses` of ``sizes`` and ``ptrs``) when the caller keeps the
-    arrays."""
+    :mod:`._torch_omp` builds, else a thread pool of this module. The spans run on one thread, one after the other,
+    when the memory they write overlaps (:func:`written_overlap`): ``serial`` says so where the caller knows it, else
+    the ``written`` columns of ``ptrs`` are checked, only when the step would be split. ``ends`` (the cumulative sum
+    of ``sizes``) may be given when it is at hand, and ``at`` (:func:`span_addresses` of ``sizes`` and ``ptrs``) when
+    the caller keeps the arrays."""
     total = int(ends[-1]) if ends is not None and ends.size else int(sizes.sum()) if sizes.size else 0
     threads = 1 if serial else min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD)
+    if threads > 1 and written and written_overlap(ptrs, written, sizes, itemsize):
+        threads = 1
     if threads <= 1:
         if at is not None:
             kernel.spans_at(sizes.size, at.sizes, at.ptrs, host)

@@ -262,8 +262,7 @@ def _step_at(spec, hp, static, maximize, compile_opt, ck, t, params, grads, extr
         written = [0, *range(2 + len(extras), len(arrays))]  # the parameters and the state
         if host is not None and all(all(map(_contig, a)) for a in arrays) and all(map(_IS_CPU, grads)):
             sizes = np.fromiter(map(_numel, params), dtype=np.int64, count=len(params))
-            table, itemsize = _ck.pointers(arrays), params[0].element_size()
-            _ck.run_spans(ck, host, sizes, table, itemsize, serial=_ck.written_overlap(table, written, sizes, itemsize))
+            _ck.run_spans(ck, host, sizes, _ck.pointers(arrays), params[0].element_size(), written=written)
             torch.autograd.graph.increment_version(list(params))
             return
         if host is not None:  # some tensors are permuted or strided: the compiled loop takes the contiguous ones
@@ -272,8 +271,7 @@ def _step_at(spec, hp, static, maximize, compile_opt, ck, t, params, grads, extr
                 rest = [i for i in range(len(params)) if i not in set(ok)]
                 pick = [[a[i] for i in ok] for a in arrays]
                 sizes = np.fromiter((params[i].numel() for i in ok), dtype=np.int64, count=len(ok))
-                table, itemsize = _ck.pointers(pick), params[0].element_size()
-                _ck.run_spans(ck, host, sizes, table, itemsize, serial=_ck.written_overlap(table, written, sizes, itemsize))
+                _ck.run_spans(ck, host, sizes, _ck.pointers(pick), params[0].element_size(), written=written)
                 torch.autograd.graph.increment_version(pick[0])
                 if not rest:
                     return

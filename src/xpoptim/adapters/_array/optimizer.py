@@ -20,7 +20,6 @@ from .params import _matrix_rules, _GROUP_EXTRA_KEYS, _LAYOUTS, _parse_groups, _
 from .threads import DEFAULT_CHUNK_SIZE, DEFAULT_THREADED_CHUNK_SIZE, _auto_threads
 
 
-
 def _byte_range(a: Any) -> tuple[int, int] | None:
     """``[low, high)``: the bytes an array's elements can touch (its address plus the extreme offsets its strides
     reach), from ``__array_interface__`` or ``__cuda_array_interface__``; ``None`` where neither is given."""
@@ -37,6 +36,7 @@ def _byte_range(a: Any) -> tuple[int, int] | None:
         reach = (n - 1) * st
         low, high = (low + reach, high) if reach < 0 else (low, high + reach)
     return (low, high + itemsize)
+
 
 class Optimizer(BucketStepMixin, CheckpointMixin):
     """Stateful optimizer over plain arrays; ``step(grads)`` updates the arrays in place.
